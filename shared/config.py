@@ -1,0 +1,123 @@
+"""Configuration from the environment, with errors that name the variable.
+
+Every process calls :func:`load` once at start-up. Secrets (LiveKit API
+secret, NATS credentials, model API key) are kept out of ``repr`` so they
+never reach a log line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    def __init__(self, var: str, reason: str) -> None:
+        super().__init__(f"{var}: {reason}")
+        self.var = var
+        self.reason = reason
+
+
+def _str(env: dict[str, str], var: str, default: str) -> str:
+    value = env.get(var, default).strip()
+    if not value:
+        raise ConfigError(var, "must not be empty")
+    return value
+
+
+def _num(env: dict[str, str], var: str, default: float, *, lo: float, hi: float, integer: bool = False) -> Any:
+    raw = env.get(var)
+    if raw is None or raw.strip() == "":
+        return int(default) if integer else float(default)
+    try:
+        value: float = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(var, f"must be {kind}, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(var, f"must be between {lo:g} and {hi:g}, got {raw}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    nats_url: str = "nats://127.0.0.1:4222"
+    livekit_url: str = "ws://127.0.0.1:7880"
+    livekit_api_key: str = "devkey"
+    livekit_api_secret: str = field(default="secret", repr=False)
+    data_dir: Path = Path("data")
+    agent_name: str = "crosstalk"
+    # batch limits and pacing
+    max_conversations: int = 10000
+    max_concurrency: int = 200
+    dispatch_rate: float = 20.0  # dispatches (conversations) per second, ramped
+    join_deadline_s: float = 60.0
+    conversation_timeout_s: float = 900.0
+    max_attempts: int = 3
+    room_empty_timeout_s: int = 900
+    # allocator
+    lease_s: float = 30.0
+    # worker
+    worker_max_jobs: int = 60
+    worker_executor: str = "thread"
+    # model
+    model_base_url: str = "http://127.0.0.1:8088/v1"
+    model_api_key: str = field(default="crosstalk-offline", repr=False)
+    model_name: str = "crosstalk-scripted"
+    model_host: str = "127.0.0.1"
+    model_port: int = 8088
+    model_ttft_ms: float = 150.0
+    model_tokens_per_s: float = 400.0
+    # observability
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0  # 0: pick per process default (see shared.metrics)
+
+    def __str__(self) -> str:  # safe to log
+        parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.repr]
+        return "Settings(" + ", ".join(parts) + ")"
+
+
+def load(env: dict[str, str] | None = None) -> Settings:
+    e = dict(os.environ if env is None else env)
+    real_model = bool(e.get("OPENAI_API_KEY") or e.get("OPENAI_BASE_URL"))
+    executor = _str(e, "CROSSTALK_WORKER_EXECUTOR", "thread")
+    if executor not in ("thread", "process"):
+        raise ConfigError("CROSSTALK_WORKER_EXECUTOR", "must be 'thread' or 'process'")
+    agent_name = _str(e, "CROSSTALK_AGENT_NAME", "crosstalk")
+    from shared.contracts import is_token
+
+    if not is_token(agent_name):
+        raise ConfigError("CROSSTALK_AGENT_NAME", "must be 1-128 of [A-Za-z0-9_-]")
+    return Settings(
+        nats_url=_str(e, "NATS_URL", "nats://127.0.0.1:4222"),
+        livekit_url=_str(e, "LIVEKIT_URL", "ws://127.0.0.1:7880"),
+        livekit_api_key=_str(e, "LIVEKIT_API_KEY", "devkey"),
+        livekit_api_secret=_str(e, "LIVEKIT_API_SECRET", "secret"),
+        data_dir=Path(_str(e, "CROSSTALK_DATA_DIR", "data")),
+        agent_name=agent_name,
+        max_conversations=_num(e, "CROSSTALK_MAX_CONVERSATIONS", 10000, lo=1, hi=1_000_000, integer=True),
+        max_concurrency=_num(e, "CROSSTALK_MAX_CONCURRENCY", 200, lo=1, hi=100_000, integer=True),
+        dispatch_rate=_num(e, "CROSSTALK_DISPATCH_RATE", 20.0, lo=0.01, hi=10_000),
+        join_deadline_s=_num(e, "CROSSTALK_JOIN_DEADLINE_S", 60.0, lo=1, hi=3600),
+        conversation_timeout_s=_num(e, "CROSSTALK_CONVERSATION_TIMEOUT_S", 900.0, lo=5, hi=86400),
+        max_attempts=_num(e, "CROSSTALK_MAX_ATTEMPTS", 3, lo=1, hi=20, integer=True),
+        room_empty_timeout_s=_num(e, "CROSSTALK_ROOM_EMPTY_TIMEOUT_S", 900, lo=10, hi=86400, integer=True),
+        lease_s=_num(e, "CROSSTALK_LEASE_S", 30.0, lo=0.5, hi=3600),
+        worker_max_jobs=_num(e, "CROSSTALK_WORKER_MAX_JOBS", 60, lo=1, hi=10_000, integer=True),
+        worker_executor=executor,
+        model_base_url=(
+            e.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+            if real_model
+            else _str(e, "CROSSTALK_MODEL_URL", "http://127.0.0.1:8088/v1")
+        ),
+        model_api_key=e.get("OPENAI_API_KEY") or "crosstalk-offline",
+        model_name=_str(e, "CROSSTALK_MODEL_NAME", "gpt-4o-mini" if real_model else "crosstalk-scripted"),
+        model_host=_str(e, "CROSSTALK_MODEL_HOST", "127.0.0.1"),
+        model_port=_num(e, "CROSSTALK_MODEL_PORT", 8088, lo=1, hi=65535, integer=True),
+        model_ttft_ms=_num(e, "CROSSTALK_MODEL_TTFT_MS", 150.0, lo=0, hi=60_000),
+        model_tokens_per_s=_num(e, "CROSSTALK_MODEL_TOKENS_PER_S", 400.0, lo=1, hi=1_000_000),
+        metrics_host=_str(e, "CROSSTALK_METRICS_HOST", "127.0.0.1"),
+        metrics_port=_num(e, "CROSSTALK_METRICS_PORT", 0, lo=0, hi=65535, integer=True),
+    )

@@ -1,0 +1,132 @@
+"""Prometheus metrics: every name crosstalk exports, grouped per process.
+
+A process registers only its own group (``DispatcherMetrics()``, ...), so a
+sum across all scrape targets never double counts. Labels are bounded: never
+a room, batch or conversation id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Default /metrics ports (CROSSTALK_METRICS_PORT overrides per process).
+DEFAULT_PORTS = {"dispatcher": 9101, "allocator": 9102, "sink": 9103, "model": 9104, "worker": 9105}
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+JOIN_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 120)
+
+# Bounded failure reasons (the free-text reason stays in events and batch.json).
+REASONS = (
+    "end_conversation",
+    "max_turns",
+    "join_timeout",
+    "agent_left",
+    "agent_error",
+    "role_denied",
+    "conversation_timeout",
+    "dispatch_error",
+    "other",
+)
+
+
+def reason_label(reason: str) -> str:
+    head = reason.split(":", 1)[0]
+    return head if head in REASONS else "other"
+
+
+class DispatcherMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.batch_commands = Counter(
+            "crosstalk_batch_commands_total", "batch.start commands by outcome",
+            ["outcome"], registry=registry)  # accepted|rejected|duplicate
+        self.batches = Counter(
+            "crosstalk_batches_total", "finished batches by outcome", ["outcome"], registry=registry)
+        self.batches_running = Gauge(
+            "crosstalk_batches_running", "batches accepted and not finished", registry=registry)
+        self.conversations = Counter(
+            "crosstalk_conversations_total", "settled conversations by outcome and reason",
+            ["outcome", "reason"], registry=registry)
+        self.attempts = Counter(
+            "crosstalk_conversation_attempts_total", "conversation attempts dispatched (retries included)",
+            registry=registry)
+        self.retries = Counter(
+            "crosstalk_conversation_retries_total", "attempts retried by reason", ["reason"], registry=registry)
+        self.in_flight = Gauge(
+            "crosstalk_conversations_in_flight", "conversations dispatched and not settled", registry=registry)
+        self.pending = Gauge(
+            "crosstalk_conversations_pending", "conversations waiting for an admission slot", registry=registry)
+        self.dispatch_to_join = Histogram(
+            "crosstalk_dispatch_to_join_seconds", "room creation to both agents joined with roles",
+            buckets=JOIN_BUCKETS, registry=registry)
+        self.livekit_api = Histogram(
+            "crosstalk_livekit_api_seconds", "livekit-api call latency", ["call"],
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.livekit_api_errors = Counter(
+            "crosstalk_livekit_api_errors_total", "livekit-api call failures", ["call"], registry=registry)
+
+
+class AllocatorMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.grants = Counter(
+            "crosstalk_role_grants_total", "role requests by role and outcome",
+            ["role", "outcome"], registry=registry)  # outcome: granted|renewed|denied|error
+        self.request_seconds = Histogram(
+            "crosstalk_role_request_seconds", "role.request handling latency",
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.lease_expiries = Counter(
+            "crosstalk_role_lease_expiries_total", "expired leases taken over by a new job",
+            ["role"], registry=registry)
+        self.releases = Counter(
+            "crosstalk_role_releases_total", "role.release by outcome", ["outcome"], registry=registry)
+        self.conflicts = Counter(
+            "crosstalk_role_write_conflicts_total", "optimistic-concurrency conflicts retried",
+            registry=registry)
+        self.bad_requests = Counter(
+            "crosstalk_role_bad_requests_total", "malformed role requests", ["field"], registry=registry)
+
+
+class SinkMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.turns_written = Counter(
+            "crosstalk_transcript_turns_written_total", "turn lines durably written", registry=registry)
+        self.duplicates = Counter(
+            "crosstalk_transcript_duplicates_total", "turn events already stored (redeliveries)",
+            registry=registry)
+        self.events = Counter(
+            "crosstalk_transcript_events_total", "events consumed by kind", ["kind"], registry=registry)
+        self.lag = Gauge(
+            "crosstalk_sink_lag_messages", "events in the stream not yet acked by the sink",
+            registry=registry)
+        self.write_seconds = Histogram(
+            "crosstalk_sink_write_seconds", "write+fsync latency per batch of lines",
+            buckets=LATENCY_BUCKETS, registry=registry)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.active_jobs = Gauge("crosstalk_worker_active_jobs", "jobs running in this worker", registry=registry)
+        self.load = Gauge("crosstalk_worker_load", "load reported to livekit-server (0..1)", registry=registry)
+        self.jobs = Counter("crosstalk_worker_jobs_total", "jobs by outcome", ["outcome"], registry=registry)
+        self.turns = Counter("crosstalk_turns_total", "turns spoken by role", ["role"], registry=registry)
+        self.first_token = Histogram(
+            "crosstalk_turn_first_token_seconds", "peer message received to first model token",
+            ["role"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.turn_seconds = Histogram(
+            "crosstalk_turn_seconds", "peer message received to reply sent", ["role"],
+            buckets=LATENCY_BUCKETS, registry=registry)
+
+
+class ModelMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.requests = Counter(
+            "crosstalk_model_requests_total", "chat completions served by role", ["role"], registry=registry)
+        self.request_seconds = Histogram(
+            "crosstalk_model_request_seconds", "chat completion total time", buckets=LATENCY_BUCKETS,
+            registry=registry)
+
+
+def serve(process: str, host: str, port: int) -> int:
+    """Start the /metrics HTTP server; ``port`` 0 means this process's default."""
+    chosen = port or DEFAULT_PORTS[process]
+    start_http_server(chosen, addr=host)
+    return chosen

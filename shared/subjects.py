@@ -1,0 +1,66 @@
+"""Every NATS subject crosstalk uses, in one place.
+
+Ids that go into a subject are validated here (never build a subject by hand):
+a ``.``, ``*``, ``>`` or whitespace in an id would change which messages a
+subscriber sees.
+"""
+
+from __future__ import annotations
+
+from shared.contracts import ROLES, ContractError, Role, is_id, is_token
+
+# Public commands (ARCHITECTURE.md "Public contracts").
+BATCH_START = "batch.start"
+ROLE_REQUEST = "role.request"
+ROLE_RELEASE = "role.release"
+
+# Dispatcher verdicts on commands that never became a batch (bad id, bad field).
+BATCH_REJECTED = "batch.rejected"
+
+# Batch lifecycle events, one subject per batch: batch.evt.<batch_id>
+BATCH_EVENTS_PREFIX = "batch.evt"
+BATCH_EVENTS_ALL = "batch.evt.*"
+
+# Conversation events from worker jobs: conv.<batch_id>.<conversation_id>.<kind>
+CONV_PREFIX = "conv"
+CONV_ALL = "conv.>"
+CONV_KINDS = ("joined", "turn", "ended")
+
+# Allocator lease log: roles.<room>.<role>
+ROLES_PREFIX = "roles"
+ROLES_ALL = "roles.>"
+
+# Queue groups
+ALLOCATOR_QUEUE = "allocator"
+
+
+def _id(name: str, value: str) -> str:
+    if not is_id(value):
+        raise ContractError(name, "must match [a-z0-9][a-z0-9-]{0,63}")
+    return value
+
+
+def _token(name: str, value: str) -> str:
+    if not is_token(value):
+        raise ContractError(name, "must be 1-128 of [A-Za-z0-9_-] (no '.', '*', '>', whitespace)")
+    return value
+
+
+def batch_events(batch_id: str) -> str:
+    return f"{BATCH_EVENTS_PREFIX}.{_id('batch_id', batch_id)}"
+
+
+def conv_event(batch_id: str, conversation_id: str, kind: str) -> str:
+    if kind not in CONV_KINDS:
+        raise ContractError("kind", f"must be one of {CONV_KINDS}")
+    return f"{CONV_PREFIX}.{_id('batch_id', batch_id)}.{_token('conversation_id', conversation_id)}.{kind}"
+
+
+def conv_batch_filter(batch_id: str) -> str:
+    return f"{CONV_PREFIX}.{_id('batch_id', batch_id)}.>"
+
+
+def role_lease(room: str, role: Role) -> str:
+    if role not in ROLES:
+        raise ContractError("role", "must be customer or support")
+    return f"{ROLES_PREFIX}.{_token('room', room)}.{role}"

@@ -1,0 +1,76 @@
+"""Session fixtures: one real nats-server (JetStream) and one real livekit-server per test run.
+
+Both start on free ports in a temp dir and stop at the end. To use servers you
+already run, set CROSSTALK_TEST_NATS_URL and/or CROSSTALK_TEST_LIVEKIT_URL
+(with LIVEKIT_API_KEY/LIVEKIT_API_SECRET if not the dev keys).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from servers import Server, start_livekit, start_nats  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("crosstalk")
+
+
+@pytest.fixture(scope="session")
+def nats_server(workdir: Path) -> Iterator[Server]:
+    url = os.environ.get("CROSSTALK_TEST_NATS_URL")
+    if url:
+        yield Server(None, url)
+        return
+    srv = start_nats(workdir / "nats")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_url(nats_server: Server) -> str:
+    return nats_server.url
+
+
+@pytest.fixture(scope="session")
+def livekit_server(workdir: Path) -> Iterator[Server]:
+    url = os.environ.get("CROSSTALK_TEST_LIVEKIT_URL")
+    if url:
+        yield Server(None, url)
+        return
+    srv = start_livekit(workdir / "livekit")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def livekit_env(livekit_server: Server) -> dict[str, str]:
+    return {
+        "LIVEKIT_URL": livekit_server.url,
+        "LIVEKIT_API_KEY": os.environ.get("LIVEKIT_API_KEY", "devkey"),
+        "LIVEKIT_API_SECRET": os.environ.get("LIVEKIT_API_SECRET", "secret"),
+    }
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[object]:
+    import nats
+
+    conn = await nats.connect(nats_url)
+    yield conn
+    await conn.drain()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A fresh id fragment so tests sharing one server never collide."""
+    return uuid.uuid4().hex[:10]

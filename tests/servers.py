@@ -1,0 +1,116 @@
+"""Start real nats-server and livekit-server processes for tests and benchmarks.
+
+Used by tests/conftest.py (once per test session, free ports, a temp dir).
+Set CROSSTALK_TEST_NATS_URL / CROSSTALK_TEST_LIVEKIT_URL to use running servers instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def find_binary(name: str) -> str:
+    for cand in (ROOT / ".tools" / "bin" / name, Path(sys.executable).parent / name):
+        if cand.exists():
+            return str(cand)
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} not found: run `infra/install-tools.sh` (or put {name} on PATH)")
+    return found
+
+
+def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"port {port} did not open in {timeout}s")
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes] | None
+    url: str
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_nats(workdir: Path) -> Server:
+    port, mon = free_port(), free_port()
+    store = workdir / "jetstream"
+    store.mkdir(parents=True, exist_ok=True)
+    log = open(workdir / "nats.log", "wb")
+    proc = subprocess.Popen(
+        [find_binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-m", str(mon), "-sd", str(store)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    wait_port(port, proc=proc)
+    return Server(proc, f"nats://127.0.0.1:{port}", {"monitor_port": mon})
+
+
+def livekit_config(port: int, tcp_port: int, udp_start: int, prom_port: int) -> str:
+    return f"""port: {port}
+bind_addresses: ["127.0.0.1"]
+rtc:
+  tcp_port: {tcp_port}
+  port_range_start: {udp_start}
+  port_range_end: {udp_start + 100}
+  use_external_ip: false
+  node_ip: 127.0.0.1
+keys:
+  devkey: secret
+prometheus_port: {prom_port}
+room:
+  empty_timeout: 900
+  departure_timeout: 20
+  auto_create: false
+logging:
+  level: info
+"""
+
+
+def start_livekit(workdir: Path) -> Server:
+    port, tcp, prom = free_port(), free_port(), free_port()
+    udp_start = 40000 + (os.getpid() * 7) % 20000
+    cfg = workdir / "livekit.yaml"
+    cfg.write_text(livekit_config(port, tcp, udp_start, prom))
+    log = open(workdir / "livekit.log", "wb")
+    proc = subprocess.Popen([find_binary("livekit-server"), "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+    wait_port(port, proc=proc)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).read()
+            break
+        except Exception:
+            time.sleep(0.1)
+    return Server(proc, f"ws://127.0.0.1:{port}", {"prometheus_port": prom, "config": str(cfg)})
