@@ -30,6 +30,9 @@ BATCH_CMDS = StreamConfig(
     name="BATCH_CMDS",
     description="batch.start commands, captured so a core `nats pub` is never lost",
     subjects=[subjects.BATCH_START],
+    # no_ack: JetStream must not answer a `nats request batch.start`; the dispatcher
+    # replies with its verdict (accepted/rejected) once it has processed the command.
+    no_ack=True,
     retention=RetentionPolicy.LIMITS,
     storage=StorageType.FILE,
     max_age=7 * 24 * 3600,
