@@ -40,7 +40,7 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 30.0) -> Cl
 
     async for attempt in AsyncRetrying(
         stop=stop_after_delay(connect_timeout_s),
-        wait=wait_exponential_jitter(initial=0.1, max=2.0),
+        wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
         retry=retry_if_exception_type((OSError, NoServersError, asyncio.TimeoutError)),
         reraise=True,
     ):
@@ -79,7 +79,7 @@ async def publish(
         hdrs["Nats-Msg-Id"] = msg_id
     async for attempt in AsyncRetrying(
         stop=stop_after_attempt(attempts),
-        wait=wait_exponential_jitter(initial=0.05, max=2.0),
+        wait=wait_exponential_jitter(multiplier=0.05, max=2.0),
         retry=retry_if_exception_type((NatsTimeoutError, NoRespondersError, asyncio.TimeoutError)),
         reraise=True,
     ):

@@ -101,6 +101,7 @@ logging:
 def start_livekit(workdir: Path) -> Server:
     port, tcp, prom = free_port(), free_port(), free_port()
     udp_start = 40000 + (os.getpid() * 7) % 20000
+    workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / "livekit.yaml"
     cfg.write_text(livekit_config(port, tcp, udp_start, prom))
     log = open(workdir / "livekit.log", "wb")
