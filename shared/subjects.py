@@ -64,3 +64,8 @@ def role_lease(room: str, role: Role) -> str:
     if role not in ROLES:
         raise ContractError("role", "must be customer or support")
     return f"{ROLES_PREFIX}.{_token('room', room)}.{role}"
+
+
+def role_room(room: str) -> str:
+    """Both role logs of one room (``roles.<room>.*``): the allocator's unit of consistency."""
+    return f"{ROLES_PREFIX}.{_token('room', room)}.*"

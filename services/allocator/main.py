@@ -1,0 +1,317 @@
+"""Allocator entrypoint: wires ``role.request`` / ``role.release`` to the pure core.
+
+The only state is the ROLES stream. Per request: read a consistent snapshot of the
+room (the last event across ``roles.<room>.*``, then the other role's last event),
+let :mod:`services.allocator.core` decide, and append the decided event with
+``Nats-Expected-Last-Subject-Sequence`` scoped to the whole room
+(``...-Subject: roles.<room>.*``). If anyone wrote to the room in between (another
+instance, another job, or our own retried write that already landed) the append
+fails with 10071 and we read and decide again. Scoping the check to the room, not to
+one role, is what keeps a job from ending up with both roles when two of its requests
+race a release. Instances share the load through a queue group and share nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.errors import APIError
+
+from services.allocator import core
+from shared import bus, contracts, subjects
+from shared.config import Settings
+from shared.contracts import (
+    ROLES,
+    ContractError,
+    LeaseEvent,
+    ReleaseReply,
+    Role,
+    RoleRelease,
+    RoleReply,
+    RoleRequest,
+)
+from shared.log import kv
+from shared.metrics import AllocatorMetrics
+from shared.streams import ROLES as ROLES_STREAM
+
+log = logging.getLogger(__name__)
+
+EXPECTED_SEQ = "Nats-Expected-Last-Subject-Sequence"
+EXPECTED_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
+DIRECT_GET = f"$JS.API.DIRECT.GET.{ROLES_STREAM.name}"
+
+# Each failed append means another writer to the same room succeeded, so a room with
+# a handful of contenders settles in a few rounds; this bound only stops a runaway.
+MAX_ATTEMPTS = 32
+# Fields a bad request can name (bounded metric label).
+REQUEST_FIELDS = frozenset({"room", "job_id", "identity", "prefer", "$"})
+BUSY = "busy: too many concurrent writes to this room, retry"
+TOKEN_RULE = "must be 1-128 of [A-Za-z0-9_-], starting with a letter, digit or '_' (no '.', '*', '>', whitespace)"
+
+
+class Busy(Exception):
+    pass
+
+
+class Snapshot(NamedTuple):
+    """Both roles' last events as of one instant, and the room's last sequence then."""
+
+    customer: LeaseEvent | None
+    support: LeaseEvent | None
+    seq: int
+
+
+class Stored(NamedTuple):
+    subject: str
+    seq: int
+    data: bytes
+
+
+class Allocator:
+    """One allocator instance on one NATS connection; start as many as you like."""
+
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        *,
+        lease_s: float,
+        metrics: AllocatorMetrics,
+        clock: Callable[[], float] = time.time,
+        max_in_flight: int = 512,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self.nc, self.js = nc, js
+        self.lease_s = lease_s
+        self.metrics = metrics
+        self.clock = clock
+        self.timeout_s = timeout_s
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subs: list[Subscription] = []
+        # The handler table: subject -> handler of the raw body, returning the reply.
+        self.handlers: dict[str, Callable[[bytes], Awaitable[contracts.Struct]]] = {
+            subjects.ROLE_REQUEST: self.handle_request,
+            subjects.ROLE_RELEASE: self.handle_release,
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        for subject, handler in self.handlers.items():
+            sub = await self.nc.subscribe(subject, queue=subjects.ALLOCATOR_QUEUE, cb=self._dispatcher(handler))
+            self._subs.append(sub)
+        await self.nc.flush()
+
+    async def stop(self, *, grace_s: float = 10.0) -> None:
+        """Stop taking requests and finish (or, after ``grace_s``, abandon) those in flight."""
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # connection already closed: nothing to unsubscribe from
+                pass
+        self._subs.clear()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def _dispatcher(self, handler: Callable[[bytes], Awaitable[contracts.Struct]]) -> Callable[[Msg], Awaitable[None]]:
+        async def on_msg(msg: Msg) -> None:
+            # Bounded concurrency: waiting here leaves further messages queued in the client.
+            await self._slots.acquire()
+            task = asyncio.create_task(self._serve(handler, msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return on_msg
+
+    async def _serve(self, handler: Callable[[bytes], Awaitable[contracts.Struct]], msg: Msg) -> None:
+        try:
+            reply = await handler(msg.data)
+            if msg.reply:
+                await msg.respond(contracts.encode(reply))
+        except Exception:
+            log.exception("reply failed", extra=kv(subject=msg.subject))
+        finally:
+            self._slots.release()
+
+    # ------------------------------------------------------------------ handlers
+
+    async def handle_request(self, data: bytes) -> RoleReply:
+        started = time.perf_counter()
+        try:
+            request = contracts.decode(data, RoleRequest, max_bytes=bus.MAX_BODY)
+        except ContractError as exc:
+            self.metrics.bad_requests.labels(exc.field if exc.field in REQUEST_FIELDS else "$").inc()
+            self.metrics.grants.labels("none", "error").inc()
+            log.info("bad role request", extra=kv(field=exc.field, reason=exc.reason))
+            return RoleReply(granted=False, field=exc.field, reason=_explain(exc))
+        try:
+            reply = await self.allocate(request)
+        except Busy:
+            self.metrics.grants.labels("none", "error").inc()
+            return RoleReply(granted=False, reason=BUSY)
+        except Exception as exc:
+            self.metrics.grants.labels("none", "error").inc()
+            log.exception("role request failed", extra=kv(room=request.room, job_id=request.job_id))
+            return RoleReply(granted=False, reason=f"allocator error: {type(exc).__name__}")
+        finally:
+            self.metrics.request_seconds.observe(time.perf_counter() - started)
+        return reply
+
+    async def handle_release(self, data: bytes) -> ReleaseReply:
+        try:
+            release = contracts.decode(data, RoleRelease, max_bytes=bus.MAX_BODY)
+        except ContractError as exc:
+            self.metrics.bad_requests.labels(exc.field if exc.field in REQUEST_FIELDS else "$").inc()
+            self.metrics.releases.labels("error").inc()
+            log.info("bad role release", extra=kv(field=exc.field, reason=exc.reason))
+            return ReleaseReply(released=False, field=exc.field, reason=_explain(exc))
+        try:
+            reply = await self.release(release)
+        except Busy:
+            self.metrics.releases.labels("error").inc()
+            return ReleaseReply(released=False, reason=BUSY)
+        except Exception as exc:
+            self.metrics.releases.labels("error").inc()
+            log.exception("role release failed", extra=kv(room=release.room, job_id=release.job_id))
+            return ReleaseReply(released=False, reason=f"allocator error: {type(exc).__name__}")
+        self.metrics.releases.labels("released" if reply.released else "not_held").inc()
+        return reply
+
+    async def allocate(self, request: RoleRequest) -> RoleReply:
+        def rule(c: core.RoleState, s: core.RoleState, now: float) -> core.Decision:
+            return core.decide(request, c, s, now, self.lease_s)
+
+        decision: core.Decision = await self._transact(request.room, rule)
+        role = decision.reply.role or "none"
+        self.metrics.grants.labels(role, decision.outcome).inc()
+        if decision.took_over_expired and decision.reply.role:
+            self.metrics.lease_expiries.labels(decision.reply.role).inc()
+        if decision.outcome != "renewed":
+            log.info(
+                "role " + decision.outcome,
+                extra=kv(room=request.room, job_id=request.job_id, role=decision.reply.role,
+                         took_over_expired=decision.took_over_expired),
+            )
+        return decision.reply
+
+    async def release(self, release: RoleRelease) -> ReleaseReply:
+        def rule(c: core.RoleState, s: core.RoleState, now: float) -> core.ReleaseDecision:
+            return core.decide_release(release, c, s, now)
+
+        decision: core.ReleaseDecision = await self._transact(release.room, rule)
+        log.info("role release", extra=kv(room=release.room, job_id=release.job_id,
+                                         released=decision.reply.released, role=decision.reply.role))
+        return decision.reply
+
+    # ------------------------------------------------------------------ event log
+
+    async def _transact(self, room: str, rule: Callable[[core.RoleState, core.RoleState, float], Any]) -> Any:
+        """Read the room, decide, append with the room's expected sequence; again on conflict."""
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt > 1:
+                await asyncio.sleep(random.uniform(0, 0.002 * attempt))
+            snap = await self.snapshot(room)
+            if snap is None:  # the room moved while we read it
+                self.metrics.conflicts.inc()
+                continue
+            now = self.clock()
+            decision = rule(core.lease_state(snap.customer, now), core.lease_state(snap.support, now), now)
+            if decision.event is None or await self._append(room, decision.event, snap.seq):
+                return decision
+            self.metrics.conflicts.inc()
+        raise Busy
+
+    async def snapshot(self, room: str) -> Snapshot | None:
+        """Both roles as of one instant, or None if the room changed while we read.
+
+        The last message across ``roles.<room>.*`` has the room's last sequence L. Every
+        other role log is then read; if one has moved past L, the two reads do not
+        describe one instant. Otherwise they describe the room as of the first read, and
+        an append expecting L succeeds only if nothing was written since.
+        """
+        last = await self._direct_last(subjects.role_room(room))
+        if last is None:
+            return Snapshot(None, None, 0)
+        events: dict[Role, LeaseEvent | None] = {}
+        for role in ROLES:
+            subject = subjects.role_lease(room, role)
+            stored = last if last.subject == subject else await self._direct_last(subject)
+            if stored is not None and stored.seq > last.seq:
+                return None
+            events[role] = _lease_event(stored) if stored is not None else None
+        return Snapshot(events["customer"], events["support"], last.seq)
+
+    async def _append(self, room: str, event: LeaseEvent, expected_seq: int) -> bool:
+        try:
+            await bus.publish(
+                self.js,
+                subjects.role_lease(room, event.role),
+                event,
+                headers={EXPECTED_SEQ: str(expected_seq), EXPECTED_SEQ_SUBJECT: subjects.role_room(room)},
+                attempts=3,
+            )
+        except APIError as exc:
+            if bus.is_wrong_last_sequence(exc):
+                return False
+            raise
+        return True
+
+    async def _direct_last(self, subject: str) -> Stored | None:
+        """Last message on ``subject`` (wildcards allowed) via the stream's direct get."""
+        body = json.dumps({"last_by_subj": subject}).encode()
+        msg = await self.nc.request(DIRECT_GET, body, timeout=self.timeout_s)
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status == "404":
+            return None
+        if status:
+            raise RuntimeError(f"direct get {subject}: {status} {headers.get('Description', '')}".strip())
+        return Stored(headers["Nats-Subject"], int(headers["Nats-Sequence"]), msg.data)
+
+
+def _explain(exc: ContractError) -> str:
+    """The decoder's reason, with the token rule spelled out instead of a regex."""
+    if exc.field in ("room", "job_id") and "matching regex" in exc.reason:
+        return TOKEN_RULE
+    return exc.reason
+
+
+def _lease_event(stored: Stored) -> LeaseEvent | None:
+    """Decode a stored lease; anything else on a role subject is treated as no lease."""
+    try:
+        event = contracts.decode(stored.data, LeaseEvent)
+    except ContractError as exc:
+        log.warning("unreadable lease event ignored",
+                    extra=kv(subject=stored.subject, seq=stored.seq, field=exc.field, reason=exc.reason))
+        return None
+    if stored.subject != f"{subjects.ROLES_PREFIX}.{event.room}.{event.role}":
+        log.warning("lease event on the wrong subject ignored", extra=kv(subject=stored.subject, seq=stored.seq))
+        return None
+    return event
+
+
+async def run(settings: Settings, stop: asyncio.Event, *, metrics: AllocatorMetrics | None = None) -> None:
+    """Serve until ``stop`` is set: connect, ensure streams, subscribe, then drain."""
+    nc = await bus.connect(settings.nats_url, "crosstalk-allocator")
+    js = await bus.jetstream(nc)
+    allocator = Allocator(nc, js, lease_s=settings.lease_s, metrics=metrics or AllocatorMetrics())
+    await allocator.start()
+    log.info("ready", extra=kv(lease_s=settings.lease_s, queue=subjects.ALLOCATOR_QUEUE))
+    await stop.wait()
+    log.info("stopping")
+    await allocator.stop()
+    await nc.drain()
