@@ -59,6 +59,10 @@ class Settings:
     room_empty_timeout_s: int = 900
     # allocator
     lease_s: float = 30.0
+    # transcript sink: durable consumer names derive from sink_durable; one sink per name
+    sink_durable: str = "sink"
+    sink_ack_wait_s: float = 30.0
+    sink_deliver: str = "all"  # "all": the whole stream history; "new": from the first start on
     # worker
     worker_max_jobs: int = 60
     worker_executor: str = "thread"
@@ -86,10 +90,16 @@ def load(env: dict[str, str] | None = None) -> Settings:
     if executor not in ("thread", "process"):
         raise ConfigError("CROSSTALK_WORKER_EXECUTOR", "must be 'thread' or 'process'")
     agent_name = _str(e, "CROSSTALK_AGENT_NAME", "crosstalk")
+    sink_deliver = _str(e, "CROSSTALK_SINK_DELIVER", "all")
+    if sink_deliver not in ("all", "new"):
+        raise ConfigError("CROSSTALK_SINK_DELIVER", "must be 'all' or 'new'")
+    sink_durable = _str(e, "CROSSTALK_SINK_DURABLE", "sink")
     from shared.contracts import is_token
 
     if not is_token(agent_name):
         raise ConfigError("CROSSTALK_AGENT_NAME", "must be 1-128 of [A-Za-z0-9_-]")
+    if not is_token(sink_durable) or len(sink_durable) > 64:
+        raise ConfigError("CROSSTALK_SINK_DURABLE", "must be 1-64 of [A-Za-z0-9_-]")
     return Settings(
         nats_url=_str(e, "NATS_URL", "nats://127.0.0.1:4222"),
         livekit_url=_str(e, "LIVEKIT_URL", "ws://127.0.0.1:7880"),
@@ -105,6 +115,9 @@ def load(env: dict[str, str] | None = None) -> Settings:
         max_attempts=_num(e, "CROSSTALK_MAX_ATTEMPTS", 3, lo=1, hi=20, integer=True),
         room_empty_timeout_s=_num(e, "CROSSTALK_ROOM_EMPTY_TIMEOUT_S", 900, lo=10, hi=86400, integer=True),
         lease_s=_num(e, "CROSSTALK_LEASE_S", 30.0, lo=0.5, hi=3600),
+        sink_durable=sink_durable,
+        sink_ack_wait_s=_num(e, "CROSSTALK_SINK_ACK_WAIT_S", 30.0, lo=1, hi=3600),
+        sink_deliver=sink_deliver,
         worker_max_jobs=_num(e, "CROSSTALK_WORKER_MAX_JOBS", 60, lo=1, hi=10_000, integer=True),
         worker_executor=executor,
         model_base_url=(

@@ -100,6 +100,12 @@ class SinkMetrics:
         self.write_seconds = Histogram(
             "crosstalk_sink_write_seconds", "write+fsync latency per batch of lines",
             buckets=LATENCY_BUCKETS, registry=registry)
+        self.dropped = Counter(
+            "crosstalk_sink_dropped_total", "events acked without effect, by reason",
+            ["reason"], registry=registry)  # invalid|stale_attempt
+        self.held = Gauge(
+            "crosstalk_sink_held_turns", "out-of-order turns buffered until their gap fills",
+            registry=registry)
 
 
 class WorkerMetrics:

@@ -95,6 +95,7 @@ async def ensure_consumer(js: JetStreamContext, stream: str, cfg: ConsumerConfig
     c = info.config
     if (
         c.filter_subject != cfg.filter_subject
+        or (c.filter_subjects or None) != (cfg.filter_subjects or None)
         or c.max_ack_pending != cfg.max_ack_pending
         or c.ack_wait != cfg.ack_wait
     ):
