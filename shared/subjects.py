@@ -25,6 +25,9 @@ BATCH_EVENTS_ALL = "batch.evt.*"
 CONV_PREFIX = "conv"
 CONV_ALL = "conv.>"
 CONV_KINDS = ("joined", "turn", "ended")
+# What the dispatcher follows: every agent join and every conversation end.
+CONV_JOINED_ALL = "conv.*.*.joined"
+CONV_ENDED_ALL = "conv.*.*.ended"
 
 # Allocator lease log: roles.<room>.<role>
 ROLES_PREFIX = "roles"
