@@ -63,6 +63,13 @@ def conv_batch_filter(batch_id: str) -> str:
     return f"{CONV_PREFIX}.{_id('batch_id', batch_id)}.>"
 
 
+def conv_kind_filter(kind: str) -> str:
+    """Every conversation's events of one kind, e.g. ``conv.*.*.turn``."""
+    if kind not in CONV_KINDS:
+        raise ContractError("kind", f"must be one of {CONV_KINDS}")
+    return f"{CONV_PREFIX}.*.*.{kind}"
+
+
 def role_lease(room: str, role: Role) -> str:
     if role not in ROLES:
         raise ContractError("role", "must be customer or support")
