@@ -1,0 +1,31 @@
+"""``python -m services.dispatcher``: run the dispatcher (configuration from the environment)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from shared import bus, config, log, metrics
+from shared.log import kv
+
+from .main import run
+
+
+def main() -> None:
+    logger = log.setup("dispatcher")
+    try:
+        settings = config.load()
+    except config.ConfigError as exc:
+        logger.error("bad configuration", extra=kv(variable=exc.var, reason=exc.reason))
+        sys.exit(2)
+    port = metrics.serve("dispatcher", settings.metrics_host, settings.metrics_port)
+    logger.info("starting", extra=kv(settings=str(settings), metrics_port=port))
+
+    async def _main(stop: asyncio.Event) -> None:
+        await run(settings, stop)
+
+    bus.run(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""LiveKit side of the dispatcher: rooms and explicit agent dispatches through livekit-api.
+
+One :class:`livekit.api.LiveKitAPI` per process (its aiohttp session reuses
+connections); transient failures (transport errors, 5xx) are retried with
+tenacity; every call is timed and counted in :class:`DispatcherMetrics`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import aiohttp
+from livekit import api
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from shared import contracts
+from shared.config import Settings
+from shared.contracts import JobMetadata
+from shared.metrics import DispatcherMetrics
+
+T = TypeVar("T")
+
+DISPATCHES_PER_ROOM = 2
+DEPARTURE_TIMEOUT_S = 20
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, api.TwirpError):
+        return exc.status >= 500 or exc.code in (api.TwirpErrorCode.UNAVAILABLE,
+                                                  api.TwirpErrorCode.RESOURCE_EXHAUSTED)
+    return isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError | ConnectionError)
+
+
+def _not_found(exc: BaseException) -> bool:
+    return isinstance(exc, api.TwirpError) and exc.code == api.TwirpErrorCode.NOT_FOUND
+
+
+def http_url(url: str) -> str:
+    return "http" + url[2:] if url.startswith("ws") else url
+
+
+class Rooms:
+    def __init__(self, settings: Settings, metrics: DispatcherMetrics, *, attempts: int = 4) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._attempts = attempts
+        self._api = api.LiveKitAPI(http_url(settings.livekit_url), settings.livekit_api_key,
+                                   settings.livekit_api_secret, failover=False)
+
+    async def aclose(self) -> None:
+        await self._api.aclose()
+
+    async def _call(self, name: str, fn: Callable[[], Awaitable[T]]) -> T:
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(self._attempts),
+            wait=wait_exponential_jitter(initial=0.2, max=3.0),
+            retry=retry_if_exception(_transient),
+            reraise=True,
+        ):
+            with attempt:
+                started = time.perf_counter()
+                try:
+                    return await fn()
+                except Exception as exc:
+                    if not _not_found(exc):
+                        self._metrics.livekit_api_errors.labels(name).inc()
+                    raise
+                finally:
+                    self._metrics.livekit_api.labels(name).observe(time.perf_counter() - started)
+        raise RuntimeError("unreachable")
+
+    async def open(self, room: str, meta: JobMetadata) -> None:
+        """Create the room and its two dispatches (a fresh attempt)."""
+        body = contracts.encode(meta).decode()
+        await self._create_room(room, body)
+        for _ in range(DISPATCHES_PER_ROOM):
+            await self._dispatch(room, body)
+
+    async def ensure(self, room: str, meta: JobMetadata) -> None:
+        """Idempotent :meth:`open` for an attempt resumed after a restart: create only what is missing."""
+        body = contracts.encode(meta).decode()
+        await self._create_room(room, body)  # returns the existing room if there is one
+        existing = await self._call("list_dispatch", lambda: self._api.agent_dispatch.list_dispatch(room))
+        ours = [d for d in existing if d.agent_name == self._settings.agent_name]
+        for _ in range(DISPATCHES_PER_ROOM - len(ours)):
+            await self._dispatch(room, body)
+
+    async def _create_room(self, room: str, metadata: str) -> None:
+        req = api.CreateRoomRequest(name=room, empty_timeout=self._settings.room_empty_timeout_s,
+                                    departure_timeout=DEPARTURE_TIMEOUT_S, metadata=metadata)
+        await self._call("create_room", lambda: self._api.room.create_room(req))
+
+    async def _dispatch(self, room: str, metadata: str) -> None:
+        req = api.CreateAgentDispatchRequest(agent_name=self._settings.agent_name, room=room, metadata=metadata)
+        await self._call("create_dispatch", lambda: self._api.agent_dispatch.create_dispatch(req))
+
+    async def delete(self, room: str) -> None:
+        try:
+            await self._call("delete_room", lambda: self._api.room.delete_room(api.DeleteRoomRequest(room=room)))
+        except api.TwirpError as exc:
+            if not _not_found(exc):
+                raise
+
+    async def agent_count(self, room: str) -> int:
+        """Agent participants now in ``room`` (0 if the room is gone)."""
+        try:
+            res = await self._call("list_participants", lambda: self._api.room.list_participants(
+                api.ListParticipantsRequest(room=room)))
+        except api.TwirpError as exc:
+            if _not_found(exc):
+                return 0
+            raise
+        return sum(1 for p in res.participants if p.kind == api.ParticipantInfo.Kind.AGENT)
+
+    async def names(self) -> list[str]:
+        res = await self._call("list_rooms", lambda: self._api.room.list_rooms(api.ListRoomsRequest()))
+        return [r.name for r in res.rooms]
+
