@@ -44,11 +44,12 @@ class ContractError(ValueError):
 
 
 def is_id(value: str) -> bool:
-    return bool(_ID_RE.match(value))
+    # fullmatch: with match/search, "$" also matches before a trailing "\n".
+    return bool(_ID_RE.fullmatch(value))
 
 
 def is_token(value: str) -> bool:
-    return bool(_TOKEN_RE.match(value))
+    return bool(_TOKEN_RE.fullmatch(value))
 
 
 class Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=False, omit_defaults=False):
