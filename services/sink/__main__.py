@@ -1,0 +1,58 @@
+"""``python -m services.sink``: the transcript sink.
+
+Consumes turns, conversation ends and batch events from JetStream and writes
+``$CROSSTALK_DATA_DIR/batches/<batch_id>/{batch.json,conversations/*.jsonl}``.
+Durable consumer names come from CROSSTALK_SINK_DURABLE (default ``sink``);
+Prometheus metrics are served on the sink's metrics port (shared.metrics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from shared import bus
+from shared.config import ConfigError, load
+from shared.log import kv, setup
+from shared.metrics import SinkMetrics, serve
+
+from .main import Sink, SinkConfig
+
+
+def main() -> None:
+    log = setup("sink")
+    try:
+        settings = load()
+    except ConfigError as exc:
+        log.error("bad configuration", extra=kv(var=exc.var, reason=exc.reason))
+        sys.exit(2)
+    config = SinkConfig.from_settings(settings)
+    metrics = SinkMetrics()
+
+    async def run(stop: asyncio.Event) -> None:
+        metrics_port = serve("sink", settings.metrics_host, settings.metrics_port)
+        nc = await bus.connect(settings.nats_url, "crosstalk-sink")
+        try:
+            js = await bus.jetstream(nc)
+            sink = Sink(js, config, metrics)
+            await sink.start()
+            log.info(
+                "sink consuming",
+                extra=kv(
+                    data_dir=str(sink.dirs.root),
+                    consumers=[config.conv_consumer, config.batch_consumer],
+                    deliver=config.deliver,
+                    ack_wait_s=config.ack_wait_s,
+                    metrics_port=metrics_port,
+                ),
+            )
+            await sink.run(stop)
+        finally:
+            await nc.drain()
+        log.info("sink stopped")
+
+    bus.run(run)
+
+
+if __name__ == "__main__":
+    main()
