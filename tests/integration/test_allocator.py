@@ -389,3 +389,11 @@ async def test_unrenewed_lease_expires_to_the_next_job_renewed_one_never(
         assert (await ask(nc, a)).role != "customer"
     finally:
         await nc.drain()
+
+
+def test_bad_configuration_names_the_variable(nats_url: str) -> None:
+    env = dict(os.environ, NATS_URL=nats_url, CROSSTALK_LEASE_S="soon", CROSSTALK_METRICS_PORT=str(free_port()))
+    done = subprocess.run([sys.executable, "-m", "services.allocator"], cwd=ROOT, env=env,
+                          capture_output=True, timeout=60)
+    assert done.returncode == 2
+    assert b"CROSSTALK_LEASE_S" in done.stderr and b"must be a number" in done.stderr
