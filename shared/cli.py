@@ -246,15 +246,28 @@ def _settings() -> config.Settings:
 
 
 async def _connect(settings: config.Settings) -> Any:
-    from nats.errors import NoServersError
+    """Connect within CONNECT_TIMEOUT_S; once up, reconnect as long as the watch lasts."""
+    import nats
 
-    from shared import bus
+    errors: list[BaseException] = []
+
+    async def on_error(exc: BaseException) -> None:
+        errors.append(exc)  # reported below if we never connect; never printed with the URL
 
     try:
-        return await bus.connect(settings.nats_url, "crosstalk-cli", connect_timeout_s=CONNECT_TIMEOUT_S)
-    except (TimeoutError, OSError, NoServersError) as exc:
+        return await asyncio.wait_for(
+            nats.connect(
+                settings.nats_url, name="crosstalk-cli", connect_timeout=2, allow_reconnect=True,
+                max_reconnect_attempts=-1, reconnect_time_wait=0.5, error_cb=on_error,
+            ),
+            CONNECT_TIMEOUT_S,
+        )
+    except Exception as exc:  # timed out, refused, bad credentials: all mean "not reachable"
+        cause = errors[-1] if errors else exc
         raise CliExit(
-            EXIT_UNAVAILABLE, f"cannot reach NATS at {redact_url(settings.nats_url)} (NATS_URL): {exc or type(exc).__name__}"
+            EXIT_UNAVAILABLE,
+            f"cannot reach NATS at {redact_url(settings.nats_url)} (NATS_URL) within {CONNECT_TIMEOUT_S:g}s: "
+            f"{type(cause).__name__}",
         ) from None
 
 
