@@ -1,0 +1,156 @@
+"""A test-only LiveKit agent worker that joins, reports and leaves: no model, no talking.
+
+It registers with livekit-server under ``CROSSTALK_AGENT_NAME`` exactly like the
+real worker, so the dispatcher under test cannot tell the difference. Per job it
+reads the :class:`JobMetadata`, asks ``role.request`` (if no allocator answers it
+derives the role from the order of the room's two dispatches), connects, publishes
+``AgentJoined`` and then, by ``FAKE_AGENT_MODE``:
+
+- ``complete`` (default): waits ``FAKE_AGENT_TALK_S``; the support agent publishes
+  ``ConversationEnded(ok=True, reason="end_conversation: support")``; both leave.
+- ``leave``: disconnects right after joining without any end event (an agent that died).
+
+Run: ``python tests/support/fake_agent.py`` with NATS_URL and LIVEKIT_* set. It prints
+``READY <worker id>`` on stdout once livekit-server has registered it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import nats  # noqa: E402
+from livekit import api  # noqa: E402
+from livekit.agents import AgentServer, AutoSubscribe, JobContext, JobExecutorType, JobRequest  # noqa: E402
+from nats.errors import NoRespondersError  # noqa: E402
+from nats.errors import TimeoutError as NatsTimeoutError  # noqa: E402
+
+from shared import contracts, subjects  # noqa: E402
+from shared.contracts import (  # noqa: E402
+    ROLES,
+    AgentJoined,
+    ConversationEnded,
+    JobMetadata,
+    Role,
+    RoleRelease,
+    RoleReply,
+    RoleRequest,
+)
+
+log = logging.getLogger("fake_agent")
+
+NATS_URL = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
+AGENT_NAME = os.environ.get("CROSSTALK_AGENT_NAME", "crosstalk")
+MODE = os.environ.get("FAKE_AGENT_MODE", "complete")
+TALK_S = float(os.environ.get("FAKE_AGENT_TALK_S", "1.0"))
+MAX_JOBS = 16
+TARGET_LOAD = 0.7
+
+
+async def ask_role(nc: nats.NATS, ctx: JobContext) -> tuple[Role | None, bool]:
+    """(role, from_allocator). With no allocator, the first-created dispatch is the customer."""
+    req = RoleRequest(room=ctx.job.room.name, job_id=ctx.job.id, identity=ctx.local_participant_identity)
+    try:
+        msg = await nc.request(subjects.ROLE_REQUEST, contracts.encode(req), timeout=3)
+        reply = contracts.decode(msg.data, RoleReply)
+        return (reply.role if reply.granted else None), True
+    except (NoRespondersError, NatsTimeoutError):
+        pass
+    lk = api.LiveKitAPI()
+    try:
+        dispatches = await lk.agent_dispatch.list_dispatch(ctx.job.room.name)
+    finally:
+        await lk.aclose()
+    ours = [d for d in dispatches if d.agent_name == AGENT_NAME]  # not livekit-server's automatic one
+    order = [d.id for d in sorted(ours, key=lambda d: (d.state.created_at, d.id))]
+    index = order.index(ctx.job.dispatch_id) if ctx.job.dispatch_id in order else len(order)
+    return (ROLES[index] if index < len(ROLES) else None), False
+
+
+async def entrypoint(ctx: JobContext) -> None:
+    meta = contracts.decode(ctx.job.metadata.encode(), JobMetadata)
+    room = ctx.job.room.name
+    nc = await nats.connect(NATS_URL)
+    js = nc.jetstream(timeout=10)
+    role: Role | None = None
+    from_allocator = False
+    try:
+        role, from_allocator = await ask_role(nc, ctx)
+        if role is None:
+            ctx.shutdown("role denied")
+            return
+        await ctx.connect(auto_subscribe=AutoSubscribe.SUBSCRIBE_NONE)
+        await js.publish(
+            subjects.conv_event(meta.batch_id, meta.conversation_id, "joined"),
+            contracts.encode(AgentJoined(
+                batch_id=meta.batch_id, conversation_id=meta.conversation_id, attempt=meta.attempt, room=room,
+                role=role, job_id=ctx.job.id, identity=ctx.local_participant_identity, at=time.time())))
+        if MODE == "leave":
+            await asyncio.sleep(0.2)
+            return
+        await asyncio.sleep(TALK_S)
+        if role == "support":
+            await js.publish(
+                subjects.conv_event(meta.batch_id, meta.conversation_id, "ended"),
+                contracts.encode(ConversationEnded(
+                    batch_id=meta.batch_id, conversation_id=meta.conversation_id, attempt=meta.attempt,
+                    room=room, reason="end_conversation: support", ok=True, turns=2, role=role,
+                    at=time.time())))
+        else:
+            await asyncio.sleep(0.5)  # the customer stays until the support agent has reported the end
+    finally:
+        if role is not None and from_allocator:
+            with contextlib.suppress(Exception):
+                await nc.request(subjects.ROLE_RELEASE, contracts.encode(RoleRelease(room=room, job_id=ctx.job.id)),
+                                 timeout=2)
+        await nc.close()
+        ctx.shutdown("fake agent done")
+
+
+def build() -> AgentServer:
+    def load(server: AgentServer) -> float:
+        return min(1.0, TARGET_LOAD * len(server.active_jobs) / MAX_JOBS)
+
+    server = AgentServer(
+        job_executor_type=JobExecutorType.THREAD,
+        load_fnc=load,
+        load_threshold=TARGET_LOAD - 1e-6,
+        # idle runners make livekit-agents accept simultaneous job requests (see worker/server.py)
+        num_idle_processes=4,
+        port=0,
+        shutdown_process_timeout=5.0,
+    )
+
+    async def on_request(req: JobRequest) -> None:
+        await req.accept()
+
+    server.rtc_session(entrypoint, agent_name=AGENT_NAME, on_request=on_request)
+    return server
+
+
+async def main() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    server = build()
+    server.on("worker_registered", lambda worker_id, _info: print(f"READY {worker_id}", flush=True))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(server.run(devmode=False))
+    await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    await server.aclose()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
