@@ -1,0 +1,46 @@
+"""``python -m worker``: run one unified worker process (as many as you like, anywhere)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from shared import bus, config, metrics
+from shared.log import kv, setup
+
+log = logging.getLogger("worker")
+
+
+def main() -> None:
+    setup("worker")
+    try:
+        settings = config.load()
+    except config.ConfigError as exc:
+        print(f"crosstalk worker: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from worker.server import build
+
+    wm = metrics.WorkerMetrics()
+    port = metrics.serve("worker", settings.metrics_host, settings.metrics_port)
+    server = build(settings, wm)
+    log.info("worker starting", extra=kv(agent_name=settings.agent_name, livekit=settings.livekit_url,
+                                         executor=settings.worker_executor, metrics_port=port,
+                                         max_jobs=settings.worker_max_jobs))
+
+    async def run(stop: asyncio.Event) -> None:
+        task = asyncio.create_task(server.run(devmode=False))
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()
+            return
+        log.info("worker draining")
+        await server.drain(timeout=30)
+        await server.aclose()
+
+    bus.run(run)
+
+
+if __name__ == "__main__":
+    main()

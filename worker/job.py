@@ -1,0 +1,368 @@
+"""One worker job: ask for a role, join, talk, report, leave.
+
+Flow: decode the dispatch metadata -> ``role.request`` (denied: leave at once)
+-> connect -> announce role -> wait for the peer agent -> start an
+``AgentSession`` whose RoomIO links to the peer (AGENT participants accepted,
+text in/out, no audio, no VAD) -> announce ready -> the customer speaks first once
+the support agent is ready -> every assistant message is sent to the peer, shown
+as a transcription, and published as a ``TurnRecorded`` event -> the call ends on
+``end_conversation`` or ``max_turns`` -> release the lease, shut the job down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+from livekit import rtc
+from livekit.agents import AgentSession, AutoSubscribe, JobContext
+from livekit.agents.llm import ChatMessage
+from livekit.agents.voice import room_io
+from livekit.agents.voice.events import ConversationItemAddedEvent
+from livekit.plugins import openai as lk_openai
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from shared import bus, contracts, scenarios, subjects
+from shared.config import Settings
+from shared.contracts import (
+    AgentJoined,
+    ConversationEnded,
+    JobMetadata,
+    Role,
+    RoleReply,
+    RoleRequest,
+    TurnRecorded,
+)
+from shared.log import kv
+from shared.metrics import WorkerMetrics
+from worker.agents import agent_for
+from worker.bridge import ATTR_TURN, RoomBridge, peer_role
+
+log = logging.getLogger("worker.job")
+
+# Measured with livekit 1.1.21 on the thread executor: two jobs of one process calling
+# Room.connect at the same moment both hang (the FFI's ConnectCallback never reaches either
+# job loop, then the FFI panics). Connects are serialized per process; each takes ~0.1 s.
+_CONNECT_LOCK = threading.Lock()
+CONNECT_TIMEOUT_S = 20.0
+
+
+async def connect_room(ctx: JobContext) -> None:
+    await asyncio.to_thread(_CONNECT_LOCK.acquire)
+    try:
+        await asyncio.wait_for(ctx.connect(auto_subscribe=AutoSubscribe.SUBSCRIBE_NONE), CONNECT_TIMEOUT_S)
+    finally:
+        _CONNECT_LOCK.release()
+
+
+async def request_role(nc: Client, req: RoleRequest, *, within_s: float = 20.0) -> RoleReply:
+    """``role.request`` with retry while no allocator answers (one may be restarting)."""
+    async for attempt in AsyncRetrying(
+        stop=stop_after_delay(within_s),
+        wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
+        retry=retry_if_exception_type((NatsTimeoutError, NoRespondersError, asyncio.TimeoutError)),
+        reraise=True,
+    ):
+        with attempt:
+            msg = await nc.request(subjects.ROLE_REQUEST, contracts.encode(req), timeout=3)
+            return contracts.decode(msg.data, RoleReply)
+    raise RuntimeError("unreachable")
+
+
+class Conversation:
+    """Turn accounting and the end of the call for one agent of one conversation."""
+
+    def __init__(
+        self,
+        *,
+        meta: JobMetadata,
+        role: Role,
+        room: str,
+        bridge: RoomBridge,
+        publish: Any,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.meta = meta
+        self.role = role
+        self.room = room
+        self.bridge = bridge
+        self.publish = publish
+        self.metrics = metrics
+        self.session: AgentSession | None = None
+        # The customer speaks turn 0; turns alternate, so the next index is known locally.
+        self.next_turn = 0 if role == "customer" else 1
+        self.last_turn = -1
+        self.heard_at = time.time()
+        self.end_requested: str | None = None
+        self.done: asyncio.Future[tuple[str, bool, bool]] = asyncio.get_running_loop().create_future()
+        self._speaking = asyncio.Lock()
+        self._pending: set[asyncio.Task[Any]] = set()
+
+    # -- events from the room / session ------------------------------------------------
+
+    async def on_peer_text(self, session: AgentSession, ev: room_io.TextInputEvent) -> None:
+        if self.done.done():
+            return
+        attrs = ev.info.attributes if ev.info is not None else {}
+        try:
+            heard = int(attrs.get(ATTR_TURN, ""))
+        except ValueError:
+            log.warning("peer message without turn index", extra=kv(room=self.room))
+            return
+        self.heard_at = time.time()
+        self.next_turn = heard + 1
+        self.last_turn = max(self.last_turn, heard)
+        if self.next_turn >= self.meta.max_turns:
+            self.finish("max_turns", ok=True, mine=False)
+            return
+        session.generate_reply(user_input=ev.text)
+
+    def on_item(self, ev: ConversationItemAddedEvent) -> None:
+        item = ev.item
+        if not isinstance(item, ChatMessage) or item.role != "assistant":
+            return
+        text = (item.text_content or "").strip()
+        if not text or self.done.done():
+            return
+        task = asyncio.ensure_future(self._speak(text, item))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _speak(self, text: str, item: ChatMessage) -> None:
+        async with self._speaking:
+            turn = self.next_turn
+            if turn >= self.meta.max_turns:
+                return
+            self.next_turn = turn + 2
+            self.last_turn = max(self.last_turn, turn)
+            now = time.time()
+            ttft = item.metrics.get("llm_node_ttft")
+            started = self.heard_at if turn > 0 else now - (ttft or 0.0)
+            ev = TurnRecorded(
+                batch_id=self.meta.batch_id,
+                conversation_id=self.meta.conversation_id,
+                attempt=self.meta.attempt,
+                turn=turn,
+                role=self.role,
+                text=text,
+                started_at=started,
+                ended_at=now,
+                first_token_s=ttft,
+                total_s=now - started,
+                language=self.meta.language,
+            )
+            # Durable record first, then the peer hears it: a turn the peer answers is never lost.
+            await self.publish(
+                subjects.conv_event(self.meta.batch_id, self.meta.conversation_id, "turn"),
+                ev,
+                msg_id=f"{self.meta.conversation_id}:{self.meta.attempt}:turn:{turn}",
+            )
+            self.metrics.turns.labels(self.role).inc()
+            if ttft is not None:
+                self.metrics.first_token.labels(self.role).observe(ttft)
+            self.metrics.turn_seconds.labels(self.role).observe(now - started)
+            if self.end_requested:
+                await self.bridge.send_control("end", reason=self.end_requested)
+                await self.bridge.send_turn(text, turn)
+                self.finish(self.end_requested, ok=True, mine=True)
+                return
+            await self.bridge.send_turn(text, turn)
+            if turn + 1 >= self.meta.max_turns:
+                await self.bridge.send_control("end", reason="max_turns")
+                self.finish("max_turns", ok=True, mine=True)
+
+    def request_end(self, reason: str) -> None:
+        """Called by the end_conversation tool; the goodbye text of the same reply goes out first."""
+        self.end_requested = reason
+
+        async def _end_soon() -> None:
+            # The tool may run before or after the goodbye message is added; give it a moment.
+            for _ in range(40):
+                if self.done.done():
+                    return
+                if not self._pending and not self._speaking.locked():
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+            async with self._speaking:
+                if not self.done.done():
+                    await self.bridge.send_control("end", reason=reason)
+                    self.finish(reason, ok=True, mine=True)
+
+        task = asyncio.ensure_future(_end_soon())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def on_control(self, msg: dict[str, str], sender: str) -> None:
+        if msg.get("kind") == "end":
+            self.finish(str(msg.get("reason", "peer ended")), ok=True, mine=False)
+
+    def on_peer_left(self, participant: rtc.RemoteParticipant) -> None:
+        if self.bridge.peer is not None and participant.identity == self.bridge.peer.identity:
+            self.finish(f"agent_left: {peer_role(self.role)}", ok=False, mine=True)
+
+    def finish(self, reason: str, *, ok: bool, mine: bool) -> None:
+        """``mine``: this agent reports the end (exactly one side does for a clean end)."""
+        if not self.done.done():
+            self.done.set_result((reason, ok, mine))
+
+    @property
+    def turns(self) -> int:
+        """Turns spoken in this conversation so far (both roles)."""
+        return min(self.last_turn + 1, self.meta.max_turns)
+
+
+async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> None:
+    job_id = ctx.job.id
+    room_name = ctx.job.room.name
+    try:
+        meta = contracts.decode(ctx.job.metadata.encode(), JobMetadata)
+        scenario = scenarios.get(meta.scenario)
+    except (contracts.ContractError, KeyError) as exc:
+        log.error("bad job metadata", extra=kv(job_id=job_id, room=room_name, error=str(exc)))
+        metrics.jobs.labels("bad_metadata").inc()
+        ctx.shutdown(f"bad job metadata: {exc}")
+        return
+
+    nc = await bus.connect(settings.nats_url, f"worker-job-{job_id}")
+    js = nc.jetstream(timeout=10)
+
+    async def publish(subject: str, msg: Any, msg_id: str | None = None) -> None:
+        await bus.publish(js, subject, msg, msg_id=msg_id)
+
+    identity = ctx.local_participant_identity
+    lease_task: asyncio.Task[None] | None = None
+    role: Role | None = None
+    try:
+        reply = await request_role(nc, RoleRequest(room=room_name, job_id=job_id, identity=identity))
+        if not reply.granted or reply.role is None:
+            log.info("role denied, leaving", extra=kv(job_id=job_id, room=room_name, reason=reply.reason))
+            metrics.jobs.labels("denied").inc()
+            ctx.shutdown(f"role denied: {reply.reason}")
+            return
+        role = reply.role
+        lease_s = reply.lease_s or settings.lease_s
+
+        await connect_room(ctx)
+        bridge = RoomBridge(ctx.room, role)
+        t_ann = time.monotonic()
+        await bridge.announce()
+        log.info("role announced", extra=kv(room=room_name, role=role, took=round(time.monotonic() - t_ann, 3)))
+        conv = Conversation(meta=meta, role=role, room=room_name, bridge=bridge, publish=publish, metrics=metrics)
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(lease_s / 3)
+                try:
+                    r = await request_role(nc, RoleRequest(room=room_name, job_id=job_id, identity=identity),
+                                           within_s=lease_s / 2)
+                except Exception as exc:  # keep trying until the lease is really gone
+                    log.warning("lease renewal failed", extra=kv(room=room_name, error=str(exc)))
+                    continue
+                if not r.granted or r.role != role:
+                    conv.finish(f"agent_error: lease lost ({r.reason})", ok=False, mine=True)
+                    return
+
+        lease_task = asyncio.create_task(renew())
+
+        peer = await bridge.wait_for_peer(ready=False, timeout=settings.join_deadline_s)
+        bridge.on_control(conv.on_control)
+        ctx.room.on("participant_disconnected", conv.on_peer_left)
+
+        session: AgentSession = AgentSession(
+            llm=lk_openai.LLM(model=settings.model_name, base_url=settings.model_base_url,
+                              api_key=settings.model_api_key),
+            vad=None,
+            user_away_timeout=None,
+            # text in, text out: no VAD, no turn detector model, no barge-in between the agents
+            turn_handling={
+                "turn_detection": None,
+                "interruption": {"enabled": False},
+                "preemptive_generation": {"enabled": False},
+            },
+        )
+        conv.session = session
+        session.on("conversation_item_added", conv.on_item)
+        await session.start(
+            agent_for(role, scenario, meta.language, conv),
+            room=ctx.room,
+            record=False,
+            room_options=room_io.RoomOptions(
+                text_input=room_io.TextInputOptions(text_input_cb=conv.on_peer_text),
+                audio_input=False,
+                audio_output=False,
+                text_output=room_io.TextOutputOptions(sync_transcription=False),
+                participant_kinds=[rtc.ParticipantKind.PARTICIPANT_KIND_AGENT],
+                participant_identity=peer.identity,
+                close_on_disconnect=False,
+            ),
+        )
+        t_ready = time.monotonic()
+        await bridge.announce(ready=True)
+        log.info("ready announced", extra=kv(room=room_name, role=role, took=round(time.monotonic() - t_ready, 3)))
+        await publish(
+            subjects.conv_event(meta.batch_id, meta.conversation_id, "joined"),
+            AgentJoined(batch_id=meta.batch_id, conversation_id=meta.conversation_id, attempt=meta.attempt,
+                        room=room_name, role=role, job_id=job_id, identity=identity, at=time.time()),
+            msg_id=f"{meta.conversation_id}:{meta.attempt}:joined:{role}",
+        )
+        metrics.jobs.labels("started").inc()
+
+        if role == "customer":
+            # The first words must not be sent before the support agent listens.
+            await bridge.wait_for_peer(ready=True, timeout=settings.join_deadline_s)
+            conv.heard_at = time.time()
+            session.generate_reply()
+
+        try:
+            reason, ok, mine = await asyncio.wait_for(conv.done, settings.conversation_timeout_s)
+        except TimeoutError:
+            reason, ok, mine = "conversation_timeout", False, True
+        if mine:
+            await publish(
+                subjects.conv_event(meta.batch_id, meta.conversation_id, "ended"),
+                ConversationEnded(batch_id=meta.batch_id, conversation_id=meta.conversation_id,
+                                  attempt=meta.attempt, room=room_name, reason=reason, ok=ok,
+                                  turns=conv.turns, role=role, at=time.time()),
+                msg_id=f"{meta.conversation_id}:{meta.attempt}:ended",
+            )
+        metrics.jobs.labels("completed" if ok else "failed").inc()
+        log.info("conversation ended", extra=kv(room=room_name, role=role, reason=reason, ok=ok))
+        await session.aclose()
+    except Exception as exc:
+        log.exception("job failed", extra=kv(job_id=job_id, room=room_name))
+        metrics.jobs.labels("error").inc()
+        if role is not None:
+            try:
+                await publish(
+                    subjects.conv_event(meta.batch_id, meta.conversation_id, "ended"),
+                    ConversationEnded(batch_id=meta.batch_id, conversation_id=meta.conversation_id,
+                                      attempt=meta.attempt, room=room_name,
+                                      reason=f"agent_error: {role}: {type(exc).__name__}", ok=False,
+                                      turns=0, role=role, at=time.time()),
+                    msg_id=f"{meta.conversation_id}:{meta.attempt}:ended",
+                )
+            except Exception:
+                log.exception("could not report the failure")
+    finally:
+        if lease_task is not None:
+            lease_task.cancel()
+        if role is not None:
+            try:
+                await nc.request(subjects.ROLE_RELEASE,
+                                 contracts.encode(contracts.RoleRelease(room=room_name, job_id=job_id)), timeout=3)
+            except Exception as exc:
+                log.warning("role release failed (the lease will expire)", extra=kv(error=str(exc)))
+        await nc.drain()
+        ctx.shutdown("conversation over")

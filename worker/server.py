@@ -1,0 +1,64 @@
+"""The unified worker: one AgentServer, one agent name, every job.
+
+Jobs run on the thread executor by default (many sessions per process; see
+benchmarks/ for the measured process-vs-thread comparison). ``load`` is the
+share of ``CROSSTALK_WORKER_MAX_JOBS`` in use, scaled so a full worker reports
+exactly livekit-server's ``agents.target_load`` (0.7) and stops getting jobs
+instead of failing them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from livekit.agents import AgentServer, JobContext, JobExecutorType, JobRequest
+
+from shared.config import Settings
+from shared.metrics import WorkerMetrics
+from worker import job
+
+log = logging.getLogger("worker")
+
+TARGET_LOAD = 0.7  # livekit-server's agents.target_load default
+
+
+def job_load(active: int, max_jobs: int) -> float:
+    """Load reported to livekit-server: reaches TARGET_LOAD exactly when the worker is full."""
+    return min(1.0, TARGET_LOAD * active / max_jobs)
+
+
+def build(settings: Settings, metrics: WorkerMetrics) -> AgentServer:
+    executor = JobExecutorType.THREAD if settings.worker_executor == "thread" else JobExecutorType.PROCESS
+
+    def load(server: AgentServer) -> float:
+        active = len(server.active_jobs)
+        value = job_load(active, settings.worker_max_jobs)
+        metrics.active_jobs.set(active)
+        metrics.load.set(value)
+        return value
+
+    server = AgentServer(
+        job_executor_type=executor,
+        load_fnc=load,
+        # a hair under TARGET_LOAD so this worker's own availability answer agrees with the server
+        load_threshold=TARGET_LOAD - 1e-6,
+        # livekit-agents estimates a not-yet-launched job's load as load_threshold / num_idle_processes:
+        # with max_jobs idle runners that estimate equals a real job's load, so a burst of job
+        # requests is accepted up to real capacity instead of one at a time (measured: with 0,
+        # the second of two simultaneous dispatches was refused and livekit-server dropped it).
+        num_idle_processes=min(settings.worker_max_jobs, 8),
+        ws_url=settings.livekit_url,
+        api_key=settings.livekit_api_key,
+        api_secret=settings.livekit_api_secret,
+        port=0,
+        shutdown_process_timeout=15.0,
+    )
+
+    async def on_request(req: JobRequest) -> None:
+        await req.accept()
+
+    @server.rtc_session(agent_name=settings.agent_name, on_request=on_request)
+    async def entrypoint(ctx: JobContext) -> None:
+        await job.run(ctx, settings, metrics)
+
+    return server
