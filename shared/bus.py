@@ -45,14 +45,19 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 30.0) -> Cl
         reraise=True,
     ):
         with attempt:
-            return await nats.connect(
-                url,
-                name=name,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                allow_reconnect=True,
-                error_cb=_cb_err,
-                connect_timeout=2,
+            # nats-py retries a failed *first* connect forever when reconnects are unbounded,
+            # so each try is bounded here and tenacity does the backing off.
+            return await asyncio.wait_for(
+                nats.connect(
+                    url,
+                    name=name,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    allow_reconnect=True,
+                    error_cb=_cb_err,
+                    connect_timeout=2,
+                ),
+                timeout=5,
             )
     raise RuntimeError("unreachable")
 
