@@ -279,6 +279,11 @@ class Dispatcher:
             log.warning("batch log moved under us, reloading", extra=kv(batch_id=bid, expected=expected))
             await self._reload(bid)
             return False
+        if ack.duplicate:
+            # Same Msg-Id already stored: an earlier write whose outcome we never learned. The log,
+            # not this event, is the truth.
+            await self._reload(bid)
+            return False
         new = core.evolve(old, ev, ack.seq)
         if new is None:
             return False
@@ -287,14 +292,27 @@ class Dispatcher:
         return True
 
     async def _reload(self, bid: str) -> None:
-        states = core.replay(await self._read_events(subjects.batch_events(bid)))
-        if bid in states:
-            self.batches[bid] = states[bid]
-            if states[bid].running:
-                self.running.add(bid)
-            else:
-                self.running.discard(bid)
+        """Re-fold one batch from its log, and catch up on the room effects of events we did not apply."""
+        old = self.batches.get(bid)
+        new = core.replay(await self._read_events(subjects.batch_events(bid))).get(bid)
+        if new is None:
+            return
+        self.batches[bid] = new
+        if new.running:
+            self.running.add(bid)
+        else:
+            self.running.discard(bid)
+        before = {old.convs[c].room for c in old.in_flight} if old else set()
+        after = {new.convs[c].room: new.convs[c] for c in new.in_flight}
+        for room in before - set(after):
+            self._room_effect(room, self._delete_room(room))
+        for room, conv in after.items():
+            if room not in before:
+                ev = ConversationDispatched(batch_id=bid, conversation_id=conv.conversation_id,
+                                            attempt=conv.attempt, room=room, at=conv.dispatched_at)
+                self._room_effect(room, self._open_room(ev, resume=True))
         self._gauges()
+        self.wake.set()
 
     async def _decide(self, decide: Callable[[], list[BatchEvent]], tries: int = 3) -> None:
         """Emit what ``decide`` returns; on a write conflict reload and decide again."""
