@@ -30,9 +30,9 @@ from typing import Any
 
 import nats.errors
 from nats.aio.msg import Msg
+from nats.errors import MsgAlreadyAckdError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import MsgAlreadyAckdError
 
 from shared import streams, subjects
 from shared.config import Settings
@@ -161,6 +161,13 @@ class Sink:
             await asyncio.gather(*background, return_exceptions=True)
             await self.flush()
             self._pool.shutdown(wait=True)
+            # A pull subscription's queue only empties through fetch(): unsubscribe so
+            # that draining the connection does not wait out its whole timeout.
+            for sub in (self._conv_sub, self._batch_sub):
+                try:
+                    await sub.unsubscribe()
+                except nats.errors.Error as exc:
+                    log.debug("unsubscribe failed", extra=kv(error=repr(exc)))
 
     async def _loop(self, stop: asyncio.Event, sub: JetStreamContext.PullSubscription, handle: Any) -> None:
         while not stop.is_set():
