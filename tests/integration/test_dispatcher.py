@@ -9,6 +9,7 @@ livekit-agents worker that joins, reports and leaves.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
@@ -447,3 +448,47 @@ async def test_sigkill_and_restart_mid_batch_neither_loses_nor_duplicates_conver
     assert max(per_attempt.values()) == 2
     assert {c for c, _ in per_attempt} == set(ids)
     await wait_for(lambda: _no_rooms(lk, bid), 30, "rooms to be deleted")
+
+
+async def test_a_restart_completes_a_half_opened_attempt_and_deletes_rooms_left_behind(
+        procs: Procs, bus_conn: tuple[Client, JetStreamContext], lk: api.LiveKitAPI) -> None:
+    """The log a dispatcher killed mid-way leaves: conversation 0 dispatched (its room has one of its two
+    dispatches), conversation 1 settled (its room not yet deleted)."""
+    nc, js = bus_conn
+    name = agent_name()
+    bid = f"half-{uuid.uuid4().hex[:6]}"
+    spec = contracts.BatchSpec(batch_id=bid, conversations=2, concurrency=2, scenario="en-account-help",
+                               language="en", max_turns=8, mode="text")
+    now = time.time()
+    c0, c1 = core.conversation_id(bid, 0), core.conversation_id(bid, 1)
+    log = [
+        BatchAccepted(spec=spec, at=now - 5),
+        ConversationDispatched(batch_id=bid, conversation_id=c0, attempt=1, room=f"{c0}-a1", at=now - 4),
+        ConversationDispatched(batch_id=bid, conversation_id=c1, attempt=1, room=f"{c1}-a1", at=now - 4),
+        ConversationSettled(batch_id=bid, conversation_id=c1, attempt=1, outcome="completed",
+                            reason="end_conversation: support", retry=False, turns=4, at=now - 1),
+    ]
+    for ev in log:
+        await js.publish(subjects.batch_events(bid), contracts.encode(ev))
+    meta = contracts.encode(core.job_metadata(spec, c0, 1)).decode()
+    try:
+        for room in (f"{c0}-a1", f"{c1}-a1"):
+            await lk.room.create_room(api.CreateRoomRequest(name=room, empty_timeout=600, metadata=meta))
+        await lk.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(agent_name=name, room=f"{c0}-a1",
+                                                                               metadata=meta))
+
+        procs.dispatcher(CROSSTALK_AGENT_NAME=name, CROSSTALK_JOIN_DEADLINE_S="120")
+
+        async def repaired() -> bool:
+            names = {r.name for r in await rooms_of(lk, bid)}
+            if names != {f"{c0}-a1"}:
+                return False
+            ours = [d for d in await lk.agent_dispatch.list_dispatch(f"{c0}-a1") if d.agent_name == name]
+            return len(ours) == 2
+
+        await wait_for(repaired, 30, "the half-opened room to get its second dispatch and the stale room to go")
+        await asyncio.sleep(1.0)
+        events = await batch_events(js, bid)
+        assert events == log  # resuming wrote nothing: no second acceptance, no new attempt
+    finally:
+        await delete_rooms(lk, bid)
