@@ -75,8 +75,11 @@ bench *args:
 # ruff on everything, mypy on shared/
 [no-exit-message]
 lint:
-    ruff check .
-    mypy shared
+    #!/usr/bin/env bash
+    rc=0
+    ruff check . || rc=1
+    mypy shared || rc=1
+    exit $rc
 
 # promtool: the Prometheus config, alert rules and their unit tests
 [no-exit-message]
