@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 
 from shared import bus, config, log, metrics
@@ -13,6 +14,7 @@ from .main import run
 
 def main() -> None:
     logger = log.setup("dispatcher")
+    logging.captureWarnings(True)  # library warnings become JSON log lines too
     try:
         settings = config.load()
     except config.ConfigError as exc:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import hashlib
 import logging
 import time
@@ -63,6 +64,9 @@ from .rooms import Rooms
 
 log = logging.getLogger(__name__)
 
+CMDS_STREAM = "BATCH_CMDS"
+EVENTS_STREAM = "BATCH_EVENTS"
+CONV_STREAM = "CONVERSATIONS"
 COMMANDS_DURABLE = "dispatcher-cmds"
 CONV_DURABLE = "dispatcher-conv"
 REPLY_TIMEOUT_S = 10.0
@@ -177,9 +181,9 @@ class Dispatcher:
         self._gauges()
         log.info("replayed batch events", extra=kv(events=len(events), batches=len(self.batches),
                                                    running=len(self.running)))
-        await streams.ensure_consumer(self.js, streams.BATCH_CMDS.name, streams.durable(
+        await streams.ensure_consumer(self.js, CMDS_STREAM, streams.durable(
             COMMANDS_DURABLE, subjects.BATCH_START, ack_wait=60.0, max_ack_pending=64))
-        self.cmd_sub = await self.js.pull_subscribe_bind(durable=COMMANDS_DURABLE, stream=streams.BATCH_CMDS.name)
+        self.cmd_sub = await self.js.pull_subscribe_bind(durable=COMMANDS_DURABLE, stream=CMDS_STREAM)
         self.conv_sub = await self._conv_consumer()
         await self._reconcile_rooms()
 
@@ -187,11 +191,11 @@ class Dispatcher:
         """Every batch event on ``filter_subject``, in stream order, with its stream sequence."""
         cfg = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
                              filter_subject=filter_subject, inactive_threshold=60.0, mem_storage=True)
-        sub = await self.js.pull_subscribe(filter_subject, durable=None, stream=streams.BATCH_EVENTS.name,
+        sub = await self.js.pull_subscribe(filter_subject, durable=None, stream=EVENTS_STREAM,
                                            config=cfg)
         out: list[tuple[BatchEvent, int]] = []
         try:
-            remaining = (await sub.consumer_info()).num_pending
+            remaining = (await sub.consumer_info()).num_pending or 0
             idle = 0
             while remaining > 0:
                 msgs = await fetch(sub, min(remaining, 1000))
@@ -217,7 +221,7 @@ class Dispatcher:
         """(Re)create ``dispatcher-conv`` to start at the oldest in-flight attempt (or at new events)."""
         oldest = min((s.convs[c].dispatched_at for s in self._running() for c in s.in_flight), default=None)
         with contextlib.suppress(NotFoundError):
-            await self.js.delete_consumer(streams.CONVERSATIONS.name, CONV_DURABLE)
+            await self.js.delete_consumer(CONV_STREAM, CONV_DURABLE)
         cfg = ConsumerConfig(
             durable_name=CONV_DURABLE,
             filter_subjects=[subjects.CONV_JOINED_ALL, subjects.CONV_ENDED_ALL],
@@ -228,8 +232,8 @@ class Dispatcher:
             opt_start_time=None if oldest is None else datetime.datetime.fromtimestamp(
                 oldest - REPLAY_MARGIN_S, datetime.UTC),
         )
-        await self.js.add_consumer(streams.CONVERSATIONS.name, cfg)
-        return await self.js.pull_subscribe_bind(durable=CONV_DURABLE, stream=streams.CONVERSATIONS.name)
+        await self.js.add_consumer(CONV_STREAM, cfg)
+        return await self.js.pull_subscribe_bind(durable=CONV_DURABLE, stream=CONV_STREAM)
 
     async def _reconcile_rooms(self) -> None:
         """Delete our rooms whose attempt is over; recreate what a crash left half-opened."""
@@ -314,10 +318,14 @@ class Dispatcher:
         self._gauges()
         self.wake.set()
 
-    async def _decide(self, decide: Callable[[], list[BatchEvent]], tries: int = 3) -> None:
-        """Emit what ``decide`` returns; on a write conflict reload and decide again."""
+    async def _decide(self, bid: str, decide: Callable[[core.BatchState], list[BatchEvent]],
+                      tries: int = 3) -> None:
+        """Emit what ``decide`` returns for the batch's state; on a write conflict reload and decide again."""
         for _ in range(tries):
-            for ev in decide():
+            state = self.batches.get(bid)
+            if state is None:
+                return
+            for ev in decide(state):
                 if not await self._emit(ev):
                     break
             else:
@@ -400,18 +408,14 @@ class Dispatcher:
             error = f"{type(exc).__name__}: {exc}"
             log.warning("could not open room", extra=kv(room=ev.room, error=error))
             async with self.lock:
-                await self._decide(lambda: self._with_state(ev.batch_id, lambda s: core.on_dispatch_error(
-                    s, ev.conversation_id, ev.attempt, error, time.time(), self.settings)))
+                await self._decide(ev.batch_id, lambda s: core.on_dispatch_error(
+                    s, ev.conversation_id, ev.attempt, error, time.time(), self.settings))
 
     async def _delete_room(self, room: str) -> None:
         try:
             await self.rooms.delete(room)
         except Exception as exc:
             log.warning("could not delete room", extra=kv(room=room, error=f"{type(exc).__name__}: {exc}"))
-
-    def _with_state(self, bid: str, fn: Callable[[core.BatchState], list[BatchEvent]]) -> list[BatchEvent]:
-        state = self.batches.get(bid)
-        return fn(state) if state is not None else []
 
     # ----------------------------------------------------------------- commands
 
@@ -492,10 +496,11 @@ class Dispatcher:
                     self.watches[key] = new
                 return events
 
-            await self._decide(lambda: self._with_state(ev.batch_id, joined))
+            await self._decide(ev.batch_id, joined)
         elif isinstance(ev, ConversationEnded):
-            await self._decide(lambda: self._with_state(ev.batch_id, lambda s: core.on_conversation_ended(
-                s, ev, time.time(), self.settings)))
+            ended = ev
+            await self._decide(ev.batch_id, lambda s: core.on_conversation_ended(
+                s, ended, time.time(), self.settings))
 
     # ----------------------------------------------------------------- pacing, deadlines, liveness
 
@@ -519,8 +524,10 @@ class Dispatcher:
             await asyncio.sleep(TICK_S)
             async with self.lock:
                 for bid in sorted(self.running):
-                    await self._decide(lambda bid=bid: self._with_state(bid, lambda s: core.on_tick(
-                        s, time.time(), self.settings)))
+                    await self._decide(bid, self._deadlines)
+
+    def _deadlines(self, state: core.BatchState) -> list[BatchEvent]:
+        return core.on_tick(state, time.time(), self.settings)
 
     async def _liveness_loop(self, stop: asyncio.Event) -> None:
         limit = asyncio.Semaphore(16)
@@ -541,20 +548,16 @@ class Dispatcher:
             counts = await asyncio.gather(*(count(t[3]) for t in targets))
             async with self.lock:
                 for (bid, cid, attempt, _room), agents in zip(targets, counts, strict=True):
-                    if agents is None:
-                        continue
-                    key = (cid, attempt)
+                    if agents is not None:
+                        await self._decide(bid, functools.partial(self._liveness, cid, attempt, agents))
 
-                    def live(state: core.BatchState, key: tuple[str, int] = key, agents: int = agents,
-                             cid: str = cid, attempt: int = attempt) -> list[BatchEvent]:
-                        watch = self.watches.get(key, core.Watch())
-                        new, events = core.on_liveness(state, cid, attempt, agents, watch, time.time(),
-                                                       self.settings)
-                        if new != watch:
-                            self.watches[key] = new
-                        return events
-
-                    await self._decide(lambda bid=bid, live=live: self._with_state(bid, live))
+    def _liveness(self, cid: str, attempt: int, agents: int, state: core.BatchState) -> list[BatchEvent]:
+        key = (cid, attempt)
+        watch = self.watches.get(key, core.Watch())
+        new, events = core.on_liveness(state, cid, attempt, agents, watch, time.time(), self.settings)
+        if new != watch:
+            self.watches[key] = new
+        return events
 
     # ----------------------------------------------------------------- run
 
