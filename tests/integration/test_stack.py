@@ -6,9 +6,12 @@ so it never meets a developer's `just up` or another test's servers.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import nats
@@ -76,6 +79,21 @@ async def test_up_is_healthy_idempotent_and_down_leaves_nothing(tmp_path: Path, 
         check = stack.just("check")
         assert check.returncode == 0, check.stdout + check.stderr
 
+        # Every crosstalk process got its environment: a batch runs through `just batch` to transcripts on disk.
+        batch = stack.just("batch", "2", "2", "--follow")
+        assert batch.returncode == 0, batch.stdout + batch.stderr
+        [folder] = (stack.data_dir / "batches").iterdir()
+        deadline = time.monotonic() + 60  # the sink writes batch.json from the same events, a moment later
+        while (summary := json.loads((folder / "batch.json").read_text()))["status"] == "running":
+            assert time.monotonic() < deadline, summary
+            await asyncio.sleep(0.2)
+        assert (summary["status"], summary["requested"], summary["completed"]) == ("completed", 2, 2)
+        assert len(list((folder / "conversations").glob("*.jsonl"))) == 2
+
+        logs = stack.just("logs", "nats", "--no-follow", "-n", "5")
+        assert logs.returncode == 0 and logs.stdout.strip()
+        assert "nosuch" in one_line_error(stack.just("logs", "nosuch", "--no-follow"))
+
         # A second `just up` is harmless: same supervisord, nothing restarted.
         again = stack.just("up")
         assert again.returncode == 0, again.stdout + again.stderr
@@ -107,6 +125,25 @@ async def test_external_livekit_is_used_not_started(tmp_path: Path, livekit_env:
         assert set(stack.pids()) == {"supervisord", "nats"}
         assert _free(int(stack.env["CROSSTALK_LIVEKIT_PORT"]))
         assert stack.just("down").returncode == 0
+    finally:
+        stack.cleanup()
+    assert stack.processes() == []
+
+
+def test_up_again_adds_what_is_new_and_keeps_what_runs(tmp_path: Path) -> None:
+    stack = Stack.create(tmp_path, CROSSTALK_SERVICES="nats")
+    try:
+        stack.up()
+        first = stack.pids()
+        assert set(first) == {"supervisord", "nats"}
+        stack.env["CROSSTALK_SERVICES"] = "nats,livekit"  # a piece lands between two `just up`
+        res = stack.up()
+        assert "livekit" in res.stdout
+        second = stack.pids()
+        assert second["supervisord"] == first["supervisord"] and second["nats"] == first["nats"]
+        assert "livekit" in second
+        assert stack.just("down").returncode == 0
+        assert _free(int(stack.env["CROSSTALK_LIVEKIT_PORT"])) and _free(int(stack.env["CROSSTALK_NATS_PORT"]))
     finally:
         stack.cleanup()
     assert stack.processes() == []
