@@ -1,0 +1,61 @@
+"""Sink configuration: environment to consumers, and bad settings named at start-up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from nats.js.api import DeliverPolicy
+
+from services.sink.main import SinkConfig
+from shared.config import ConfigError, load
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_settings_become_two_filtered_durable_consumers(tmp_path: Path) -> None:
+    settings = load({
+        "CROSSTALK_DATA_DIR": str(tmp_path), "CROSSTALK_SINK_DURABLE": "sink-a",
+        "CROSSTALK_SINK_ACK_WAIT_S": "7.5", "CROSSTALK_SINK_DELIVER": "new",
+    })
+    cfg = SinkConfig.from_settings(settings)
+    assert (cfg.data_dir, cfg.durable, cfg.ack_wait_s, cfg.deliver) == (tmp_path, "sink-a", 7.5, "new")
+    (conv_stream, conv), (batch_stream, batch) = cfg.consumer_configs()
+    assert (conv_stream, conv.durable_name, conv.filter_subjects) == (
+        "CONVERSATIONS", "sink-a-conv", ["conv.*.*.turn", "conv.*.*.ended"]
+    )
+    assert (batch_stream, batch.durable_name, batch.filter_subjects) == ("BATCH_EVENTS", "sink-a-batch", ["batch.evt.*"])
+    assert conv.deliver_policy == DeliverPolicy.NEW and conv.ack_wait == 7.5 and conv.max_deliver == -1
+    defaults = SinkConfig.from_settings(load({}))
+    assert (defaults.durable, defaults.ack_wait_s, defaults.deliver) == ("sink", 30.0, "all")
+    assert defaults.consumer_configs()[0][1].deliver_policy == DeliverPolicy.ALL
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("CROSSTALK_SINK_DELIVER", "everything"),
+        ("CROSSTALK_SINK_DURABLE", "a.b"),
+        ("CROSSTALK_SINK_DURABLE", "x" * 65),
+        ("CROSSTALK_SINK_DURABLE", "sink>"),
+        ("CROSSTALK_SINK_ACK_WAIT_S", "0"),
+        ("CROSSTALK_SINK_ACK_WAIT_S", "soon"),
+    ],
+)
+def test_bad_sink_settings_name_the_variable(var: str, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load({var: value})
+    assert err.value.var == var
+
+
+def test_the_process_refuses_bad_settings_with_the_variable_named(tmp_path: Path) -> None:
+    env = {**os.environ, "CROSSTALK_SINK_DELIVER": "sometimes", "CROSSTALK_DATA_DIR": str(tmp_path),
+           "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "services.sink"], cwd=ROOT, env=env, capture_output=True,
+                          timeout=60)
+    assert done.returncode == 2
+    assert b"CROSSTALK_SINK_DELIVER" in done.stderr and b"bad configuration" in done.stderr
+    assert list(tmp_path.iterdir()) == []
