@@ -1,0 +1,278 @@
+"""Whole stack, everything real but the scripted model: `just up`, a batch, transcripts on disk.
+
+One stack (nats-server, livekit-server, model, allocator, dispatcher, sink, worker under
+supervisord on free ports) serves every test of this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from livekit import api, rtc
+from stack import ROOT, free_ports, running_stack
+
+from shared import scenarios, subjects
+from shared.contracts import BatchEvent, BatchFinished, decode_event
+
+pytestmark = pytest.mark.e2e
+
+NATS_CLI = ROOT / ".tools" / "bin" / "nats"
+AGENT = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with running_stack(tmp_path_factory.mktemp("e2e"), CROSSTALK_MODEL_TTFT_MS="20",
+                       CROSSTALK_MODEL_TOKENS_PER_S="2000", CROSSTALK_JOIN_DEADLINE_S="30") as s:
+        yield s
+
+
+@pytest.fixture
+async def lkapi(stack: Any) -> AsyncIterator[api.LiveKitAPI]:
+    client = api.LiveKitAPI(stack.livekit_url.replace("ws", "http", 1), "devkey", "secret")
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def js(stack: Any) -> AsyncIterator[Any]:
+    import nats
+
+    nc = await nats.connect(stack.nats_url)
+    yield nc.jetstream()
+    await nc.drain()
+
+
+async def wait_finished(js: Any, batch_id: str, timeout: float = 300) -> BatchFinished:
+    subject = subjects.batch_events(batch_id)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            msg = await js.get_last_msg("BATCH_EVENTS", subject)
+            ev = decode_event(msg.data, BatchEvent)
+            if isinstance(ev, BatchFinished):
+                return ev
+        except Exception:  # not there yet
+            pass
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"batch {batch_id} did not finish in {timeout}s")
+
+
+def read_batch(stack: Any, batch_id: str, timeout: float = 60) -> dict[str, Any]:
+    """batch.json once the sink says the batch is over (it waits for every transcript line)."""
+    path = stack.data_dir / "batches" / batch_id / "batch.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            data = json.loads(path.read_bytes())
+            if data.get("status") in ("completed", "failed"):
+                return data
+        time.sleep(0.3)
+    raise AssertionError(f"{path} never reached a final status")
+
+
+def read_turns(stack: Any, batch_id: str, conversation_id: str) -> list[dict[str, Any]]:
+    path = stack.data_dir / "batches" / batch_id / "conversations" / f"{conversation_id}.jsonl"
+    raw = path.read_bytes()
+    assert raw.endswith(b"\n")
+    return [json.loads(line) for line in raw.decode("utf-8").splitlines()]
+
+
+def check_transcript(turns: list[dict[str, Any]], conversation_id: str, max_turns: int) -> None:
+    assert turns, f"{conversation_id}: no turns"
+    assert [t["turn"] for t in turns] == list(range(len(turns))), "turns contiguous from 0"
+    assert turns[0]["role"] == "customer", "customer speaks first"
+    for a, b in zip(turns, turns[1:], strict=False):
+        assert a["role"] != b["role"], "roles alternate"
+        assert a["ended_at"] <= b["ended_at"]
+    assert len(turns) <= max_turns
+    assert all(t["conversation_id"] == conversation_id and t["text"] for t in turns)
+
+
+class RoomWatch:
+    """Polls livekit-api while a batch runs: who is in each room of the batch, by role."""
+
+    def __init__(self, lk: api.LiveKitAPI, prefix: str) -> None:
+        self.lk, self.prefix = lk, prefix
+        self.max_agents: dict[str, int] = defaultdict(int)
+        self.two_agents_seen: set[str] = set()
+        self.violations: list[str] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _poll(self) -> None:
+        while True:
+            rooms = await self.lk.room.list_rooms(api.ListRoomsRequest())
+            for room in rooms.rooms:
+                if not room.name.startswith(self.prefix):
+                    continue
+                res = await self.lk.room.list_participants(api.ListParticipantsRequest(room=room.name))
+                agents = [p for p in res.participants if p.kind == api.ParticipantInfo.Kind.AGENT]
+                self.max_agents[room.name] = max(self.max_agents[room.name], len(agents))
+                roles = [p.attributes.get("crosstalk.role") for p in agents if p.attributes.get("crosstalk.role")]
+                if len(roles) != len(set(roles)):
+                    self.violations.append(f"{room.name}: two agents with one role {roles}")
+                if len(agents) == 2 and sorted(roles) == ["customer", "support"]:
+                    self.two_agents_seen.add(room.name)
+            await asyncio.sleep(0.25)
+
+    def __enter__(self) -> RoomWatch:
+        self._task = asyncio.ensure_future(self._poll())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+async def test_nats_pub_batch_runs_to_transcripts(stack: Any, lkapi: api.LiveKitAPI, js: Any) -> None:
+    batch_id = "e2e-pub"
+    with RoomWatch(lkapi, batch_id) as watch:
+        # the documented way: a plain core publish with the NATS CLI
+        subprocess.run([str(NATS_CLI), "--server", stack.nats_url, "pub", "batch.start",
+                        json.dumps({"batch_id": batch_id, "conversations": 10, "concurrency": 5})],
+                       check=True, capture_output=True, timeout=30)
+        finished = await wait_finished(js, batch_id)
+    assert finished.status == "completed", finished
+    assert (finished.requested, finished.completed, finished.failed) == (10, 10, 0)
+    batch = read_batch(stack, batch_id)
+    assert batch["status"] == "completed" and batch["completed"] == 10
+    assert len(batch["conversations"]) == 10
+    for i in range(10):
+        cid = f"{batch_id}-{i:05d}"
+        conv = batch["conversations"][cid]
+        assert conv["outcome"] == "completed" and conv["reason"], conv
+        turns = read_turns(stack, batch_id, cid)
+        check_transcript(turns, cid, max_turns=8)
+        assert len(turns) == conv["turns"]
+    # while it ran, each room held exactly two AGENT participants, one per role
+    assert not watch.violations
+    assert len(watch.two_agents_seen) >= 1
+    assert all(n <= 2 for n in watch.max_agents.values()), dict(watch.max_agents)
+    # rooms are deleted when their conversation ends
+    left = await lkapi.room.list_rooms(api.ListRoomsRequest())
+    assert not [r.name for r in left.rooms if r.name.startswith(batch_id)]
+
+
+async def test_hindi_batch_with_cli_is_byte_exact(stack: Any) -> None:
+    batch_id = "e2e-hindi"
+    env = dict(stack.env, NATS_URL=stack.nats_url)
+    res = await asyncio.to_thread(
+        subprocess.run,
+        [str(Path(sys.executable).parent / "crosstalk"), "batch", "start", "-n", "3", "-c", "3",
+         "--scenario", "hi-account-help", "--batch-id", batch_id, "--follow"],
+        env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert str(stack.data_dir / "batches" / batch_id) in res.stdout.replace("\n", "")
+    read_batch(stack, batch_id)
+    script = scenarios.get("hi-account-help").script
+    for i in range(3):
+        cid = f"{batch_id}-{i:05d}"
+        path = stack.data_dir / "batches" / batch_id / "conversations" / f"{cid}.jsonl"
+        raw = path.read_bytes()
+        for line in script:
+            assert line.text.encode("utf-8") in raw, "Devanagari stored as the same UTF-8 bytes"
+        turns = read_turns(stack, batch_id, cid)
+        assert [t["text"] for t in turns] == [line.text for line in script]
+
+
+async def test_observer_sees_every_turn_as_transcription(stack: Any, lkapi: api.LiveKitAPI, js: Any) -> None:
+    """A person joining the room sees each turn on lk.transcription from the agent that spoke it."""
+    batch_id = "e2e-watch"
+    import nats
+
+    nc = await nats.connect(stack.nats_url)
+    await nc.request("batch.start", json.dumps({"batch_id": batch_id, "conversations": 1,
+                                                 "scenario": "hinglish-refund"}).encode(), timeout=15)
+    await nc.drain()
+    room_name = f"{batch_id}-00000-a1"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rooms = await lkapi.room.list_rooms(api.ListRoomsRequest(names=[room_name]))
+        if rooms.rooms:
+            break
+        await asyncio.sleep(0.05)
+    token = (api.AccessToken("devkey", "secret").with_identity("observer")
+             .with_grants(api.VideoGrants(room_join=True, room=room_name, hidden=True)).to_jwt())
+    room = rtc.Room()
+    seen: list[tuple[str, str, str]] = []
+
+    def on_transcription(reader: rtc.TextStreamReader, sender: str) -> None:
+        async def read() -> None:
+            text = await reader.read_all()
+            p = room.remote_participants.get(sender)
+            role = p.attributes.get("crosstalk.role", "") if p else ""
+            if text.strip():
+                seen.append((sender, role, text.strip()))
+        asyncio.ensure_future(read())
+
+    room.register_text_stream_handler("lk.transcription", on_transcription)
+    await room.connect(stack.livekit_url, token)
+    try:
+        finished = await wait_finished(js, batch_id, timeout=120)
+        assert finished.status == "completed"
+    finally:
+        await room.disconnect()
+    turns = read_turns(stack, batch_id, f"{batch_id}-00000")
+    assert [(role, text) for _, role, text in seen] == [(t["role"], t["text"]) for t in turns]
+    assert all(sender.startswith("agent-") for sender, _, _ in seen)
+
+
+async def test_two_workers_one_killed_mid_batch(stack: Any, lkapi: api.LiveKitAPI, js: Any) -> None:
+    """A second worker joins the pool; one is SIGKILLed mid-batch; every conversation is accounted for."""
+    batch_id = "e2e-kill"
+    env = dict(stack.env, NATS_URL=stack.nats_url, LIVEKIT_URL=stack.livekit_url, LIVEKIT_API_KEY="devkey",
+               LIVEKIT_API_SECRET="secret", CROSSTALK_METRICS_PORT=str(free_ports(1)[0]),
+               CROSSTALK_MODEL_URL=f"http://127.0.0.1:{stack.env['CROSSTALK_MODEL_PORT']}/v1",
+               CROSSTALK_STACK=str(stack.run_dir))
+    extra = subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=env,
+                             stdout=open(stack.tmp / "worker2.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        await asyncio.sleep(8)  # registered with livekit-server
+        import nats
+
+        nc = await nats.connect(stack.nats_url)
+        await nc.request("batch.start", json.dumps({"batch_id": batch_id, "conversations": 16,
+                                                     "concurrency": 8}).encode(), timeout=15)
+        with RoomWatch(lkapi, batch_id) as watch:
+            # kill once some conversations are done and others are running
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                done = list((stack.data_dir / "batches" / batch_id / "conversations").glob("*.jsonl")) \
+                    if (stack.data_dir / "batches" / batch_id / "conversations").exists() else []
+                if len(done) >= 4:
+                    break
+                await asyncio.sleep(0.2)
+            # the worker about to die really serves this batch
+            assert b"ready announced" in (stack.tmp / "worker2.log").read_bytes()
+            extra.send_signal(signal.SIGKILL)
+            extra.wait(10)
+            finished = await wait_finished(js, batch_id, timeout=400)
+        await nc.drain()
+    finally:
+        if extra.poll() is None:
+            extra.kill()
+            extra.wait(10)
+    assert finished.requested == 16 and finished.completed + finished.failed == 16
+    batch = read_batch(stack, batch_id)
+    assert len(batch["conversations"]) == 16
+    for cid, conv in batch["conversations"].items():
+        assert conv["outcome"] in ("completed", "failed") and conv["reason"], (cid, conv)
+        if conv["outcome"] == "completed":
+            check_transcript(read_turns(stack, batch_id, cid), cid, max_turns=8)
+    assert not watch.violations
+    assert all(n <= 2 for n in watch.max_agents.values()), dict(watch.max_agents)
+    # the worker killed mid-conversation left agents behind whose conversations were retried
+    assert finished.completed >= 12, batch["conversations"]
+
+
