@@ -9,6 +9,7 @@ Prometheus metrics are served on the sink's metrics port (shared.metrics).
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 from shared import bus
@@ -16,6 +17,7 @@ from shared.config import ConfigError, load
 from shared.log import kv, setup
 from shared.metrics import SinkMetrics, serve
 
+from .files import DataDir
 from .main import Sink, SinkConfig
 
 
@@ -27,6 +29,13 @@ def main() -> None:
         log.error("bad configuration", extra=kv(var=exc.var, reason=exc.reason))
         sys.exit(2)
     config = SinkConfig.from_settings(settings)
+    try:
+        DataDir(config.data_dir)
+        if not os.access(config.data_dir, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as exc:
+        log.error("bad configuration", extra=kv(var="CROSSTALK_DATA_DIR", reason=str(exc)))
+        sys.exit(2)
     metrics = SinkMetrics()
 
     async def run(stop: asyncio.Event) -> None:

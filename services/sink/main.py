@@ -102,10 +102,10 @@ class SinkConfig:
 
         return [
             (
-                streams.CONVERSATIONS.name,
+                str(streams.CONVERSATIONS.name),
                 cfg(self.conv_consumer, [subjects.conv_kind_filter("turn"), subjects.conv_kind_filter("ended")]),
             ),
-            (streams.BATCH_EVENTS.name, cfg(self.batch_consumer, [subjects.BATCH_EVENTS_ALL])),
+            (str(streams.BATCH_EVENTS.name), cfg(self.batch_consumer, [subjects.BATCH_EVENTS_ALL])),
         ]
 
 
@@ -156,9 +156,12 @@ class Sink:
         try:
             await asyncio.gather(*consumers)
         finally:
-            for t in background:
+            stop.set()
+            # The periodic jobs see ``stop`` and end after their current run (a flush
+            # cut short would leave acks unsent); wait for them rather than cancel.
+            _, slow = await asyncio.wait(background, timeout=30)
+            for t in slow:
                 t.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
             await self.flush()
             self._pool.shutdown(wait=True)
             # A pull subscription's queue only empties through fetch(): unsubscribe so
@@ -406,8 +409,8 @@ class Sink:
                     self._waiting[batch_id][:0] = acks
                     continue
             await self._ack(acks)
-            doc = self._docs.get(batch_id)
-            if doc is not None and doc.status != "running" and batch_id not in self._dirty:
+            current = self._docs.get(batch_id)
+            if current is not None and current.status != "running" and batch_id not in self._dirty:
                 if not self._waiting.get(batch_id):
                     self._docs.pop(batch_id, None)  # finished: re-read from disk if ever needed
 

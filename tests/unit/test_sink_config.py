@@ -59,3 +59,13 @@ def test_the_process_refuses_bad_settings_with_the_variable_named(tmp_path: Path
     assert done.returncode == 2
     assert b"CROSSTALK_SINK_DELIVER" in done.stderr and b"bad configuration" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_process_refuses_a_data_dir_it_cannot_use(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    env = {**os.environ, "CROSSTALK_DATA_DIR": str(blocker / "data"), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "services.sink"], cwd=ROOT, env=env, capture_output=True,
+                          timeout=60)
+    assert done.returncode == 2
+    assert b"CROSSTALK_DATA_DIR" in done.stderr
