@@ -247,11 +247,17 @@ class Sink:
             self._drop(msg, *problem, settle_now)
             return
         if isinstance(event, ConversationEnded):
-            await self._apply_doc(event, msg)
+            try:
+                await self._apply_doc(event, msg)
+            except ContractError as exc:  # e.g. a symlink that leads out of the data dir
+                self._drop(msg, exc.field, exc.reason, settle_now)
             return
         key = (event.batch_id, event.conversation_id)
         try:
             state = await self._transcript(key)
+        except ContractError as exc:
+            self._drop(msg, exc.field, exc.reason, settle_now)
+            return
         except OSError as exc:
             log.error("transcript unreadable", extra=kv(batch_id=key[0], conversation_id=key[1], error=str(exc)))
             retry.append(msg)
@@ -358,17 +364,24 @@ class Sink:
                         "batch finished with transcripts still short",
                         extra=kv(batch_id=batch_id, conversations=missing[:20], count=len(missing)),
                     )
-            await self._apply_doc(event, msg)
+            try:
+                await self._apply_doc(event, msg)
+            except ContractError as exc:
+                self._drop(msg, exc.field, exc.reason)
+                await self._ack([msg])
 
     async def missing_transcripts(self, batch_id: str) -> list[str]:
         """Completed conversations whose file does not yet hold all their turns."""
-        doc = await self._doc(batch_id)
+        try:
+            doc = await self._doc(batch_id)
+        except ContractError:
+            return []  # dropped by _apply_doc for the same reason
         missing = []
         async with self._files_lock:
             for conv, attempt, turns in core.transcripts_expected(doc):
                 try:
                     state = await self._transcript((batch_id, conv))
-                except OSError:
+                except (OSError, ContractError):
                     missing.append(conv)
                     continue
                 if not state.holds(attempt, turns):

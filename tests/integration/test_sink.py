@@ -259,17 +259,29 @@ async def test_bad_ids_and_bodies_are_dropped_and_nothing_leaves_the_data_dir(
         (evt_subject, b"{}"),
         (evt_subject, b"[1,2]"),
     ]
+    # A batch directory someone symlinked out of the data dir: valid ids, still refused.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (data / "batches").mkdir(parents=True)
+    evil = f"evil-{unique}"
+    (data / "batches" / evil).symlink_to(outside, target_is_directory=True)
+    via_symlink = [
+        (subjects.conv_event(evil, "c1", "turn"), msgspec.json.encode(turn(evil, "c1", 0))),
+        (subjects.batch_events(evil), msgspec.json.encode(BatchAccepted(spec=spec(evil, 1), at=1.0))),
+    ]
     async with running_sink(nats_url, data, f"sink-{unique}") as sink, publisher(nats_url) as js:
-        for subject, payload in bad_conv + bad_batch:
+        for subject, payload in bad_conv + bad_batch + via_symlink:
             await bus.publish(js, subject, payload)
         await pub_turn(js, turn(b, "c1", 0, text=HINDI))  # the sink is still there
         await bus.publish(js, evt_subject, BatchAccepted(spec=spec(b, 1), at=1.0))
         await wait_for(lambda: (data / "batches" / b / "batch.json").exists(), what="batch.json")
         await wait_for(lambda: drained(sink), what="bad events acked")
-        assert sink.metrics.dropped.labels("invalid")._value.get() == len(bad_conv) + len(bad_batch)
+        dropped = len(bad_conv) + len(bad_batch) + len(via_symlink)
+        assert sink.metrics.dropped.labels("invalid")._value.get() == dropped
     assert tree(tmp_path) == [
         "data", "data/batches", f"data/batches/{b}", f"data/batches/{b}/batch.json",
-        f"data/batches/{b}/conversations", f"data/batches/{b}/conversations/c1.jsonl",
+        f"data/batches/{b}/conversations", f"data/batches/{b}/conversations/c1.jsonl", f"data/batches/{evil}",
+        "outside",
     ]
     assert not glob(Path("/tmp"), f"pwn-{unique}*")
     assert [t.text for t in lines(data / "batches" / b / "conversations" / "c1.jsonl")] == [HINDI]
