@@ -1,0 +1,374 @@
+"""Batch benchmark: 200-conversation batches on the local stack with the scripted model.
+
+    python benchmarks/bench_batch.py                       # 200 @ 50 and 200 @ 100, 6 turns, thread executor
+    python benchmarks/bench_batch.py --runs 20x10          # a small one
+    python benchmarks/bench_batch.py --executors thread,process --runs 40x20   # executor comparison
+
+Each run brings up a fresh stack (``just up`` on free ports, tests/e2e/stack.py), sends one
+``batch.start``, and measures from the real event log and the real processes: completed/failed,
+wall time, conversations/min, dispatch-to-both-joined p50/p95/p99 (ConversationJoined), role
+grant p50/p99 (allocator histogram), turn latency p50/p99 (TurnRecorded), CPU seconds per
+conversation (all stack processes), peak worker RSS and RSS per concurrent agent session, and
+anything lost or duplicated (transcripts vs turn events; must be 0). With ``lk`` installed it
+also runs LiveKit's own ``lk perf agent-load-test`` on the same livekit-server and prints its
+join delay next to ours. Writes benchmarks/results/batch-<label>.json and a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e"), str(ROOT / "benchmarks")]
+
+import nats  # noqa: E402
+from stack import running_stack  # noqa: E402
+
+from shared import subjects  # noqa: E402
+from shared.contracts import (  # noqa: E402
+    BatchEvent,
+    BatchFinished,
+    ConversationEvent,
+    ConversationJoined,
+    ConversationSettled,
+    TurnRecorded,
+    decode_event,
+)
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def quantiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None, "n": 0}
+    v = sorted(values)
+
+    def q(p: float) -> float:
+        return round(v[min(len(v) - 1, int(round(p * (len(v) - 1))))], 4)
+
+    return {"p50": q(0.50), "p95": q(0.95), "p99": q(0.99), "n": len(v)}
+
+
+def histogram_quantile(metrics_text: str, name: str, qs: tuple[float, ...] = (0.5, 0.99)) -> dict[str, float | None]:
+    """Quantiles from a Prometheus histogram's cumulative buckets (linear within a bucket)."""
+    buckets: list[tuple[float, float]] = []
+    for line in metrics_text.splitlines():
+        if line.startswith(f"{name}_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    buckets.sort()
+    out: dict[str, float | None] = {}
+    total = buckets[-1][1] if buckets else 0.0
+    for qv in qs:
+        key = f"p{int(qv * 100)}"
+        if not total:
+            out[key] = None
+            continue
+        rank, prev_le, prev_c = qv * total, 0.0, 0.0
+        for le, c in buckets:
+            if c >= rank:
+                if le == float("inf"):
+                    out[key] = prev_le
+                else:
+                    out[key] = round(prev_le + (le - prev_le) * ((rank - prev_c) / max(c - prev_c, 1e-9)), 5)
+                break
+            prev_le, prev_c = le, c
+    out["n"] = total
+    return out
+
+
+class ProcSampler:
+    """Samples CPU and RSS of every process of a stack (by its tag) while a batch runs."""
+
+    def __init__(self, stack: Any, interval: float = 0.5) -> None:
+        self.stack, self.interval = stack, interval
+        self.peak_worker_rss = 0
+        self.idle_worker_rss = 0
+        self.cpu: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _workers(self) -> list[psutil.Process]:
+        out = []
+        for p in self.stack.processes():
+            try:
+                cmd = " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            if "-m worker" in cmd:
+                out.append(p)
+                out.extend(p.children(recursive=True))
+        return out
+
+    def worker_rss(self) -> int:
+        total = 0
+        for p in self._workers():
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def cpu_seconds(self) -> float:
+        for p in self.stack.processes():
+            try:
+                procs = [p, *p.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for c in procs:
+                try:
+                    t = c.cpu_times()
+                    self.cpu[c.pid] = t.user + t.system
+                except psutil.Error:
+                    pass
+        return sum(self.cpu.values())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_worker_rss = max(self.peak_worker_rss, self.worker_rss())
+            self.cpu_seconds()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> ProcSampler:
+        self.idle_worker_rss = self.worker_rss()
+        self.cpu_start = self.cpu_seconds()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.cpu_end = self.cpu_seconds()
+
+
+async def collect(nats_url: str, batch_id: str) -> dict[str, Any]:
+    """Everything the event log says about the batch."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    out: dict[str, Any] = {"joined": [], "settled": [], "finished": None, "turns": []}
+    sub = await js.subscribe(subjects.batch_events(batch_id), ordered_consumer=True)
+    while True:
+        try:
+            msg = await sub.next_msg(timeout=2)
+        except Exception:
+            break
+        ev = decode_event(msg.data, BatchEvent)
+        if isinstance(ev, ConversationJoined):
+            out["joined"].append(ev)
+        elif isinstance(ev, ConversationSettled):
+            out["settled"].append(ev)
+        elif isinstance(ev, BatchFinished):
+            out["finished"] = ev
+    await sub.unsubscribe()
+    sub = await js.subscribe(f"conv.{batch_id}.*.turn", ordered_consumer=True)
+    while True:
+        try:
+            msg = await sub.next_msg(timeout=2)
+        except Exception:
+            break
+        ev = decode_event(msg.data, ConversationEvent)
+        if isinstance(ev, TurnRecorded):
+            out["turns"].append(ev)
+    await nc.drain()
+    return out
+
+
+async def wait_finished(nats_url: str, batch_id: str, timeout: float) -> BatchFinished:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                msg = await js.get_last_msg("BATCH_EVENTS", subjects.batch_events(batch_id))
+                ev = decode_event(msg.data, BatchEvent)
+                if isinstance(ev, BatchFinished):
+                    return ev
+            except Exception:
+                pass
+            await asyncio.sleep(0.5)
+    finally:
+        await nc.drain()
+    raise TimeoutError(f"batch {batch_id} did not finish within {timeout}s")
+
+
+def check_transcripts(data_dir: Path, batch_id: str, turns: list[TurnRecorded],
+                      settled: list[ConversationSettled]) -> dict[str, int]:
+    """Lost or duplicated turns: the files against the final attempt's turn events."""
+    final = {s.conversation_id: s for s in settled if not s.retry}
+    lost = duplicated = misordered = 0
+    for cid, s in final.items():
+        if s.outcome != "completed":
+            continue
+        expected = {t.turn: t.text for t in turns if t.conversation_id == cid and t.attempt == s.attempt}
+        path = data_dir / "batches" / batch_id / "conversations" / f"{cid}.jsonl"
+        lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+        got = [x["turn"] for x in lines]
+        duplicated += len(got) - len(set(got))
+        misordered += int(got != sorted(got))
+        lost += len(set(expected) - set(got))
+    return {"lost_turns": lost, "duplicated_turns": duplicated, "misordered_conversations": misordered}
+
+
+def scrape(port: str) -> str:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return ""
+
+
+def run_one(conversations: int, concurrency: int, turns: int, executor: str, workers: int,
+            lk_rooms: int, tmp: Path) -> dict[str, Any]:
+    batch_id = f"bench-{conversations}x{concurrency}-{executor}"
+    overrides = {
+        "CROSSTALK_WORKER_EXECUTOR": executor,
+        "CROSSTALK_WORKERS": str(workers),
+        "CROSSTALK_MAX_CONCURRENCY": str(max(concurrency, 200)),
+        "CROSSTALK_WORKER_MAX_JOBS": str(max(2 * concurrency // workers + 4, 8)),
+    }
+    with running_stack(tmp / batch_id, **overrides) as stack:
+        time.sleep(3)  # workers registered
+        with ProcSampler(stack) as sampler:
+            t0 = time.time()
+
+            async def start() -> None:
+                nc = await nats.connect(stack.nats_url)
+                body = {"batch_id": batch_id, "conversations": conversations, "concurrency": concurrency,
+                        "max_turns": turns}
+                reply = await nc.request("batch.start", json.dumps(body).encode(), timeout=30)
+                assert json.loads(reply.data)["accepted"], reply.data
+                await nc.drain()
+
+            asyncio.run(start())
+            finished = asyncio.run(wait_finished(stack.nats_url, batch_id, timeout=3600))
+            wall = time.time() - t0
+        events = asyncio.run(collect(stack.nats_url, batch_id))
+        alloc_metrics = scrape(stack.env["CROSSTALK_ALLOCATOR_METRICS_PORT"])
+        integrity = check_transcripts(stack.data_dir, batch_id, events["turns"], events["settled"])
+        final = [s for s in events["settled"] if not s.retry]
+        reasons: dict[str, int] = {}
+        for s in final:
+            if s.outcome == "failed":
+                reasons[s.reason] = reasons.get(s.reason, 0) + 1
+        lk_result = None
+        if lk_rooms:
+            try:
+                from lk_compare import run_lk_agent_load_test
+
+                lk_result = run_lk_agent_load_test(stack.livekit_url, "devkey", "secret", rooms=lk_rooms,
+                                                   duration_s=30, agent_name="lk-echo")
+            except Exception as exc:  # lk missing or failed: say so in the report
+                lk_result = {"error": f"{type(exc).__name__}: {exc}"}
+    sessions = 2 * concurrency
+    cpu = sampler.cpu_end - sampler.cpu_start
+    join = quantiles([j.join_seconds for j in events["joined"]])
+    report = {
+        "batch_id": batch_id,
+        "conversations": conversations,
+        "concurrency": concurrency,
+        "max_turns": turns,
+        "executor": executor,
+        "worker_processes": workers,
+        "completed": finished.completed,
+        "failed": finished.failed,
+        "failure_reasons": reasons,
+        "attempts": len(events["settled"]),
+        "wall_s": round(wall, 2),
+        "conversations_per_min": round(finished.completed / wall * 60, 2),
+        "dispatch_to_join_s": join,
+        "role_grant_s": histogram_quantile(alloc_metrics, "crosstalk_role_request_seconds"),
+        "turn_first_token_s": quantiles([t.first_token_s for t in events["turns"] if t.first_token_s is not None]),
+        "turn_total_s": quantiles([t.total_s for t in events["turns"] if t.total_s is not None]),
+        "turn_events": len(events["turns"]),
+        "cpu_s_total": round(cpu, 2),
+        "cpu_s_per_conversation": round(cpu / max(conversations, 1), 3),
+        "worker_rss_idle_mb": round(sampler.idle_worker_rss / 2**20, 1),
+        "worker_rss_peak_mb": round(sampler.peak_worker_rss / 2**20, 1),
+        "rss_per_session_mb": round((sampler.peak_worker_rss - sampler.idle_worker_rss) / 2**20 / sessions, 2),
+        **integrity,
+        "lk_agent_load_test": lk_result,
+    }
+    if lk_result and "join_delay_s" in lk_result and join["p99"]:
+        theirs = lk_result["join_delay_s"].get("p99")
+        report["join_p99_ratio_ours_to_lk"] = round(join["p99"] / theirs, 2) if theirs else None
+    return report
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": psutil.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"),
+    }
+
+
+def summary(r: dict[str, Any]) -> str:
+    j, g, t = r["dispatch_to_join_s"], r["role_grant_s"], r["turn_total_s"]
+    lines = [
+        f"{r['conversations']} conversations @ concurrency {r['concurrency']} ({r['executor']}, {r['worker_processes']} worker proc): "
+        f"{r['completed']} completed, {r['failed']} failed {r['failure_reasons'] or ''} in {r['wall_s']} s "
+        f"= {r['conversations_per_min']} conv/min",
+        f"  dispatch->both joined p50/p95/p99 = {j['p50']}/{j['p95']}/{j['p99']} s; role grant p50/p99 = {g.get('p50')}/{g.get('p99')} s; "
+        f"turn p50/p99 = {t['p50']}/{t['p99']} s",
+        f"  CPU {r['cpu_s_per_conversation']} s/conversation; worker RSS idle {r['worker_rss_idle_mb']} MB, peak "
+        f"{r['worker_rss_peak_mb']} MB, {r['rss_per_session_mb']} MB per agent session; lost {r['lost_turns']}, "
+        f"duplicated {r['duplicated_turns']}, misordered {r['misordered_conversations']}",
+    ]
+    lk = r.get("lk_agent_load_test")
+    if lk:
+        if "join_delay_s" in lk:
+            d = lk["join_delay_s"]
+            lines.append(f"  lk perf agent-load-test ({lk.get('rooms')} rooms): join delay p50/p95/p99 = "
+                         f"{d.get('p50')}/{d.get('p95')}/{d.get('p99')} s; ours/lk p99 = {r.get('join_p99_ratio_ours_to_lk')}")
+        else:
+            lines.append(f"  lk perf agent-load-test unavailable: {lk.get('error')}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", default="200x50,200x100", help="comma list of CONVERSATIONSxCONCURRENCY")
+    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--executors", default="thread")
+    ap.add_argument("--workers", type=int, default=2, help="worker processes")
+    ap.add_argument("--lk-rooms", type=int, default=-1, help="rooms for lk perf (default: the concurrency; 0 = skip)")
+    ap.add_argument("--label", default="")
+    ap.add_argument("--tmp", default=str(ROOT / "run" / "bench"))
+    args = ap.parse_args()
+    reports = []
+    for executor in args.executors.split(","):
+        for spec in args.runs.split(","):
+            n, c = (int(x) for x in spec.lower().split("x"))
+            lk_rooms = c if args.lk_rooms < 0 else args.lk_rooms
+            r = run_one(n, c, args.turns, executor, args.workers, lk_rooms, Path(args.tmp))
+            print(summary(r), flush=True)
+            reports.append(r)
+    label = args.label or "-".join(f"{r['conversations']}x{r['concurrency']}-{r['executor']}" for r in reports)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"batch-{label}.json"
+    out.write_text(json.dumps({"machine": machine(), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                               "runs": reports}, indent=2, ensure_ascii=False, default=str))
+    print(f"report: {out.relative_to(ROOT)}")
+    bad = [r for r in reports if r["lost_turns"] or r["duplicated_turns"] or r["misordered_conversations"]]
+    if bad:
+        raise SystemExit("lost or duplicated turns: see the report")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
+
