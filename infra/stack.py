@@ -247,7 +247,7 @@ def plan(cfg: Config) -> Plan:
             f"{cfg.livekit_url}  (key {cfg.livekit_key}, rtc tcp {cfg.livekit_tcp_port} udp {lo}-{hi}, "
             f"metrics http://{h}:{cfg.livekit_metrics_port}/metrics)",
             f"http://{h}:{cfg.livekit_port}/",
-            (cfg.livekit_port, cfg.livekit_metrics_port),
+            (cfg.livekit_port, cfg.livekit_tcp_port, cfg.livekit_metrics_port),
             priority=10, startsecs=1,
         ))
     common = {
@@ -565,10 +565,16 @@ def up(cfg: Config) -> Plan:
                                  capture_output=True, text=True)
             for line in res.stdout.splitlines():
                 print(f"  {line}")
+            if res.returncode != 0:
+                msg = (res.stderr or res.stdout).strip().splitlines()
+                raise StackError(f"supervisorctl update failed: {msg[-1] if msg else res.returncode}")
             server = rpc(cfg).supervisor
             for info in server.getAllProcessInfo():
                 if info["statename"] in ("STOPPED", "EXITED", "FATAL"):
-                    server.startProcess(info["name"], False)
+                    try:
+                        server.startProcess(info["name"], False)
+                    except xmlrpc.client.Fault:
+                        pass  # wait_healthy names it, with its log
             print(f"supervisord already running (pid {pid}); configuration updated")
         else:
             leftovers = tagged_processes(cfg)
@@ -629,7 +635,8 @@ def wait_healthy(cfg: Config, programs: Sequence[Program]) -> None:
             state = states.get(name, "MISSING")
             if state in ("FATAL", "EXITED", "MISSING"):
                 tail = log_tail(cfg, name)
-                raise StackError(f"{name} is {state}: see {cfg.logs / (name + '.log')} (`just logs {name}`)"
+                raise StackError(f"{name} is {state}: see {cfg.logs / (name + '.log')} "
+                                 f"(`just logs {name}`; `just down` stops the rest)"
                                  + (f"\n{tail}" if tail else ""))
             if state == "RUNNING" and (prog.health is None or http_ok(prog.health)):
                 print(f"  ok  {name:<11} {time.monotonic() - t0:5.1f}s")

@@ -42,19 +42,36 @@ PORT_VARS = (
 )
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports that are free right now (sockets held until all are picked)."""
-    socks, ports = [], []
+def _ephemeral_range() -> tuple[int, int]:
     try:
-        while len(ports) < n:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_ports(n: int, avoid: set[int] | None = None) -> list[int]:
+    """``n`` distinct free ports outside the kernel's ephemeral range.
+
+    An OS-assigned port (bind to 0) is ephemeral: any outgoing connection may take
+    it before the server binds it (livekit-server binds its RTC TCP port on all
+    interfaces, where that collides). Ports below/above that range never go to clients.
+    """
+    lo, hi = _ephemeral_range()
+    pool = [p for p in range(15000, 65000) if not lo <= p <= hi and p not in (avoid or set())]
+    chosen: list[int] = []
+    for port in random.sample(pool, len(pool)):
+        if len(chosen) == n:
+            break
+        with socket.socket() as s:  # no SO_REUSEADDR: any socket on the port, on any address, rules it out
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        chosen.append(port)
+    if len(chosen) < n:
+        raise RuntimeError(f"could not find {n} free ports outside {lo}-{hi}")
+    return chosen
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -75,9 +92,11 @@ class Stack:
     @classmethod
     def create(cls, tmp: Path, **overrides: str) -> Stack:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CROSSTALK_") and k not in _INHERITED_OUT}
-        env.update(zip(PORT_VARS, map(str, free_ports(len(PORT_VARS))), strict=True))
-        udp = random.randrange(30000, 60000, 100)
+        lo, hi = _ephemeral_range()
+        udp = random.choice([p for p in range(15000, 64900, 100) if p + 99 < lo or p > hi])
         env["CROSSTALK_LIVEKIT_UDP_PORTS"] = f"{udp}-{udp + 99}"
+        ports = free_ports(len(PORT_VARS), avoid=set(range(udp, udp + 100)))
+        env.update(zip(PORT_VARS, map(str, ports), strict=True))
         env["CROSSTALK_RUN_DIR"] = str(tmp / "run")
         env["CROSSTALK_DATA_DIR"] = str(tmp / "data")
         env.update(overrides)
