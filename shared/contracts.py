@@ -22,10 +22,10 @@ Mode = Literal["text", "voice"]
 ROLES: tuple[Role, Role] = ("customer", "support")
 
 # Ids reach NATS subjects and file paths: one token, no dots, wildcards, separators.
-ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$"
+ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}\Z"
 # Rooms and job ids come from LiveKit; allow what LiveKit produces (AJ_xxx, RM_xxx)
 # but never a NATS token separator, wildcard, whitespace or path separator.
-TOKEN_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$"
+TOKEN_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}\Z"
 _ID_RE = re.compile(ID_PATTERN)
 _TOKEN_RE = re.compile(TOKEN_PATTERN)
 
@@ -66,7 +66,7 @@ class StartBatch(Struct, kw_only=True):
     conversations: Annotated[int, msgspec.Meta(ge=1)] = 1
     concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
     scenario: Annotated[str, msgspec.Meta(pattern=ID_PATTERN)] | None = None
-    language: Annotated[str, msgspec.Meta(pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")] | None = None
+    language: Annotated[str, msgspec.Meta(pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?\Z")] | None = None
     max_turns: Annotated[int, msgspec.Meta(ge=1, le=200)] = 8
     mode: Mode = "text"
 
