@@ -21,6 +21,8 @@ import asyncio
 import json
 import os
 import platform
+import shutil
+import tempfile
 import sys
 import threading
 import time
@@ -230,7 +232,7 @@ def scrape(port: str) -> str:
 
 
 def run_one(conversations: int, concurrency: int, turns: int, executor: str, workers: int,
-            lk_rooms: int, tmp: Path) -> dict[str, Any]:
+            lk_rooms: int, tmp: Path, keep: bool = False) -> dict[str, Any]:
     batch_id = f"bench-{conversations}x{concurrency}-{executor}"
     overrides = {
         "CROSSTALK_WORKER_EXECUTOR": executor,
@@ -238,7 +240,8 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, wor
         "CROSSTALK_MAX_CONCURRENCY": str(max(concurrency, 200)),
         "CROSSTALK_WORKER_MAX_JOBS": str(max(2 * concurrency // workers + 4, 8)),
     }
-    with running_stack(tmp / batch_id, **overrides) as stack:
+    workdir = Path(tempfile.mkdtemp(prefix=f"{batch_id}-", dir=tmp))
+    with running_stack(workdir, **overrides) as stack:
         time.sleep(3)  # workers registered
         with ProcSampler(stack) as sampler:
             t0 = time.time()
@@ -271,6 +274,8 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, wor
                                                    duration_s=30, agent_name="lk-echo")
             except Exception as exc:  # lk missing or failed: say so in the report
                 lk_result = {"error": f"{type(exc).__name__}: {exc}"}
+    if not keep:
+        shutil.rmtree(workdir, ignore_errors=True)
     sessions = 2 * concurrency
     cpu = sampler.cpu_end - sampler.cpu_start
     join = quantiles([j.join_seconds for j in events["joined"]])
@@ -347,14 +352,16 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="worker processes")
     ap.add_argument("--lk-rooms", type=int, default=-1, help="rooms for lk perf (default: the concurrency; 0 = skip)")
     ap.add_argument("--label", default="")
+    ap.add_argument("--keep", action="store_true", help="keep each run's stack dir (logs, data)")
     ap.add_argument("--tmp", default=str(ROOT / "run" / "bench"))
     args = ap.parse_args()
+    Path(args.tmp).mkdir(parents=True, exist_ok=True)
     reports = []
     for executor in args.executors.split(","):
         for spec in args.runs.split(","):
             n, c = (int(x) for x in spec.lower().split("x"))
             lk_rooms = c if args.lk_rooms < 0 else args.lk_rooms
-            r = run_one(n, c, args.turns, executor, args.workers, lk_rooms, Path(args.tmp))
+            r = run_one(n, c, args.turns, executor, args.workers, lk_rooms, Path(args.tmp), args.keep)
             print(summary(r), flush=True)
             reports.append(r)
     label = args.label or "-".join(f"{r['conversations']}x{r['concurrency']}-{r['executor']}" for r in reports)

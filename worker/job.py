@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from typing import Any
 
@@ -51,19 +50,11 @@ from worker.bridge import ATTR_TURN, RoomBridge, peer_role
 
 log = logging.getLogger("worker.job")
 
-# Measured with livekit 1.1.21 on the thread executor: two jobs of one process calling
-# Room.connect at the same moment both hang (the FFI's ConnectCallback never reaches either
-# job loop, then the FFI panics). Connects are serialized per process; each takes ~0.1 s.
-_CONNECT_LOCK = threading.Lock()
 CONNECT_TIMEOUT_S = 20.0
 
 
 async def connect_room(ctx: JobContext) -> None:
-    await asyncio.to_thread(_CONNECT_LOCK.acquire)
-    try:
-        await asyncio.wait_for(ctx.connect(auto_subscribe=AutoSubscribe.SUBSCRIBE_NONE), CONNECT_TIMEOUT_S)
-    finally:
-        _CONNECT_LOCK.release()
+    await asyncio.wait_for(ctx.connect(auto_subscribe=AutoSubscribe.SUBSCRIBE_NONE), CONNECT_TIMEOUT_S)
 
 
 async def request_role(nc: Client, req: RoleRequest, *, within_s: float = 20.0) -> RoleReply:
@@ -235,7 +226,9 @@ async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> No
         ctx.shutdown(f"bad job metadata: {exc}")
         return
 
+    marks = {"start": time.monotonic()}
     nc = await bus.connect(settings.nats_url, f"worker-job-{job_id}")
+    marks["nats"] = time.monotonic()
     js = nc.jetstream(timeout=10)
 
     async def publish(subject: str, msg: Any, msg_id: str | None = None) -> None:
@@ -252,13 +245,13 @@ async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> No
             ctx.shutdown(f"role denied: {reply.reason}")
             return
         role = reply.role
+        marks["role"] = time.monotonic()
         lease_s = reply.lease_s or settings.lease_s
 
         await connect_room(ctx)
         bridge = RoomBridge(ctx.room, role)
-        t_ann = time.monotonic()
+        marks["connected"] = time.monotonic()
         await bridge.announce()
-        log.info("role announced", extra=kv(room=room_name, role=role, took=round(time.monotonic() - t_ann, 3)))
         conv = Conversation(meta=meta, role=role, room=room_name, bridge=bridge, publish=publish, metrics=metrics)
 
         async def renew() -> None:
@@ -277,6 +270,7 @@ async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> No
         lease_task = asyncio.create_task(renew())
 
         peer = await bridge.wait_for_peer(ready=False, timeout=settings.join_deadline_s)
+        marks["peer"] = time.monotonic()
         bridge.on_control(conv.on_control)
         ctx.room.on("participant_disconnected", conv.on_peer_left)
 
@@ -308,9 +302,11 @@ async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> No
                 close_on_disconnect=False,
             ),
         )
-        t_ready = time.monotonic()
+        marks["session"] = time.monotonic()
         await bridge.announce(ready=True)
-        log.info("ready announced", extra=kv(room=room_name, role=role, took=round(time.monotonic() - t_ready, 3)))
+        marks["ready"] = time.monotonic()
+        log.info("ready announced", extra=kv(room=room_name, role=role, **{
+            f"{k}_s": round(v - marks["start"], 3) for k, v in marks.items()}))
         await publish(
             subjects.conv_event(meta.batch_id, meta.conversation_id, "joined"),
             AgentJoined(batch_id=meta.batch_id, conversation_id=meta.conversation_id, attempt=meta.attempt,

@@ -27,7 +27,21 @@ def job_load(active: int, max_jobs: int) -> float:
     return min(1.0, TARGET_LOAD * active / max_jobs)
 
 
+def init_rtc() -> None:
+    """Create livekit-rtc's FFI client once, in the main thread, before any job thread runs.
+
+    ``FfiClient.instance`` is a lazily created, unlocked singleton: two job threads touching it
+    first at the same moment each initialize the FFI, one room's ConnectCallback is delivered to
+    the other client's queue, that job hangs in ``connect`` and the FFI then panics and SIGTERMs
+    the whole worker (observed with livekit 1.1.21 under a dispatch burst).
+    """
+    from livekit.rtc._ffi_client import FfiClient
+
+    FfiClient.instance  # noqa: B018
+
+
 def build(settings: Settings, metrics: WorkerMetrics) -> AgentServer:
+    init_rtc()
     executor = JobExecutorType.THREAD if settings.worker_executor == "thread" else JobExecutorType.PROCESS
 
     def load(server: AgentServer) -> float:

@@ -116,6 +116,9 @@ async def entrypoint(ctx: JobContext) -> None:
 
 
 def build() -> AgentServer:
+    from worker.server import init_rtc
+
+    init_rtc()  # the FFI singleton is not thread-safe; see worker/server.py
     def load(server: AgentServer) -> float:
         return min(1.0, TARGET_LOAD * len(server.active_jobs) / MAX_JOBS)
 
