@@ -22,8 +22,8 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -240,6 +240,9 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, wor
         "CROSSTALK_MAX_CONCURRENCY": str(max(concurrency, 200)),
         "CROSSTALK_WORKER_MAX_JOBS": str(max(2 * concurrency // workers + 4, 8)),
     }
+    if lk_rooms and shutil.which("lk", path=str(ROOT / ".tools" / "bin")):
+        # lk joins rooms it never created; our dispatcher creates its rooms explicitly either way
+        overrides["LIVEKIT_ROOM_AUTO_CREATE"] = "true"
     workdir = Path(tempfile.mkdtemp(prefix=f"{batch_id}-", dir=tmp))
     with running_stack(workdir, **overrides) as stack:
         time.sleep(3)  # workers registered
@@ -271,7 +274,7 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, wor
                 from lk_compare import run_lk_agent_load_test
 
                 lk_result = run_lk_agent_load_test(stack.livekit_url, "devkey", "secret", rooms=lk_rooms,
-                                                   duration_s=30, agent_name="lk-echo")
+                                                   duration_s=None, agent_name="lk-echo")
             except Exception as exc:  # lk missing or failed: say so in the report
                 lk_result = {"error": f"{type(exc).__name__}: {exc}"}
     if not keep:

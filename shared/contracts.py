@@ -59,7 +59,7 @@ class Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=False, omit_defa
 # --------------------------------------------------------------------------- batch
 
 
-class StartBatch(Struct, kw_only=True):
+class StartBatch(Struct, frozen=True, kw_only=True):
     """Public command on ``batch.start``. Every field optional; see ARCHITECTURE.md."""
 
     batch_id: BatchId | None = None
@@ -71,7 +71,7 @@ class StartBatch(Struct, kw_only=True):
     mode: Mode = "text"
 
 
-class BatchSpec(Struct, kw_only=True):
+class BatchSpec(Struct, frozen=True, kw_only=True):
     """A validated, fully defaulted batch: what the dispatcher plans from."""
 
     batch_id: str
@@ -83,7 +83,7 @@ class BatchSpec(Struct, kw_only=True):
     mode: Mode
 
 
-class BatchReply(Struct, kw_only=True):
+class BatchReply(Struct, frozen=True, kw_only=True):
     """Reply to a ``batch.start`` request, and the body of accepted/rejected events."""
 
     accepted: bool
@@ -93,19 +93,19 @@ class BatchReply(Struct, kw_only=True):
     duplicate: bool = False
 
 
-class BatchAccepted(Struct, kw_only=True, tag="batch_accepted"):
+class BatchAccepted(Struct, frozen=True, kw_only=True, tag="batch_accepted"):
     spec: BatchSpec
     at: float
 
 
-class BatchRejected(Struct, kw_only=True, tag="batch_rejected"):
+class BatchRejected(Struct, frozen=True, kw_only=True, tag="batch_rejected"):
     batch_id: str | None
     field: str
     reason: str
     at: float
 
 
-class ConversationDispatched(Struct, kw_only=True, tag="conversation_dispatched"):
+class ConversationDispatched(Struct, frozen=True, kw_only=True, tag="conversation_dispatched"):
     batch_id: str
     conversation_id: str
     attempt: int
@@ -113,7 +113,7 @@ class ConversationDispatched(Struct, kw_only=True, tag="conversation_dispatched"
     at: float
 
 
-class ConversationJoined(Struct, kw_only=True, tag="conversation_joined"):
+class ConversationJoined(Struct, frozen=True, kw_only=True, tag="conversation_joined"):
     """Both roles granted and both agents in the room (dispatcher's confirmation)."""
 
     batch_id: str
@@ -123,7 +123,7 @@ class ConversationJoined(Struct, kw_only=True, tag="conversation_joined"):
     at: float
 
 
-class ConversationSettled(Struct, kw_only=True, tag="conversation_settled"):
+class ConversationSettled(Struct, frozen=True, kw_only=True, tag="conversation_settled"):
     """Final word on one attempt: completed, or failed (maybe to be retried)."""
 
     batch_id: str
@@ -136,7 +136,7 @@ class ConversationSettled(Struct, kw_only=True, tag="conversation_settled"):
     at: float
 
 
-class BatchFinished(Struct, kw_only=True, tag="batch_finished"):
+class BatchFinished(Struct, frozen=True, kw_only=True, tag="batch_finished"):
     batch_id: str
     status: Literal["completed", "failed"]
     requested: int
@@ -151,14 +151,14 @@ BatchEvent = BatchAccepted | ConversationDispatched | ConversationJoined | Conve
 # --------------------------------------------------------------------------- roles
 
 
-class RoleRequest(Struct, kw_only=True):
+class RoleRequest(Struct, frozen=True, kw_only=True):
     room: Token
     job_id: Token
     identity: Identity
     prefer: Role | None = None
 
 
-class RoleReply(Struct, kw_only=True):
+class RoleReply(Struct, frozen=True, kw_only=True):
     granted: bool
     role: Role | None = None
     reason: str | None = None
@@ -166,19 +166,19 @@ class RoleReply(Struct, kw_only=True):
     field: str | None = None
 
 
-class RoleRelease(Struct, kw_only=True):
+class RoleRelease(Struct, frozen=True, kw_only=True):
     room: Token
     job_id: Token
 
 
-class ReleaseReply(Struct, kw_only=True):
+class ReleaseReply(Struct, frozen=True, kw_only=True):
     released: bool
     role: Role | None = None
     reason: str | None = None
     field: str | None = None
 
 
-class LeaseEvent(Struct, kw_only=True):
+class LeaseEvent(Struct, frozen=True, kw_only=True):
     """One event in a room/role lease log (subject ``roles.<room>.<role>``).
 
     Each event carries the full lease, so the state is a fold that the last
@@ -197,7 +197,7 @@ class LeaseEvent(Struct, kw_only=True):
 # --------------------------------------------------------------------------- conversations
 
 
-class JobMetadata(Struct, kw_only=True):
+class JobMetadata(Struct, frozen=True, kw_only=True):
     """Dispatch metadata the dispatcher hands each worker job."""
 
     batch_id: BatchId
@@ -209,7 +209,7 @@ class JobMetadata(Struct, kw_only=True):
     max_turns: Annotated[int, msgspec.Meta(ge=1)]
 
 
-class AgentJoined(Struct, kw_only=True, tag="agent_joined"):
+class AgentJoined(Struct, frozen=True, kw_only=True, tag="agent_joined"):
     batch_id: str
     conversation_id: str
     attempt: int
@@ -220,7 +220,7 @@ class AgentJoined(Struct, kw_only=True, tag="agent_joined"):
     at: float
 
 
-class TurnRecorded(Struct, kw_only=True, tag="turn"):
+class TurnRecorded(Struct, frozen=True, kw_only=True, tag="turn"):
     batch_id: str
     conversation_id: str
     attempt: int
@@ -234,7 +234,7 @@ class TurnRecorded(Struct, kw_only=True, tag="turn"):
     language: str | None = None
 
 
-class ConversationEnded(Struct, kw_only=True, tag="conversation_ended"):
+class ConversationEnded(Struct, frozen=True, kw_only=True, tag="conversation_ended"):
     batch_id: str
     conversation_id: str
     attempt: int

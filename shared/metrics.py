@@ -7,7 +7,14 @@ a room, batch or conversation id.
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
 # Default /metrics ports (CROSSTALK_METRICS_PORT overrides per process).
 DEFAULT_PORTS = {"dispatcher": 9101, "allocator": 9102, "sink": 9103, "model": 9104, "worker": 9105}

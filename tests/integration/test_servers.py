@@ -5,7 +5,7 @@ from __future__ import annotations
 from livekit import api
 
 from shared import bus, streams, subjects
-from shared.contracts import BatchAccepted, BatchSpec, decode_event, BatchEvent
+from shared.contracts import BatchAccepted, BatchEvent, BatchSpec, decode_event
 
 
 async def test_jetstream_streams_and_roundtrip(nats_url: str, unique: str) -> None:
