@@ -103,6 +103,7 @@ class Config:
     livekit_key: str
     only: frozenset[str] | None
     up_timeout_s: float
+    workers: int = 1
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -123,6 +124,9 @@ class Config:
         except ValueError:
             raise StackError("CROSSTALK_UP_TIMEOUT_S: must be a number of seconds") from None
         defaults = {"dispatcher": 9101, "allocator": 9102, "sink": 9103, "model": 9104, "worker": 9105}
+        workers_raw = e.get("CROSSTALK_WORKERS", "").strip() or "1"
+        if not workers_raw.isdigit() or not 1 <= int(workers_raw) <= 64:
+            raise StackError(f"CROSSTALK_WORKERS: must be a whole number of worker processes 1-64, got {workers_raw!r}")
         return cls(
             run_dir=_path(e, "CROSSTALK_RUN_DIR", ROOT / "run"),
             data_dir=_path(e, "CROSSTALK_DATA_DIR", ROOT / "data"),
@@ -142,6 +146,7 @@ class Config:
             livekit_key=e.get("LIVEKIT_API_KEY", "").strip() or "devkey",
             only=only,
             up_timeout_s=timeout,
+            workers=int(workers_raw),
         )
 
     @property
@@ -272,12 +277,19 @@ def plan(cfg: Config) -> Plan:
         if name == "model":
             where = f"http://{h}:{cfg.model_port}/v1  ({where})"
             ports = (cfg.model_port, mport)
-        programs.append(Program(
-            name, (sys.executable, *args), where, f"http://{h}:{mport}/metrics", ports,
-            env={**common, "CROSSTALK_METRICS_PORT": str(mport)},
-            priority=20 if name == "model" else 30 if name != "worker" else 40,
-            stopwaitsecs=40 if name == "worker" else 15,  # the worker drains its jobs (30 s)
-        ))
+        # CROSSTALK_WORKERS=N: worker, worker-2, ... with metrics on consecutive ports
+        copies = cfg.workers if name == "worker" else 1
+        for i in range(copies):
+            pname = name if i == 0 else f"{name}-{i + 1}"
+            port_i = mport + i
+            programs.append(Program(
+                pname, (sys.executable, *args),
+                where if i == 0 else f"metrics http://{h}:{port_i}/metrics",
+                f"http://{h}:{port_i}/metrics", ports if i == 0 else (port_i,),
+                env={**common, "CROSSTALK_METRICS_PORT": str(port_i)},
+                priority=20 if name == "model" else 30 if name != "worker" else 40,
+                stopwaitsecs=40 if name == "worker" else 15,  # the worker drains its jobs (30 s)
+            ))
     prom_cfg = INFRA / "prometheus" / "prometheus.yml"
     prometheus = shutil.which("prometheus")
     if cfg.wanted("prometheus") and prometheus and prom_cfg.is_file():
@@ -407,6 +419,9 @@ def render_prometheus(cfg: Config) -> str:
     for job in doc.get("scrape_configs") or []:
         for sc in job.get("static_configs") or []:
             sc["targets"] = [target(t) for t in sc.get("targets") or []]
+            if job.get("job_name") == "worker" and sc["targets"]:
+                base = cfg.metrics_ports["worker"]
+                sc["targets"] += [f"{cfg.host}:{base + i}" for i in range(1, cfg.workers)]
         for fs in job.get("file_sd_configs") or []:
             fs["files"] = [str(src / f) for f in fs.get("files") or []]
     body: str = yaml.safe_dump(doc, sort_keys=False)

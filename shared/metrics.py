@@ -36,6 +36,10 @@ REASONS = (
 )
 
 
+LIVEKIT_CALLS = ("create_room", "create_dispatch", "delete_room", "list_dispatch", "list_participants", "list_rooms")
+ROLE_LABELS = ("customer", "support")
+
+
 def reason_label(reason: str) -> str:
     head = reason.split(":", 1)[0]
     return head if head in REASONS else "other"
@@ -70,6 +74,18 @@ class DispatcherMetrics:
             buckets=LATENCY_BUCKETS, registry=registry)
         self.livekit_api_errors = Counter(
             "crosstalk_livekit_api_errors_total", "livekit-api call failures", ["call"], registry=registry)
+        # Known label values start at 0, so the first event of a run shows up in rate()/increase().
+        for outcome in ("accepted", "rejected", "duplicate"):
+            self.batch_commands.labels(outcome)
+        for outcome in ("completed", "failed"):
+            self.batches.labels(outcome)
+            for reason in REASONS:
+                self.conversations.labels(outcome, reason)
+        for reason in REASONS:
+            self.retries.labels(reason)
+        for call in LIVEKIT_CALLS:
+            self.livekit_api.labels(call)
+            self.livekit_api_errors.labels(call)
 
 
 class AllocatorMetrics:
@@ -90,6 +106,14 @@ class AllocatorMetrics:
             registry=registry)
         self.bad_requests = Counter(
             "crosstalk_role_bad_requests_total", "malformed role requests", ["field"], registry=registry)
+        for role in ROLE_LABELS:
+            for outcome in ("granted", "renewed"):
+                self.grants.labels(role, outcome)
+            self.lease_expiries.labels(role)
+        self.grants.labels("none", "denied")
+        self.grants.labels("none", "error")
+        for outcome in ("released", "not_held", "error"):
+            self.releases.labels(outcome)
 
 
 class SinkMetrics:
@@ -127,6 +151,12 @@ class WorkerMetrics:
         self.turn_seconds = Histogram(
             "crosstalk_turn_seconds", "peer message received to reply sent", ["role"],
             buckets=LATENCY_BUCKETS, registry=registry)
+        for outcome in ("started", "completed", "failed", "denied", "error", "bad_metadata"):
+            self.jobs.labels(outcome)
+        for role in ROLE_LABELS:
+            self.turns.labels(role)
+            self.first_token.labels(role)
+            self.turn_seconds.labels(role)
 
 
 class ModelMetrics:
@@ -136,6 +166,8 @@ class ModelMetrics:
         self.request_seconds = Histogram(
             "crosstalk_model_request_seconds", "chat completion total time", buckets=LATENCY_BUCKETS,
             registry=registry)
+        for role in ROLE_LABELS:
+            self.requests.labels(role)
 
 
 def serve(process: str, host: str, port: int) -> int:

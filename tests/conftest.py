@@ -74,3 +74,11 @@ async def nc(nats_url: str) -> AsyncIterator[object]:
 def unique() -> str:
     """A fresh id fragment so tests sharing one server never collide."""
     return uuid.uuid4().hex[:10]
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Keep each phase's report on the item, so fixtures can react to a failed test."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

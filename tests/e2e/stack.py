@@ -153,6 +153,12 @@ class Stack:
                 continue
         return found
 
+    def dump_logs(self, lines: int = 40) -> None:
+        """Print the end of every program's log (pytest shows it with the failure)."""
+        for log in sorted((self.run_dir / "logs").glob("*.log")):
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            print(f"----- {log.name} (last {len(tail)} lines)", *tail, sep="\n")
+
     def cleanup(self) -> None:
         """`just down`, then kill anything of this stack that survived (a test must leave nothing running)."""
         if self.processes():
@@ -172,5 +178,8 @@ def running_stack(tmp: Path, **overrides: str) -> Iterator[Stack]:
     try:
         stack.up()
         yield stack
+    except BaseException:
+        stack.dump_logs()
+        raise
     finally:
         stack.cleanup()

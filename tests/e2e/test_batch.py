@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -35,6 +36,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     with running_stack(tmp_path_factory.mktemp("e2e"), CROSSTALK_MODEL_TTFT_MS="20",
                        CROSSTALK_MODEL_TOKENS_PER_S="2000", CROSSTALK_JOIN_DEADLINE_S="30") as s:
         yield s
+
+
+@pytest.fixture(autouse=True)
+def logs_on_failure(request: pytest.FixtureRequest, stack: Any) -> Iterator[None]:
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        stack.dump_logs(lines=80)
 
 
 @pytest.fixture
@@ -276,3 +285,91 @@ async def test_two_workers_one_killed_mid_batch(stack: Any, lkapi: api.LiveKitAP
     assert finished.completed >= 12, batch["conversations"]
 
 
+
+
+def scrape(port: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def total(samples: dict[Any, float], name: str, **labels: str) -> float:
+    """Sum over every label set that includes ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+async def test_metrics_and_dashboard_queries_after_a_real_batch(stack: Any, js: Any) -> None:
+    """Every /metrics endpoint shows what the batch implies; every dashboard panel returns data."""
+    from support_prom import Prometheus, dashboard_exprs, has_finite, wait_for
+
+    ports = {name: stack.env[f"CROSSTALK_{name.upper()}_METRICS_PORT"]
+             for name in ("dispatcher", "allocator", "sink", "model", "worker")}
+    prom = Prometheus(proc=None, url=f"http://127.0.0.1:{stack.env['CROSSTALK_PROMETHEUS_PORT']}",  # type: ignore[arg-type]
+                      workdir=stack.run_dir)
+    prom.wait_targets_up(timeout=60)  # Prometheus has the series before the batch moves them
+    await asyncio.sleep(6)
+    before = {name: scrape(port) for name, port in ports.items()}
+    batch_id, n = "e2e-metrics", 5
+    import nats
+
+    nc = await nats.connect(stack.nats_url)
+    await nc.request("batch.start", json.dumps({"batch_id": batch_id, "conversations": n,
+                                                 "concurrency": n}).encode(), timeout=15)
+    await nc.drain()
+    finished = await wait_finished(js, batch_id)
+    assert finished.completed == n, read_batch(stack, batch_id)["conversations"]
+    batch = read_batch(stack, batch_id)
+    turns = sum(c["turns"] for c in batch["conversations"].values())
+    after = {name: scrape(port) for name, port in ports.items()}
+
+    def delta(proc: str, name: str, **labels: str) -> float:
+        return total(after[proc], name, **labels) - total(before[proc], name, **labels)
+
+    assert delta("dispatcher", "crosstalk_conversations_total", outcome="completed") == n
+    assert delta("dispatcher", "crosstalk_batches_total", outcome="completed") == 1
+    assert delta("dispatcher", "crosstalk_dispatch_to_join_seconds_count") == n
+    assert value(after["dispatcher"], "crosstalk_conversations_in_flight") == 0
+    for role in ("customer", "support"):
+        assert delta("allocator", "crosstalk_role_grants_total", role=role, outcome="granted") == n
+    assert delta("allocator", "crosstalk_role_request_seconds_count") >= 2 * n
+    assert delta("worker", "crosstalk_turns_total") == turns
+    assert delta("worker", "crosstalk_turn_seconds_count") == turns
+    # the peer job winds down just after the conversation's end event: give it a moment
+    deadline = time.monotonic() + 30
+    while delta("worker", "crosstalk_worker_jobs_total", outcome="completed") < 2 * n and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        after["worker"] = scrape(ports["worker"])
+    assert delta("worker", "crosstalk_worker_jobs_total", outcome="completed") == 2 * n
+    assert delta("sink", "crosstalk_transcript_turns_written_total") == turns
+    assert delta("model", "crosstalk_model_requests_total") >= turns
+
+    # the batch's effect has been scraped
+    wait_for(lambda: has_finite(r := prom.query(
+        f'sum(crosstalk_conversations_total{{outcome="completed"}}) >= {n}')) and r, 60,
+        lambda: "conversations not scraped yet")
+    def has_data(expr: str) -> bool:
+        """As a Grafana time-series panel shows it: some finite point over the last minutes."""
+        now = time.time()
+        data = prom.api("query_range", {"query": expr, "start": str(now - 300), "end": str(now), "step": "2"})
+        return any(math.isfinite(float(v)) for series in data["result"] for _, v in series["values"])
+
+    # rates need two scrapes of a series born during the batch: poll until each panel has data
+    pending = dashboard_exprs()
+    deadline = time.monotonic() + 90
+    while pending and time.monotonic() < deadline:
+        pending = [p for p in pending if not has_data(p.expr)]
+        await asyncio.sleep(1)
+    empty = [f"{p.panel}: {p.expr}" for p in pending]
+    assert not empty, "dashboard panels without data:\n" + "\n".join(empty)
