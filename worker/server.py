@@ -13,6 +13,7 @@ import logging
 
 from livekit.agents import AgentServer, JobContext, JobExecutorType, JobRequest
 
+from shared import config
 from shared.config import Settings
 from shared.metrics import WorkerMetrics
 from worker import job
@@ -57,9 +58,8 @@ def build(settings: Settings, metrics: WorkerMetrics) -> AgentServer:
         # a hair under TARGET_LOAD so this worker's own availability answer agrees with the server
         load_threshold=TARGET_LOAD - 1e-6,
         # livekit-agents estimates a not-yet-launched job's load as load_threshold / num_idle_processes:
-        # with max_jobs idle runners that estimate equals a real job's load, so a burst of job
-        # requests is accepted up to real capacity instead of one at a time (measured: with 0,
-        # the second of two simultaneous dispatches was refused and livekit-server dropped it).
+        # with 0 idle runners the second of two simultaneous job requests was refused (measured) and
+        # livekit-server dropped that dispatch; 8 warm runners accept a burst of 8 at once.
         num_idle_processes=min(settings.worker_max_jobs, 8),
         ws_url=settings.livekit_url,
         api_key=settings.livekit_api_key,
@@ -68,11 +68,25 @@ def build(settings: Settings, metrics: WorkerMetrics) -> AgentServer:
         shutdown_process_timeout=15.0,
     )
 
-    async def on_request(req: JobRequest) -> None:
-        await req.accept()
-
-    @server.rtc_session(agent_name=settings.agent_name, on_request=on_request)
-    async def entrypoint(ctx: JobContext) -> None:
-        await job.run(ctx, settings, metrics)
-
+    global _metrics
+    _metrics = metrics
+    server.rtc_session(entrypoint, agent_name=settings.agent_name, on_request=on_request)
     return server
+
+
+# Module-level (picklable) so the process executor can run jobs too; each job process loads the
+# settings from the same environment. Only the thread executor's jobs feed this process's /metrics.
+_metrics: WorkerMetrics | None = None
+
+
+async def on_request(req: JobRequest) -> None:
+    await req.accept()
+
+
+async def entrypoint(ctx: JobContext) -> None:
+    global _metrics
+    if _metrics is None:  # a job process of the process executor
+        from prometheus_client import CollectorRegistry
+
+        _metrics = WorkerMetrics(CollectorRegistry())
+    await job.run(ctx, config.load(), _metrics)

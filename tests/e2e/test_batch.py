@@ -373,3 +373,37 @@ async def test_metrics_and_dashboard_queries_after_a_real_batch(stack: Any, js: 
         await asyncio.sleep(1)
     empty = [f"{p.panel}: {p.expr}" for p in pending]
     assert not empty, "dashboard panels without data:\n" + "\n".join(empty)
+
+
+async def test_regression_nothing_lost_20_at_10(stack: Any, js: Any) -> None:
+    """CI's scale check: 20 conversations at concurrency 10; fails when a turn or a conversation is lost,
+    never because the machine is slow (no timing assertions)."""
+    batch_id, n = "e2e-regress", 20
+    import nats
+
+    from shared.contracts import ConversationEvent, TurnRecorded
+
+    nc = await nats.connect(stack.nats_url)
+    await nc.request("batch.start", json.dumps({"batch_id": batch_id, "conversations": n, "concurrency": 10,
+                                                 "max_turns": 6}).encode(), timeout=15)
+    finished = await wait_finished(js, batch_id, timeout=600)
+    batch = read_batch(stack, batch_id)
+    assert (finished.completed, finished.failed) == (n, 0), batch["conversations"]
+    # every turn event of the completed attempt is in its file exactly once, in order
+    sub = await js.subscribe(f"conv.{batch_id}.*.turn", ordered_consumer=True)
+    events: dict[str, dict[int, str]] = defaultdict(dict)
+    while True:
+        try:
+            msg = await sub.next_msg(timeout=2)
+        except Exception:
+            break
+        ev = decode_event(msg.data, ConversationEvent)
+        assert isinstance(ev, TurnRecorded)
+        if ev.attempt == batch["conversations"][ev.conversation_id]["attempts"]:
+            events[ev.conversation_id][ev.turn] = ev.text
+    await nc.drain()
+    assert len(batch["conversations"]) == n
+    for cid in batch["conversations"]:
+        turns = read_turns(stack, batch_id, cid)
+        check_transcript(turns, cid, max_turns=6)
+        assert {t["turn"]: t["text"] for t in turns} == events[cid]
