@@ -7,6 +7,7 @@ never reach a log line.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -134,3 +135,12 @@ def load(env: dict[str, str] | None = None) -> Settings:
         metrics_host=_str(e, "CROSSTALK_METRICS_HOST", "127.0.0.1"),
         metrics_port=_num(e, "CROSSTALK_METRICS_PORT", 0, lo=0, hi=65535, integer=True),
     )
+
+
+def load_or_exit(log: logging.Logger) -> Settings:
+    """Every process's start: a bad value is logged with the variable and the reason, exit code 2."""
+    try:
+        return load()
+    except ConfigError as exc:
+        log.error("bad configuration", extra={"fields": {"variable": exc.var, "reason": exc.reason}})
+        raise SystemExit(2) from None

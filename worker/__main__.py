@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 
 from shared import bus, config, metrics
 from shared.log import kv, setup
@@ -14,11 +13,7 @@ log = logging.getLogger("worker")
 
 def main() -> None:
     setup("worker")
-    try:
-        settings = config.load()
-    except config.ConfigError as exc:
-        print(f"crosstalk worker: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    settings = config.load_or_exit(log)
     from worker.server import build
 
     wm = metrics.WorkerMetrics()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from services.allocator import main
 from shared import bus, config, metrics
 from shared import log as logs
@@ -12,11 +10,7 @@ from shared.log import kv
 
 def entrypoint() -> None:
     log = logs.setup("allocator")
-    try:
-        settings = config.load()
-    except config.ConfigError as exc:
-        log.error("bad configuration", extra=kv(variable=exc.var, reason=exc.reason))
-        sys.exit(2)
+    settings = config.load_or_exit(log)
     port = metrics.serve("allocator", settings.metrics_host, settings.metrics_port)
     log.info("starting", extra=kv(settings=str(settings), metrics_port=port))
     bus.run(lambda stop: main.run(settings, stop))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 
 from shared import bus, config, log, metrics
 from shared.log import kv
@@ -15,11 +14,7 @@ from .main import run
 def main() -> None:
     logger = log.setup("dispatcher")
     logging.captureWarnings(True)  # library warnings become JSON log lines too
-    try:
-        settings = config.load()
-    except config.ConfigError as exc:
-        logger.error("bad configuration", extra=kv(variable=exc.var, reason=exc.reason))
-        sys.exit(2)
+    settings = config.load_or_exit(logger)
     port = metrics.serve("dispatcher", settings.metrics_host, settings.metrics_port)
     logger.info("starting", extra=kv(settings=str(settings), metrics_port=port))
 

@@ -7,10 +7,9 @@ Prometheus metrics are served on the model's metrics port (shared.metrics).
 from __future__ import annotations
 
 import asyncio
-import sys
 
 from shared import bus
-from shared.config import ConfigError, load
+from shared.config import load_or_exit
 from shared.log import kv, setup
 from shared.metrics import ModelMetrics, serve
 
@@ -19,11 +18,7 @@ from .main import serve_in_background
 
 def main() -> None:
     log = setup("model")
-    try:
-        settings = load()
-    except ConfigError as exc:
-        log.error("bad configuration", extra=kv(var=exc.var, reason=exc.reason))
-        sys.exit(2)
+    settings = load_or_exit(log)
     metrics = ModelMetrics()
 
     async def run(stop: asyncio.Event) -> None:

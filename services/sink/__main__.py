@@ -13,7 +13,7 @@ import os
 import sys
 
 from shared import bus
-from shared.config import ConfigError, load
+from shared.config import load_or_exit
 from shared.log import kv, setup
 from shared.metrics import SinkMetrics, serve
 
@@ -23,11 +23,7 @@ from .main import Sink, SinkConfig
 
 def main() -> None:
     log = setup("sink")
-    try:
-        settings = load()
-    except ConfigError as exc:
-        log.error("bad configuration", extra=kv(var=exc.var, reason=exc.reason))
-        sys.exit(2)
+    settings = load_or_exit(log)
     config = SinkConfig.from_settings(settings)
     try:
         DataDir(config.data_dir)
