@@ -6,7 +6,7 @@ Set CROSSTALK_TEST_NATS_URL / CROSSTALK_TEST_LIVEKIT_URL to use running servers 
 
 from __future__ import annotations
 
-import os
+import random
 import shutil
 import socket
 import subprocess
@@ -19,10 +19,41 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_ports(n: int, avoid: set[int] | None = None) -> list[int]:
+    """``n`` distinct free ports outside the kernel's ephemeral range.
+
+    An OS-assigned port (bind to 0) is ephemeral: any outgoing connection may take
+    it before the server binds it (livekit-server binds its RTC TCP port on all
+    interfaces, where that collides). Ports below/above that range never go to clients.
+    """
+    lo, hi = _ephemeral_range()
+    pool = [p for p in range(15000, 65000) if not lo <= p <= hi and p not in (avoid or set())]
+    chosen: list[int] = []
+    for port in random.sample(pool, len(pool)):
+        if len(chosen) == n:
+            break
+        with socket.socket() as s:  # no SO_REUSEADDR: any socket on the port, on any address, rules it out
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        chosen.append(port)
+    if len(chosen) < n:
+        raise RuntimeError(f"could not find {n} free ports outside {lo}-{hi}")
+    return chosen
+
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def find_binary(name: str) -> str:
@@ -100,7 +131,8 @@ logging:
 
 def start_livekit(workdir: Path) -> Server:
     port, tcp, prom = free_port(), free_port(), free_port()
-    udp_start = 40000 + (os.getpid() * 7) % 20000
+    lo, hi = _ephemeral_range()
+    udp_start = random.choice([p for p in range(15000, 64800, 100) if p + 100 < lo or p > hi])
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / "livekit.yaml"
     cfg.write_text(livekit_config(port, tcp, udp_start, prom))

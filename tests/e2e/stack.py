@@ -27,6 +27,10 @@ from typing import Any
 import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from servers import _ephemeral_range, free_ports  # noqa: E402  (tests/servers.py owns port picking)
+
 JUST = Path(sys.executable).parent / "just"
 TAG = "CROSSTALK_STACK"  # infra/stack.py tags every process of a stack with its run dir
 
@@ -40,38 +44,6 @@ PORT_VARS = (
     "CROSSTALK_DISPATCHER_METRICS_PORT", "CROSSTALK_ALLOCATOR_METRICS_PORT", "CROSSTALK_SINK_METRICS_PORT",
     "CROSSTALK_MODEL_METRICS_PORT", "CROSSTALK_WORKER_METRICS_PORT",
 )
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-        return lo, hi
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def free_ports(n: int, avoid: set[int] | None = None) -> list[int]:
-    """``n`` distinct free ports outside the kernel's ephemeral range.
-
-    An OS-assigned port (bind to 0) is ephemeral: any outgoing connection may take
-    it before the server binds it (livekit-server binds its RTC TCP port on all
-    interfaces, where that collides). Ports below/above that range never go to clients.
-    """
-    lo, hi = _ephemeral_range()
-    pool = [p for p in range(15000, 65000) if not lo <= p <= hi and p not in (avoid or set())]
-    chosen: list[int] = []
-    for port in random.sample(pool, len(pool)):
-        if len(chosen) == n:
-            break
-        with socket.socket() as s:  # no SO_REUSEADDR: any socket on the port, on any address, rules it out
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-        chosen.append(port)
-    if len(chosen) < n:
-        raise RuntimeError(f"could not find {n} free ports outside {lo}-{hi}")
-    return chosen
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
