@@ -231,14 +231,16 @@ def scrape(port: str) -> str:
         return ""
 
 
-def run_one(conversations: int, concurrency: int, turns: int, executor: str, workers: int,
+def run_one(conversations: int, concurrency: int, turns: int, executor: str, jobs_per_worker: int,
             lk_rooms: int, tmp: Path, keep: bool = False) -> dict[str, Any]:
     batch_id = f"bench-{conversations}x{concurrency}-{executor}"
+    # enough worker processes for 2 agent sessions per conversation in flight, plus one spare
+    workers = -(-2 * concurrency // jobs_per_worker) + 1
     overrides = {
         "CROSSTALK_WORKER_EXECUTOR": executor,
         "CROSSTALK_WORKERS": str(workers),
         "CROSSTALK_MAX_CONCURRENCY": str(max(concurrency, 200)),
-        "CROSSTALK_WORKER_MAX_JOBS": str(max(2 * concurrency // workers + 4, 8)),
+        "CROSSTALK_WORKER_MAX_JOBS": str(jobs_per_worker),
     }
     if lk_rooms and shutil.which("lk", path=str(ROOT / ".tools" / "bin")):
         # lk joins rooms it never created; our dispatcher creates its rooms explicitly either way
@@ -289,6 +291,7 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, wor
         "max_turns": turns,
         "executor": executor,
         "worker_processes": workers,
+        "jobs_per_worker": jobs_per_worker,
         "completed": finished.completed,
         "failed": finished.failed,
         "failure_reasons": reasons,
@@ -352,7 +355,8 @@ def main() -> None:
     ap.add_argument("--runs", default="200x50,200x100", help="comma list of CONVERSATIONSxCONCURRENCY")
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--executors", default="thread")
-    ap.add_argument("--workers", type=int, default=2, help="worker processes")
+    ap.add_argument("--jobs-per-worker", type=int, default=16,
+                    help="CROSSTALK_WORKER_MAX_JOBS; worker processes = 2*concurrency/this + 1")
     ap.add_argument("--lk-rooms", type=int, default=-1, help="rooms for lk perf (default: the concurrency; 0 = skip)")
     ap.add_argument("--label", default="")
     ap.add_argument("--keep", action="store_true", help="keep each run's stack dir (logs, data)")
@@ -364,7 +368,7 @@ def main() -> None:
         for spec in args.runs.split(","):
             n, c = (int(x) for x in spec.lower().split("x"))
             lk_rooms = c if args.lk_rooms < 0 else args.lk_rooms
-            r = run_one(n, c, args.turns, executor, args.workers, lk_rooms, Path(args.tmp), args.keep)
+            r = run_one(n, c, args.turns, executor, args.jobs_per_worker, lk_rooms, Path(args.tmp), args.keep)
             print(summary(r), flush=True)
             reports.append(r)
     label = args.label or "-".join(f"{r['conversations']}x{r['concurrency']}-{r['executor']}" for r in reports)

@@ -103,8 +103,8 @@ def is_wrong_last_sequence(exc: APIError) -> bool:
     return exc.err_code == 10071
 
 
-def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run ``main(stop)`` on uvloop; ``stop`` is set on SIGTERM/SIGINT."""
+def run(main: Callable[[asyncio.Event], Awaitable[None]], *, use_uvloop: bool = True) -> None:
+    """Run ``main(stop)`` on uvloop (or asyncio's own loop); ``stop`` is set on SIGTERM/SIGINT."""
 
     async def _wrapper() -> None:
         stop = asyncio.Event()
@@ -113,4 +113,7 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
             loop.add_signal_handler(sig, stop.set)
         await main(stop)
 
-    uvloop.run(_wrapper())
+    if use_uvloop:
+        uvloop.run(_wrapper())
+    else:
+        asyncio.run(_wrapper())

@@ -54,6 +54,7 @@ class Settings:
     max_conversations: int = 10000
     max_concurrency: int = 200
     dispatch_rate: float = 20.0  # dispatches (conversations) per second, ramped
+    max_joining: int = 10  # conversations at once waiting for their agents to join (admission window)
     join_deadline_s: float = 60.0
     conversation_timeout_s: float = 900.0
     max_attempts: int = 3
@@ -111,6 +112,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         max_conversations=_num(e, "CROSSTALK_MAX_CONVERSATIONS", 10000, lo=1, hi=1_000_000, integer=True),
         max_concurrency=_num(e, "CROSSTALK_MAX_CONCURRENCY", 200, lo=1, hi=100_000, integer=True),
         dispatch_rate=_num(e, "CROSSTALK_DISPATCH_RATE", 20.0, lo=0.01, hi=10_000),
+        max_joining=_num(e, "CROSSTALK_MAX_JOINING", 10, lo=1, hi=100_000, integer=True),
         join_deadline_s=_num(e, "CROSSTALK_JOIN_DEADLINE_S", 60.0, lo=1, hi=3600),
         conversation_timeout_s=_num(e, "CROSSTALK_CONVERSATION_TIMEOUT_S", 900.0, lo=5, hi=86400),
         max_attempts=_num(e, "CROSSTALK_MAX_ATTEMPTS", 3, lo=1, hi=20, integer=True),

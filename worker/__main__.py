@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from shared import bus, config, metrics
 from shared.log import kv, setup
@@ -34,7 +35,7 @@ def main() -> None:
         await server.drain(timeout=30)
         await server.aclose()
 
-    bus.run(run)
+    bus.run(run, use_uvloop=os.environ.get("CROSSTALK_WORKER_LOOP", "uvloop") == "uvloop")
 
 
 if __name__ == "__main__":

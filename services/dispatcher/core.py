@@ -307,15 +307,26 @@ def _current(state: BatchState, cid: str, attempt: int) -> Conversation | None:
     return conv
 
 
-def plan_dispatch(states: Iterable[BatchState], global_cap: int, now: float) -> ConversationDispatched | None:
+def joining(state: BatchState) -> int:
+    """Conversations dispatched whose two agents have not both joined yet."""
+    return sum(1 for cid in state.in_flight if state.convs[cid].joined_at is None)
+
+
+def plan_dispatch(states: Iterable[BatchState], global_cap: int, now: float,
+                  max_joining: int | None = None) -> ConversationDispatched | None:
     """The next conversation to dispatch, or None when no batch may dispatch right now.
 
-    Per batch at most ``spec.concurrency`` in flight, overall at most ``global_cap``.
+    Per batch at most ``spec.concurrency`` in flight, overall at most ``global_cap``, and
+    overall at most ``max_joining`` still waiting for their agents: admission follows what the
+    workers really absorb, so a batch of 100 ramps in as fast as agents join instead of
+    landing 200 job requests on the workers at once.
     The batch with the fewest conversations in flight goes first (oldest on ties),
     so concurrent batches share the global cap; retries go before new conversations.
     """
     running = [s for s in states if s.running]
     if sum(len(s.in_flight) for s in running) >= global_cap:
+        return None
+    if max_joining is not None and sum(joining(s) for s in running) >= max_joining:
         return None
     eligible = [s for s in running if s.pending > 0 and len(s.in_flight) < s.spec.concurrency]
     if not eligible:

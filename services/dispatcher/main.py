@@ -512,7 +512,8 @@ class Dispatcher:
                 await asyncio.sleep(delay)
             self.wake.clear()
             async with self.lock:
-                ev = core.plan_dispatch(self._running(), self.settings.max_concurrency, time.time())
+                ev = core.plan_dispatch(self._running(), self.settings.max_concurrency, time.time(),
+                                        self.settings.max_joining)
                 if ev is not None and await self._emit(ev):
                     self.bucket.take(loop.time())
                     continue

@@ -223,6 +223,20 @@ def test_dispatch_respects_batch_concurrency_the_global_cap_and_retries_first() 
     assert nxt is not None and (nxt.conversation_id, nxt.attempt, nxt.room) == ("a-00001", 2, "a-00001-a2")
 
 
+def test_admission_waits_while_max_joining_conversations_wait_for_agents() -> None:
+    a = fold([BatchAccepted(spec=spec(n=10, concurrency=10, bid="a"), at=1.0)])
+    for t in (2.0, 3.0):
+        a = core.evolve(a, core.plan_dispatch([a], 100, t, max_joining=2), int(t))
+    assert a is not None and core.joining(a) == 2
+    assert core.plan_dispatch([a], 100, 4.0, max_joining=2) is None  # two still joining
+    assert core.plan_dispatch([a], 100, 4.0) is not None  # no window: concurrency alone decides
+    a = core.evolve(a, ConversationJoined(batch_id="a", conversation_id="a-00000", attempt=1, join_seconds=1.0,
+                                          at=4.5), 5)
+    assert a is not None and core.joining(a) == 1
+    nxt = core.plan_dispatch([a], 100, 5.0, max_joining=2)
+    assert nxt is not None and nxt.conversation_id == "a-00002"
+
+
 def test_both_roles_must_join_the_current_attempt() -> None:
     state = fold([BatchAccepted(spec=spec(), at=1.0),
                   ConversationDispatched(batch_id="b1", conversation_id="b1-00000", attempt=2, room="b1-00000-a2",
