@@ -66,8 +66,9 @@ class Settings:
     sink_ack_wait_s: float = 30.0
     sink_deliver: str = "all"  # "all": the whole stream history; "new": from the first start on
     # worker
-    worker_max_jobs: int = 60
+    worker_max_jobs: int = 16
     worker_executor: str = "thread"
+    worker_hang_s: float = 60.0  # the watchdog kills a worker whose loop has not run for this long
     # model
     model_base_url: str = "http://127.0.0.1:8088/v1"
     model_api_key: str = field(default="crosstalk-offline", repr=False)
@@ -121,8 +122,9 @@ def load(env: dict[str, str] | None = None) -> Settings:
         sink_durable=sink_durable,
         sink_ack_wait_s=_num(e, "CROSSTALK_SINK_ACK_WAIT_S", 30.0, lo=1, hi=3600),
         sink_deliver=sink_deliver,
-        worker_max_jobs=_num(e, "CROSSTALK_WORKER_MAX_JOBS", 60, lo=1, hi=10_000, integer=True),
+        worker_max_jobs=_num(e, "CROSSTALK_WORKER_MAX_JOBS", 16, lo=1, hi=10_000, integer=True),
         worker_executor=executor,
+        worker_hang_s=_num(e, "CROSSTALK_WORKER_HANG_S", 60.0, lo=5, hi=3600),
         model_base_url=(
             e.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
             if real_model

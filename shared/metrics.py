@@ -143,6 +143,8 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.active_jobs = Gauge("crosstalk_worker_active_jobs", "jobs running in this worker", registry=registry)
         self.load = Gauge("crosstalk_worker_load", "load reported to livekit-server (0..1)", registry=registry)
+        self.heartbeat = Gauge("crosstalk_worker_heartbeat_timestamp_seconds",
+                               "last time the worker's event loop ran (the watchdog reads it)", registry=registry)
         self.jobs = Counter("crosstalk_worker_jobs_total", "jobs by outcome", ["outcome"], registry=registry)
         self.turns = Counter("crosstalk_turns_total", "turns spoken by role", ["role"], registry=registry)
         self.first_token = Histogram(

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
+import sys
+import time
 
 from shared import bus, config, metrics
 from shared.log import kv, setup
@@ -24,7 +27,16 @@ def main() -> None:
                                          executor=settings.worker_executor, metrics_port=port,
                                          max_jobs=settings.worker_max_jobs))
 
+    watchdog = subprocess.Popen([sys.executable, "-m", "worker.watchdog", str(os.getpid()), str(port),
+                                 str(settings.worker_hang_s)])
+
+    async def beat() -> None:
+        while True:
+            wm.heartbeat.set(time.time())
+            await asyncio.sleep(1)
+
     async def run(stop: asyncio.Event) -> None:
+        beating = asyncio.create_task(beat())
         task = asyncio.create_task(server.run(devmode=False))
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -34,8 +46,15 @@ def main() -> None:
         log.info("worker draining")
         await server.drain(timeout=30)
         await server.aclose()
+        beating.cancel()
 
-    bus.run(run, use_uvloop=os.environ.get("CROSSTALK_WORKER_LOOP", "uvloop") == "uvloop")
+    # The worker's loop is asyncio's own unless CROSSTALK_WORKER_LOOP=uvloop: under load (40
+    # conversations, 4 processes) uvloop workers froze for good with every thread waiting on the
+    # GIL around livekit-rtc's FFI callback thread; the same batch on asyncio completed.
+    try:
+        bus.run(run, use_uvloop=os.environ.get("CROSSTALK_WORKER_LOOP", "asyncio") == "uvloop")
+    finally:
+        watchdog.terminate()
 
 
 if __name__ == "__main__":

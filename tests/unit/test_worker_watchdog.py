@@ -1,0 +1,57 @@
+"""The worker watchdog kills a process whose heartbeat stops, and leaves a beating one alone."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from servers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_watchdog_kills_a_frozen_worker_and_spares_a_live_one() -> None:
+    # a stand-in "worker": a process whose heartbeat we control through a metrics file it serves
+    port = free_port()
+    script = f"""
+import time, sys
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+reg = CollectorRegistry()
+g = Gauge("crosstalk_worker_heartbeat_timestamp_seconds", "hb", registry=reg)
+start_http_server({port}, addr="127.0.0.1", registry=reg)
+frozen_after = float(sys.argv[1])
+start = time.time()
+while True:
+    if time.time() - start < frozen_after:
+        g.set(time.time())
+    time.sleep(0.2)
+"""
+    live = subprocess.Popen([sys.executable, "-c", script, "1000"])
+    try:
+        time.sleep(1.5)
+        dog = subprocess.Popen([sys.executable, "-m", "worker.watchdog", str(live.pid), str(port), "5"], cwd=ROOT)
+        time.sleep(8)
+        assert live.poll() is None, "a worker with a fresh heartbeat is left alone"
+        dog.terminate()
+        dog.wait(5)
+    finally:
+        live.kill()
+        live.wait(5)
+
+    port2 = free_port()
+    frozen = subprocess.Popen([sys.executable, "-c", script.replace(str(port), str(port2)), "1"])
+    try:
+        time.sleep(1.5)
+        dog = subprocess.Popen([sys.executable, "-m", "worker.watchdog", str(frozen.pid), str(port2), "5"], cwd=ROOT,
+                               stderr=subprocess.PIPE)
+        frozen.wait(60)  # the watchdog SIGKILLs it once the heartbeat is 5 s old
+        assert frozen.returncode == -9
+        _, err = dog.communicate(timeout=10)
+        assert dog.returncode == 1 and b"worker frozen" in err
+    finally:
+        if frozen.poll() is None:
+            frozen.kill()
+            frozen.wait(5)
+
