@@ -363,7 +363,8 @@ def main() -> None:
     ap.add_argument("--tmp", default=str(ROOT / "run" / "bench"))
     args = ap.parse_args()
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
-    reports = []
+    reports: list[dict[str, Any]] = []
+    RESULTS.mkdir(parents=True, exist_ok=True)
     for executor in args.executors.split(","):
         for spec in args.runs.split(","):
             n, c = (int(x) for x in spec.lower().split("x"))
@@ -371,12 +372,12 @@ def main() -> None:
             r = run_one(n, c, args.turns, executor, args.jobs_per_worker, lk_rooms, Path(args.tmp), args.keep)
             print(summary(r), flush=True)
             reports.append(r)
-    label = args.label or "-".join(f"{r['conversations']}x{r['concurrency']}-{r['executor']}" for r in reports)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"batch-{label}.json"
-    out.write_text(json.dumps({"machine": machine(), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                               "runs": reports}, indent=2, ensure_ascii=False, default=str))
-    print(f"report: {out.relative_to(ROOT)}")
+            # written after every run, so a long series keeps what it measured
+            label = args.label or "-".join(f"{x['conversations']}x{x['concurrency']}-{x['executor']}" for x in reports)
+            out = RESULTS / f"batch-{label}.json"
+            out.write_text(json.dumps({"machine": machine(), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                       "runs": reports}, indent=2, ensure_ascii=False, default=str))
+            print(f"report: {out.relative_to(ROOT)}", flush=True)
     bad = [r for r in reports if r["lost_turns"] or r["duplicated_turns"] or r["misordered_conversations"]]
     if bad:
         raise SystemExit("lost or duplicated turns: see the report")
