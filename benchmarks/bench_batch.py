@@ -38,7 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e"), str(ROOT / "benchmarks")
 import nats  # noqa: E402
 from stack import running_stack  # noqa: E402
 
-from shared import subjects  # noqa: E402
+from shared import bus, subjects  # noqa: E402
 from shared.contracts import (  # noqa: E402
     BatchEvent,
     BatchFinished,
@@ -160,29 +160,15 @@ async def collect(nats_url: str, batch_id: str) -> dict[str, Any]:
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     out: dict[str, Any] = {"joined": [], "settled": [], "finished": None, "turns": []}
-    sub = await js.subscribe(subjects.batch_events(batch_id), ordered_consumer=True)
-    while True:
-        try:
-            msg = await sub.next_msg(timeout=2)
-        except Exception:
-            break
-        ev = decode_event(msg.data, BatchEvent)
+    for ev in await bus.replay(js, subjects.batch_events(batch_id), BatchEvent):
         if isinstance(ev, ConversationJoined):
             out["joined"].append(ev)
         elif isinstance(ev, ConversationSettled):
             out["settled"].append(ev)
         elif isinstance(ev, BatchFinished):
             out["finished"] = ev
-    await sub.unsubscribe()
-    sub = await js.subscribe(f"conv.{batch_id}.*.turn", ordered_consumer=True)
-    while True:
-        try:
-            msg = await sub.next_msg(timeout=2)
-        except Exception:
-            break
-        ev = decode_event(msg.data, ConversationEvent)
-        if isinstance(ev, TurnRecorded):
-            out["turns"].append(ev)
+    turns = await bus.replay(js, f"conv.{batch_id}.*.turn", ConversationEvent)
+    out["turns"] = [ev for ev in turns if isinstance(ev, TurnRecorded)]
     await nc.drain()
     return out
 

@@ -117,3 +117,19 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]], *, use_uvloop: bool = 
         uvloop.run(_wrapper())
     else:
         asyncio.run(_wrapper())
+
+
+async def replay(js: JetStreamContext, subject: str, union: Any, *, idle_s: float = 2.0) -> list[Any]:
+    """Every stored event on ``subject`` (an ordered consumer from the start), decoded as ``union``;
+    stops once no message has come for ``idle_s``."""
+    sub = await js.subscribe(subject, ordered_consumer=True)
+    events: list[Any] = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=idle_s)
+            except NatsTimeoutError:
+                return events
+            events.append(contracts.decode_event(msg.data, union))
+    finally:
+        await sub.unsubscribe()
