@@ -103,16 +103,16 @@ class ProcSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _workers(self) -> list[psutil.Process]:
-        out = []
+        """Worker processes and their children (watchdog, job processes), each once."""
+        out: dict[int, psutil.Process] = {}
         for p in self.stack.processes():
-            try:
-                cmd = " ".join(p.cmdline())
+            try:  # a worker can exit (or be killed by its watchdog) between the listing and here
+                if "-m worker" in " ".join(p.cmdline()):
+                    out[p.pid] = p
+                    out.update((c.pid, c) for c in p.children(recursive=True))
             except psutil.Error:
                 continue
-            if "-m worker" in cmd:
-                out.append(p)
-                out.extend(p.children(recursive=True))
-        return out
+        return list(out.values())
 
     def worker_rss(self) -> int:
         total = 0
@@ -218,7 +218,7 @@ def scrape(port: str) -> str:
 
 
 def run_one(conversations: int, concurrency: int, turns: int, executor: str, jobs_per_worker: int,
-            lk_rooms: int, tmp: Path, keep: bool = False) -> dict[str, Any]:
+            lk_rooms: int, tmp: Path, keep: bool = False, env: dict[str, str] | None = None) -> dict[str, Any]:
     batch_id = f"bench-{conversations}x{concurrency}-{executor}"
     # enough worker processes for 2 agent sessions per conversation in flight, plus one spare
     workers = -(-2 * concurrency // jobs_per_worker) + 1
@@ -227,6 +227,7 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
         "CROSSTALK_WORKERS": str(workers),
         "CROSSTALK_MAX_CONCURRENCY": str(max(concurrency, 200)),
         "CROSSTALK_WORKER_MAX_JOBS": str(jobs_per_worker),
+        **(env or {}),
     }
     if lk_rooms and shutil.which("lk", path=str(ROOT / ".tools" / "bin")):
         # lk joins rooms it never created; our dispatcher creates its rooms explicitly either way
@@ -276,6 +277,7 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
         "concurrency": concurrency,
         "max_turns": turns,
         "executor": executor,
+        "stack_env": {k: v for k, v in overrides.items() if "SECRET" not in k and "KEY" not in k},
         "worker_processes": workers,
         "jobs_per_worker": jobs_per_worker,
         "completed": finished.completed,
@@ -344,10 +346,18 @@ def main() -> None:
     ap.add_argument("--jobs-per-worker", type=int, default=16,
                     help="CROSSTALK_WORKER_MAX_JOBS; worker processes = 2*concurrency/this + 1")
     ap.add_argument("--lk-rooms", type=int, default=-1, help="rooms for lk perf (default: the concurrency; 0 = skip)")
+    ap.add_argument("--env", action="append", default=[], metavar="VAR=VALUE",
+                    help="extra environment for the stack (repeatable), e.g. CROSSTALK_MAX_JOINING=20")
     ap.add_argument("--label", default="")
     ap.add_argument("--keep", action="store_true", help="keep each run's stack dir (logs, data)")
     ap.add_argument("--tmp", default=str(ROOT / "run" / "bench"))
     args = ap.parse_args()
+    env: dict[str, str] = {}
+    for item in args.env:
+        var, sep, value = item.partition("=")
+        if not sep or not var.isidentifier():
+            ap.error(f"--env: expected VAR=VALUE, got {item!r}")
+        env[var] = value
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
     reports: list[dict[str, Any]] = []
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -355,7 +365,7 @@ def main() -> None:
         for spec in args.runs.split(","):
             n, c = (int(x) for x in spec.lower().split("x"))
             lk_rooms = c if args.lk_rooms < 0 else args.lk_rooms
-            r = run_one(n, c, args.turns, executor, args.jobs_per_worker, lk_rooms, Path(args.tmp), args.keep)
+            r = run_one(n, c, args.turns, executor, args.jobs_per_worker, lk_rooms, Path(args.tmp), args.keep, env)
             print(summary(r), flush=True)
             reports.append(r)
             # written after every run, so a long series keeps what it measured

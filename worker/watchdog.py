@@ -1,8 +1,10 @@
 """A worker's watchdog: a separate process that SIGKILLs its worker when the worker stops living.
 
-Measured here: under load a worker process can freeze for good (every thread waiting on the GIL
-around livekit-rtc's FFI callback thread), while livekit-server keeps offering it jobs that time
-out. A frozen process cannot notice itself, so this small process (no shared GIL) reads the
+Measured here: under load a worker process froze for good (every thread waiting on the GIL),
+while livekit-server kept offering it jobs that timed out. The cause found with this watchdog's
+stack dumps, a CPython 3.11 deadlock in ``sys._current_frames()``, is avoided in worker/server.py;
+the watchdog stays as the backstop for any other freeze. A frozen process cannot notice itself,
+so this small process (no shared GIL) reads the
 worker's ``crosstalk_worker_heartbeat_timestamp_seconds`` from its /metrics; when that has not
 moved for ``CROSSTALK_WORKER_HANG_S`` (or /metrics does not answer), it kills the worker. The
 supervisor restarts it; the dispatcher retries the conversations it was running (``agent_left``).
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -31,6 +35,35 @@ def heartbeat(port: int) -> float | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def log(msg: str, level: str = "error", **fields: object) -> None:
+    print(json.dumps({"ts": round(time.time(), 3), "level": level, "service": "worker-watchdog", "msg": msg, **fields}),
+          file=sys.stderr, flush=True)
+
+
+def dump(pid: int) -> None:
+    """``CROSSTALK_WATCHDOG_DUMP=<dir>``: before the kill, save the frozen worker's native and Python
+    stacks (gdb, py-spy; whichever is installed) there. This is how the loop-monitor deadlock in
+    worker/server.py was found."""
+    out = os.environ.get("CROSSTALK_WATCHDOG_DUMP", "").strip()
+    if not out:
+        return
+    base = os.path.join(out, f"frozen-{pid}-{int(time.time())}")
+    py_spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
+    cmds = {"gdb": [shutil.which("gdb"), "-p", str(pid), "-batch", "-ex", "info threads", "-ex", "thread apply all bt"],
+            "py-spy": [py_spy, "dump", "--native", "--pid", str(pid)]}
+    for name, cmd in cmds.items():
+        if cmd[0] is None:
+            continue
+        try:
+            os.makedirs(out, exist_ok=True)
+            with open(f"{base}.{name}.txt", "w") as f:
+                subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=120, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log("cannot save the frozen worker's stacks", pid=pid, tool=name, error=str(e))
+            return
+    log("saved the frozen worker's stacks", pid=pid, path=base + ".*.txt", level="warning")
 
 
 def alive(pid: int, was_parent: bool) -> bool:
@@ -53,9 +86,8 @@ def main(argv: list[str]) -> int:
             last_ok = time.monotonic()
             continue
         if time.monotonic() - last_ok > hang_s:
-            print(json.dumps({"ts": round(time.time(), 3), "level": "error", "service": "worker-watchdog",
-                              "msg": "worker frozen, killing it", "pid": pid, "silent_s": round(time.monotonic() - last_ok, 1)}),
-                  file=sys.stderr, flush=True)
+            log("worker frozen, killing it", pid=pid, silent_s=round(time.monotonic() - last_ok, 1))
+            dump(pid)
             os.kill(pid, signal.SIGKILL)
             return 1
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -12,7 +14,7 @@ from servers import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_watchdog_kills_a_frozen_worker_and_spares_a_live_one() -> None:
+def test_watchdog_kills_a_frozen_worker_and_spares_a_live_one(tmp_path: Path) -> None:
     # a stand-in "worker": a process whose heartbeat we control through a metrics file it serves
     port = free_port()
     script = f"""
@@ -44,12 +46,21 @@ while True:
     frozen = subprocess.Popen([sys.executable, "-c", script.replace(str(port), str(port2)), "1"])
     try:
         time.sleep(1.5)
+        dumps = tmp_path / "dumps"
         dog = subprocess.Popen([sys.executable, "-m", "worker.watchdog", str(frozen.pid), str(port2), "5"], cwd=ROOT,
-                               stderr=subprocess.PIPE)
-        frozen.wait(60)  # the watchdog SIGKILLs it once the heartbeat is 5 s old
+                               stderr=subprocess.PIPE, env={**os.environ, "CROSSTALK_WATCHDOG_DUMP": str(dumps)})
+        frozen.wait(300)  # the watchdog saves its stacks, then SIGKILLs it once the heartbeat is 5 s old
         assert frozen.returncode == -9
         _, err = dog.communicate(timeout=10)
         assert dog.returncode == 1 and b"worker frozen" in err
+        # the stacks of the frozen process, from whichever of gdb / py-spy this machine has
+        tools = {"gdb": shutil.which("gdb"),
+                 "py-spy": shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")}
+        for tool, path in tools.items():
+            saved = list(dumps.glob(f"frozen-{frozen.pid}-*.{tool}.txt"))
+            assert bool(saved) == bool(path), (tool, saved)
+            if saved:
+                assert "sleep" in saved[0].read_text()  # the stand-in worker sits in time.sleep
     finally:
         if frozen.poll() is None:
             frozen.kill()
