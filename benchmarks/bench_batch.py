@@ -42,6 +42,7 @@ from shared import bus, subjects  # noqa: E402
 from shared.contracts import (  # noqa: E402
     BatchEvent,
     BatchFinished,
+    ConversationDispatched,
     ConversationEvent,
     ConversationJoined,
     ConversationSettled,
@@ -159,9 +160,11 @@ async def collect(nats_url: str, batch_id: str) -> dict[str, Any]:
     """Everything the event log says about the batch."""
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
-    out: dict[str, Any] = {"joined": [], "settled": [], "finished": None, "turns": []}
+    out: dict[str, Any] = {"joined": [], "settled": [], "finished": None, "turns": [], "dispatched": {}}
     for ev in await bus.replay(js, subjects.batch_events(batch_id), BatchEvent):
-        if isinstance(ev, ConversationJoined):
+        if isinstance(ev, ConversationDispatched):
+            out["dispatched"][ev.room] = ev.at
+        elif isinstance(ev, ConversationJoined):
             out["joined"].append(ev)
         elif isinstance(ev, ConversationSettled):
             out["settled"].append(ev)
@@ -210,6 +213,36 @@ def check_transcripts(data_dir: Path, batch_id: str, turns: list[TurnRecorded],
     return {"lost_turns": lost, "duplicated_turns": duplicated, "misordered_conversations": misordered}
 
 
+PHASES = ("dispatch_to_job", "nats", "role", "connected", "peer", "session", "ready")
+
+
+def join_phases(logs_dir: Path, dispatched: dict[str, float]) -> dict[str, dict[str, float | None]]:
+    """Where the join time goes, per agent job: from the workers' ``ready announced`` log lines.
+
+    ``dispatch_to_job``: the dispatcher's CreateDispatch until the job's entrypoint runs (livekit-server
+    assigning the job, the worker accepting it, a runner thread starting it); then each step of
+    worker/job.py: NATS connected, role granted, room connected, peer agent seen, AgentSession
+    started, ready announced. ``ts`` is wall time at ``ready``, so the entrypoint ran at ts - ready_s.
+    """
+    steps: dict[str, list[float]] = {p: [] for p in PHASES}
+    for path in sorted(logs_dir.glob("worker-*.log")):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if '"ready announced"' not in line:
+                continue
+            try:
+                rec = json.loads(line)
+                at = dispatched[rec["room"]]
+                marks = [rec[f"{p}_s"] for p in PHASES[1:]]
+            except (ValueError, KeyError):
+                continue
+            steps["dispatch_to_job"].append(rec["ts"] - rec["ready_s"] - at)
+            prev = 0.0
+            for phase, mark in zip(PHASES[1:], marks, strict=True):
+                steps[phase].append(mark - prev)
+                prev = mark
+    return {p: quantiles(v) for p, v in steps.items()}
+
+
 def scrape(port: str) -> str:
     try:
         return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -252,6 +285,7 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
         events = asyncio.run(collect(stack.nats_url, batch_id))
         alloc_metrics = scrape(stack.env["CROSSTALK_ALLOCATOR_METRICS_PORT"])
         integrity = check_transcripts(stack.data_dir, batch_id, events["turns"], events["settled"])
+        phases = join_phases(stack.run_dir / "logs", events["dispatched"])
         final = [s for s in events["settled"] if not s.retry]
         reasons: dict[str, int] = {}
         for s in final:
@@ -287,6 +321,7 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
         "wall_s": round(wall, 2),
         "conversations_per_min": round(finished.completed / wall * 60, 2),
         "dispatch_to_join_s": join,
+        "join_phases_s": phases,
         "role_grant_s": histogram_quantile(alloc_metrics, "crosstalk_role_request_seconds"),
         "turn_first_token_s": quantiles([t.first_token_s for t in events["turns"] if t.first_token_s is not None]),
         "turn_total_s": quantiles([t.total_s for t in events["turns"] if t.total_s is not None]),
@@ -327,6 +362,10 @@ def summary(r: dict[str, Any]) -> str:
         f"{r['worker_rss_peak_mb']} MB, {r['rss_per_session_mb']} MB per agent session; lost {r['lost_turns']}, "
         f"duplicated {r['duplicated_turns']}, misordered {r['misordered_conversations']}",
     ]
+    ph = r.get("join_phases_s") or {}
+    if ph:
+        lines.append("  join phases p50/p99 (s): " + ", ".join(
+            f"{p} {ph[p]['p50']:.2f}/{ph[p]['p99']:.2f}" for p in PHASES if ph.get(p, {}).get("n")))
     lk = r.get("lk_agent_load_test")
     if lk:
         if "join_delay_s" in lk:

@@ -314,6 +314,9 @@ async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> No
             agent_for(role, scenario, meta.language, conv),
             room=ctx.room,
             record=False,
+            # not a session host: nobody drives these sessions from a frontend, and hosting streams
+            # every state change and chat item to the room (lk.agent.session), i.e. to the peer agent
+            session_host=False,
             room_options=room_io.RoomOptions(
                 text_input=room_io.TextInputOptions(text_input_cb=conv.on_peer_text),
                 audio_input=False,
