@@ -48,9 +48,9 @@ def main() -> None:
         await server.aclose()
         beating.cancel()
 
-    # The worker's loop is asyncio's own unless CROSSTALK_WORKER_LOOP=uvloop: under load (40
-    # conversations, 4 processes) uvloop workers froze for good with every thread waiting on the
-    # GIL around livekit-rtc's FFI callback thread; the same batch on asyncio completed.
+    # The worker's loop is asyncio's own unless CROSSTALK_WORKER_LOOP=uvloop; the benchmarks in
+    # benchmarks/ were measured on asyncio. (Freezes once blamed on uvloop were the loop-monitor
+    # deadlock that server.disable_loop_monitor avoids.)
     try:
         bus.run(run, use_uvloop=os.environ.get("CROSSTALK_WORKER_LOOP", "asyncio") == "uvloop")
     finally:
