@@ -250,8 +250,19 @@ def scrape(port: str) -> str:
         return ""
 
 
+def lk_run(stack: Any, rooms: int, agent_name: str) -> dict[str, Any]:
+    try:
+        from lk_compare import run_lk_agent_load_test
+
+        return run_lk_agent_load_test(stack.livekit_url, "devkey", "secret", rooms=rooms, duration_s=None,
+                                      agent_name=agent_name)
+    except Exception as exc:  # lk missing or failed: say so in the report
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def run_one(conversations: int, concurrency: int, turns: int, executor: str, jobs_per_worker: int,
-            lk_rooms: int, tmp: Path, keep: bool = False, env: dict[str, str] | None = None) -> dict[str, Any]:
+            lk_rooms: int, tmp: Path, keep: bool = False, env: dict[str, str] | None = None,
+            lk_under_load: int = 0) -> dict[str, Any]:
     batch_id = f"bench-{conversations}x{concurrency}-{executor}"
     # enough worker processes for 2 agent sessions per conversation in flight, plus one spare
     workers = -(-2 * concurrency // jobs_per_worker) + 1
@@ -262,7 +273,7 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
         "CROSSTALK_WORKER_MAX_JOBS": str(jobs_per_worker),
         **(env or {}),
     }
-    if lk_rooms and shutil.which("lk", path=str(ROOT / ".tools" / "bin")):
+    if (lk_rooms or lk_under_load) and shutil.which("lk", path=str(ROOT / ".tools" / "bin")):
         # lk joins rooms it never created; our dispatcher creates its rooms explicitly either way
         overrides["LIVEKIT_ROOM_AUTO_CREATE"] = "true"
     workdir = Path(tempfile.mkdtemp(prefix=f"{batch_id}-", dir=tmp))
@@ -280,8 +291,19 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
                 await nc.drain()
 
             asyncio.run(start())
+            under_load: dict[str, Any] = {}
+            lk_thread = None
+            if lk_under_load:
+                # LiveKit's own join measurement while our batch loads the same machine and server
+                def lk_during() -> None:
+                    under_load.update(lk_run(stack, lk_under_load, "lk-echo-under-load"))
+
+                lk_thread = threading.Thread(target=lk_during, daemon=True)
+                lk_thread.start()
             finished = asyncio.run(wait_finished(stack.nats_url, batch_id, timeout=3600))
             wall = time.time() - t0
+            if lk_thread is not None:
+                lk_thread.join()
         events = asyncio.run(collect(stack.nats_url, batch_id))
         alloc_metrics = scrape(stack.env["CROSSTALK_ALLOCATOR_METRICS_PORT"])
         integrity = check_transcripts(stack.data_dir, batch_id, events["turns"], events["settled"])
@@ -291,15 +313,7 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
         for s in final:
             if s.outcome == "failed":
                 reasons[s.reason] = reasons.get(s.reason, 0) + 1
-        lk_result = None
-        if lk_rooms:
-            try:
-                from lk_compare import run_lk_agent_load_test
-
-                lk_result = run_lk_agent_load_test(stack.livekit_url, "devkey", "secret", rooms=lk_rooms,
-                                                   duration_s=None, agent_name="lk-echo")
-            except Exception as exc:  # lk missing or failed: say so in the report
-                lk_result = {"error": f"{type(exc).__name__}: {exc}"}
+        lk_result = lk_run(stack, lk_rooms, "lk-echo") if lk_rooms else None
     if not keep:
         shutil.rmtree(workdir, ignore_errors=True)
     sessions = 2 * concurrency
@@ -333,10 +347,12 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
         "rss_per_session_mb": round((sampler.peak_worker_rss - sampler.idle_worker_rss) / 2**20 / sessions, 2),
         **integrity,
         "lk_agent_load_test": lk_result,
+        "lk_agent_load_test_under_batch": under_load or None,
     }
-    if lk_result and "join_delay_s" in lk_result and join["p99"]:
-        theirs = lk_result["join_delay_s"].get("p99")
-        report["join_p99_ratio_ours_to_lk"] = round(join["p99"] / theirs, 2) if theirs else None
+    for res, key in ((lk_result, "join_p99_ratio_ours_to_lk"), (under_load, "join_p99_ratio_ours_to_lk_under_batch")):
+        if res and "join_delay_s" in res and join["p99"]:
+            theirs = res["join_delay_s"].get("p99")
+            report[key] = round(join["p99"] / theirs, 2) if theirs else None
     return report
 
 
@@ -366,14 +382,18 @@ def summary(r: dict[str, Any]) -> str:
     if ph:
         lines.append("  join phases p50/p99 (s): " + ", ".join(
             f"{p} {ph[p]['p50']:.2f}/{ph[p]['p99']:.2f}" for p in PHASES if ph.get(p, {}).get("n")))
-    lk = r.get("lk_agent_load_test")
-    if lk:
+    for key, when in (("lk_agent_load_test", "after the batch, idle machine"),
+                      ("lk_agent_load_test_under_batch", "during the batch")):
+        lk = r.get(key)
+        if not lk:
+            continue
         if "join_delay_s" in lk:
             d = lk["join_delay_s"]
-            lines.append(f"  lk perf agent-load-test ({lk.get('rooms')} rooms): join delay p50/p95/p99 = "
-                         f"{d.get('p50')}/{d.get('p95')}/{d.get('p99')} s; ours/lk p99 = {r.get('join_p99_ratio_ours_to_lk')}")
+            lines.append(f"  lk perf agent-load-test ({lk.get('rooms')} rooms, {when}): join delay p50/p95/p99 = "
+                         f"{d.get('p50')}/{d.get('p95')}/{d.get('p99')} s; ours/lk p99 = "
+                         f"{r.get('join_p99_ratio_ours_to_lk' + ('_under_batch' if 'under' in key else ''))}")
         else:
-            lines.append(f"  lk perf agent-load-test unavailable: {lk.get('error')}")
+            lines.append(f"  lk perf agent-load-test ({when}) unavailable: {lk.get('error')}")
     return "\n".join(lines)
 
 
@@ -387,6 +407,8 @@ def main() -> None:
     ap.add_argument("--lk-rooms", type=int, default=-1, help="rooms for lk perf (default: the concurrency; 0 = skip)")
     ap.add_argument("--env", action="append", default=[], metavar="VAR=VALUE",
                     help="extra environment for the stack (repeatable), e.g. CROSSTALK_MAX_JOINING=20")
+    ap.add_argument("--lk-under-load", type=int, default=20, metavar="ROOMS",
+                    help="also run lk perf for this many rooms while the batch runs (0 = skip)")
     ap.add_argument("--label", default="")
     ap.add_argument("--keep", action="store_true", help="keep each run's stack dir (logs, data)")
     ap.add_argument("--tmp", default=str(ROOT / "run" / "bench"))
@@ -404,7 +426,8 @@ def main() -> None:
         for spec in args.runs.split(","):
             n, c = (int(x) for x in spec.lower().split("x"))
             lk_rooms = c if args.lk_rooms < 0 else args.lk_rooms
-            r = run_one(n, c, args.turns, executor, args.jobs_per_worker, lk_rooms, Path(args.tmp), args.keep, env)
+            r = run_one(n, c, args.turns, executor, args.jobs_per_worker, lk_rooms, Path(args.tmp), args.keep, env,
+                       args.lk_under_load)
             print(summary(r), flush=True)
             reports.append(r)
             # written after every run, so a long series keeps what it measured

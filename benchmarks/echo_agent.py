@@ -43,20 +43,15 @@ from livekit.agents import AgentServer, AutoSubscribe, JobContext, JobExecutorTy
 
 from shared import bus  # noqa: E402
 from shared.log import kv, setup  # noqa: E402
+from worker.server import TARGET_LOAD, disable_loop_monitor, init_rtc, job_load  # noqa: E402
 
 log = logging.getLogger("echo_agent")
 
-TARGET_LOAD = 0.7  # livekit-server's agents.target_load default
 CONNECT_TIMEOUT_S = 20.0
 # Measured with livekit 1.1.21 on the thread executor: two jobs of one process calling
 # Room.connect at the same moment both hang, so connects are serialized per process
 # (the same pattern as worker/job.py connect_room).
 _CONNECT_LOCK = threading.Lock()
-
-
-def job_load(active: int, max_jobs: int) -> float:
-    """Load reported to livekit-server: reaches TARGET_LOAD exactly when ``max_jobs`` run."""
-    return min(1.0, TARGET_LOAD * active / max_jobs)
 
 
 def has_other_humans(room: rtc.Room) -> bool:
@@ -89,6 +84,9 @@ async def entrypoint(ctx: JobContext, *, announce: bool) -> None:
 
 def build(agent_name: str, max_jobs: int, announce: bool,
           url: str, key: str, secret: str) -> AgentServer:
+    init_rtc()
+    disable_loop_monitor()  # the same conditions as the crosstalk worker (worker/server.py)
+
     def load(server: AgentServer) -> float:
         return job_load(len(server.active_jobs), max_jobs)
 

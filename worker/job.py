@@ -50,6 +50,7 @@ from shared.log import kv
 from shared.metrics import WorkerMetrics
 from worker.agents import agent_for
 from worker.bridge import ATTR_TURN, RoomBridge, peer_role
+from worker.transcription import CoalescedTranscription
 
 log = logging.getLogger("worker.job")
 
@@ -310,6 +311,10 @@ async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> No
         )
         conv.session = session
         session.on("conversation_item_added", conv.on_item)
+        # what the agent says, on lk.transcription for anyone watching the room, a few chunks per
+        # second instead of one data packet per token (worker/transcription.py)
+        transcription = CoalescedTranscription(ctx.room)
+        session.output.transcription = transcription
         await session.start(
             agent_for(role, scenario, meta.language, conv),
             room=ctx.room,
@@ -321,7 +326,7 @@ async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> No
                 text_input=room_io.TextInputOptions(text_input_cb=conv.on_peer_text),
                 audio_input=False,
                 audio_output=False,
-                text_output=room_io.TextOutputOptions(sync_transcription=False),
+                text_output=False,  # the transcription goes out through CoalescedTranscription (set above)
                 participant_kinds=[rtc.ParticipantKind.PARTICIPANT_KIND_AGENT],
                 participant_identity=peer.identity,
                 close_on_disconnect=False,
@@ -361,6 +366,7 @@ async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> No
         metrics.jobs.labels("completed" if ok else "failed").inc()
         log.info("conversation ended", extra=kv(room=room_name, role=role, reason=reason, ok=ok))
         await session.aclose()
+        await transcription.aclose()
         await llm_client.close()
     except Exception as exc:
         log.exception("job failed", extra=kv(job_id=job_id, room=room_name))
