@@ -250,13 +250,25 @@ def scrape(port: str) -> str:
         return ""
 
 
-def lk_run(stack: Any, rooms: int, agent_name: str) -> dict[str, Any]:
+def lk_run(stack: Any, rooms: int, agent_name: str, start_agent: bool = True) -> dict[str, Any]:
     try:
         from lk_compare import run_lk_agent_load_test
 
         return run_lk_agent_load_test(stack.livekit_url, "devkey", "secret", rooms=rooms, duration_s=None,
-                                      agent_name=agent_name)
+                                      agent_name=agent_name, start_agent=start_agent)
     except Exception as exc:  # lk missing or failed: say so in the report
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def start_echo(stack: Any, agent_name: str) -> Any:
+    """The echo agent for the lk run during the batch, registered before the batch loads the machine."""
+    try:
+        from lk_compare import find_lk, start_echo_agent
+
+        find_lk()
+        return start_echo_agent(stack.livekit_url, "devkey", "secret", agent_name, announce=True,
+                                log_path=stack.tmp / f"{agent_name}.log")
+    except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
@@ -290,13 +302,16 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
                 assert json.loads(reply.data)["accepted"], reply.data
                 await nc.drain()
 
-            asyncio.run(start())
             under_load: dict[str, Any] = {}
             lk_thread = None
-            if lk_under_load:
+            echo = start_echo(stack, "lk-echo-under-load") if lk_under_load else None
+            if isinstance(echo, dict):
+                under_load, echo = echo, None
+            asyncio.run(start())
+            if echo is not None:
                 # LiveKit's own join measurement while our batch loads the same machine and server
                 def lk_during() -> None:
-                    under_load.update(lk_run(stack, lk_under_load, "lk-echo-under-load"))
+                    under_load.update(lk_run(stack, lk_under_load, "lk-echo-under-load", start_agent=False))
 
                 lk_thread = threading.Thread(target=lk_during, daemon=True)
                 lk_thread.start()
@@ -304,6 +319,10 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
             wall = time.time() - t0
             if lk_thread is not None:
                 lk_thread.join()
+            if echo is not None:
+                from lk_compare import stop_process
+
+                stop_process(echo)
         events = asyncio.run(collect(stack.nats_url, batch_id))
         alloc_metrics = scrape(stack.env["CROSSTALK_ALLOCATOR_METRICS_PORT"])
         integrity = check_transcripts(stack.data_dir, batch_id, events["turns"], events["settled"])
