@@ -40,6 +40,7 @@ from stack import running_stack  # noqa: E402
 
 from shared import bus, subjects  # noqa: E402
 from shared.contracts import (  # noqa: E402
+    AgentJoined,
     BatchEvent,
     BatchFinished,
     ConversationDispatched,
@@ -172,6 +173,8 @@ async def collect(nats_url: str, batch_id: str) -> dict[str, Any]:
             out["finished"] = ev
     turns = await bus.replay(js, f"conv.{batch_id}.*.turn", ConversationEvent)
     out["turns"] = [ev for ev in turns if isinstance(ev, TurnRecorded)]
+    joins = await bus.replay(js, f"conv.{batch_id}.*.joined", ConversationEvent)
+    out["agents_joined"] = [ev for ev in joins if isinstance(ev, AgentJoined)]
     await nc.drain()
     return out
 
@@ -193,6 +196,23 @@ async def wait_finished(nats_url: str, batch_id: str, timeout: float) -> BatchFi
     finally:
         await nc.drain()
     raise TimeoutError(f"batch {batch_id} did not finish within {timeout}s")
+
+
+def check_roles(agents: list[AgentJoined], settled: list[ConversationSettled]) -> dict[str, int]:
+    """Every room's agents, from their own AgentJoined events: never two of one role in a room, and
+    exactly one customer and one support in the room of every completed conversation."""
+    by_room: dict[str, dict[str, set[str]]] = {}
+    for a in agents:
+        by_room.setdefault(a.room, {}).setdefault(a.role, set()).add(a.identity)
+    completed_rooms = {f"{s.conversation_id}-a{s.attempt}" for s in settled if s.outcome == "completed"}
+    return {
+        "rooms_with_agents": len(by_room),
+        "rooms_with_two_agents_of_one_role": sum(any(len(ids) > 1 for ids in roles.values())
+                                                 for roles in by_room.values()),
+        "completed_rooms_without_one_of_each_role": sum(
+            sorted(by_room.get(room, {})) != ["customer", "support"]
+            or any(len(ids) != 1 for ids in by_room[room].values()) for room in completed_rooms),
+    }
 
 
 def check_transcripts(data_dir: Path, batch_id: str, turns: list[TurnRecorded],
@@ -327,6 +347,7 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
         alloc_metrics = scrape(stack.env["CROSSTALK_ALLOCATOR_METRICS_PORT"])
         integrity = check_transcripts(stack.data_dir, batch_id, events["turns"], events["settled"])
         phases = join_phases(stack.run_dir / "logs", events["dispatched"])
+        roles = check_roles(events["agents_joined"], events["settled"])
         final = [s for s in events["settled"] if not s.retry]
         reasons: dict[str, int] = {}
         for s in final:
@@ -365,6 +386,7 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
         "worker_rss_peak_mb": round(sampler.peak_worker_rss / 2**20, 1),
         "rss_per_session_mb": round((sampler.peak_worker_rss - sampler.idle_worker_rss) / 2**20 / sessions, 2),
         **integrity,
+        **roles,
         "lk_agent_load_test": lk_result,
         "lk_agent_load_test_under_batch": under_load or None,
     }
@@ -395,7 +417,9 @@ def summary(r: dict[str, Any]) -> str:
         f"turn p50/p99 = {t['p50']}/{t['p99']} s",
         f"  CPU {r['cpu_s_per_conversation']} s/conversation; worker RSS idle {r['worker_rss_idle_mb']} MB, peak "
         f"{r['worker_rss_peak_mb']} MB, {r['rss_per_session_mb']} MB per agent session; lost {r['lost_turns']}, "
-        f"duplicated {r['duplicated_turns']}, misordered {r['misordered_conversations']}",
+        f"duplicated {r['duplicated_turns']}, misordered {r['misordered_conversations']}; rooms with two agents of "
+        f"one role {r.get('rooms_with_two_agents_of_one_role')}, completed without one of each "
+        f"{r.get('completed_rooms_without_one_of_each_role')}",
     ]
     ph = r.get("join_phases_s") or {}
     if ph:
@@ -455,7 +479,8 @@ def main() -> None:
             out.write_text(json.dumps({"machine": machine(), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                        "runs": reports}, indent=2, ensure_ascii=False, default=str))
             print(f"report: {out.relative_to(ROOT)}", flush=True)
-    bad = [r for r in reports if r["lost_turns"] or r["duplicated_turns"] or r["misordered_conversations"]]
+    bad = [r for r in reports if r["lost_turns"] or r["duplicated_turns"] or r["misordered_conversations"]
+           or r["rooms_with_two_agents_of_one_role"] or r["completed_rooms_without_one_of_each_role"]]
     if bad:
         raise SystemExit("lost or duplicated turns: see the report")
 
