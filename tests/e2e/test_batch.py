@@ -381,7 +381,7 @@ async def test_regression_nothing_lost_20_at_10(stack: Any, js: Any) -> None:
     batch_id, n = "e2e-regress", 20
     import nats
 
-    from shared.contracts import ConversationEvent, TurnRecorded
+    from shared.contracts import AgentJoined, ConversationEvent, TurnRecorded
 
     nc = await nats.connect(stack.nats_url)
     await nc.request("batch.start", json.dumps({"batch_id": batch_id, "conversations": n, "concurrency": 10,
@@ -401,7 +401,22 @@ async def test_regression_nothing_lost_20_at_10(stack: Any, js: Any) -> None:
         assert isinstance(ev, TurnRecorded)
         if ev.attempt == batch["conversations"][ev.conversation_id]["attempts"]:
             events[ev.conversation_id][ev.turn] = ev.text
+    # every room's agents, from their own joined events: one customer and one support, never two of a role
+    agents: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    sub = await js.subscribe(f"conv.{batch_id}.*.joined", ordered_consumer=True)
+    while True:
+        try:
+            msg = await sub.next_msg(timeout=2)
+        except Exception:
+            break
+        joined = decode_event(msg.data, ConversationEvent)
+        assert isinstance(joined, AgentJoined)
+        agents[joined.room][joined.role].add(joined.identity)
     await nc.drain()
+    for cid, conv in batch["conversations"].items():
+        room = f"{cid}-a{conv['attempts']}"
+        assert {role: len(ids) for role, ids in agents[room].items()} == {"customer": 1, "support": 1}, room
+    assert all(len(ids) == 1 for roles in agents.values() for ids in roles.values())
     assert len(batch["conversations"]) == n
     for cid in batch["conversations"]:
         turns = read_turns(stack, batch_id, cid)
