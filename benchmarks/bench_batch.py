@@ -38,6 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e"), str(ROOT / "benchmarks")
 import nats  # noqa: E402
 from stack import running_stack  # noqa: E402
 
+from services.dispatcher.core import room_name  # noqa: E402
 from shared import bus, subjects  # noqa: E402
 from shared.contracts import (  # noqa: E402
     AgentJoined,
@@ -204,7 +205,7 @@ def check_roles(agents: list[AgentJoined], settled: list[ConversationSettled]) -
     by_room: dict[str, dict[str, set[str]]] = {}
     for a in agents:
         by_room.setdefault(a.room, {}).setdefault(a.role, set()).add(a.identity)
-    completed_rooms = {f"{s.conversation_id}-a{s.attempt}" for s in settled if s.outcome == "completed"}
+    completed_rooms = {room_name(s.conversation_id, s.attempt) for s in settled if s.outcome == "completed"}
     return {
         "rooms_with_agents": len(by_room),
         "rooms_with_two_agents_of_one_role": sum(any(len(ids) > 1 for ids in roles.values())
@@ -425,16 +426,16 @@ def summary(r: dict[str, Any]) -> str:
     if ph:
         lines.append("  join phases p50/p99 (s): " + ", ".join(
             f"{p} {ph[p]['p50']:.2f}/{ph[p]['p99']:.2f}" for p in PHASES if ph.get(p, {}).get("n")))
-    for key, when in (("lk_agent_load_test", "after the batch, idle machine"),
-                      ("lk_agent_load_test_under_batch", "during the batch")):
+    for key, ratio, when in (
+            ("lk_agent_load_test", "join_p99_ratio_ours_to_lk", "after the batch, idle machine"),
+            ("lk_agent_load_test_under_batch", "join_p99_ratio_ours_to_lk_under_batch", "during the batch")):
         lk = r.get(key)
         if not lk:
             continue
         if "join_delay_s" in lk:
             d = lk["join_delay_s"]
             lines.append(f"  lk perf agent-load-test ({lk.get('rooms')} rooms, {when}): join delay p50/p95/p99 = "
-                         f"{d.get('p50')}/{d.get('p95')}/{d.get('p99')} s; ours/lk p99 = "
-                         f"{r.get('join_p99_ratio_ours_to_lk' + ('_under_batch' if 'under' in key else ''))}")
+                         f"{d.get('p50')}/{d.get('p95')}/{d.get('p99')} s; ours/lk p99 = {r.get(ratio)}")
         else:
             lines.append(f"  lk perf agent-load-test ({when}) unavailable: {lk.get('error')}")
     return "\n".join(lines)
@@ -482,7 +483,7 @@ def main() -> None:
     bad = [r for r in reports if r["lost_turns"] or r["duplicated_turns"] or r["misordered_conversations"]
            or r["rooms_with_two_agents_of_one_role"] or r["completed_rooms_without_one_of_each_role"]]
     if bad:
-        raise SystemExit("lost or duplicated turns: see the report")
+        raise SystemExit("lost or duplicated turns, or a room with two agents of one role: see the report")
 
 
 if __name__ == "__main__":

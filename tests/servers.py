@@ -51,7 +51,6 @@ def free_ports(n: int, avoid: set[int] | None = None) -> list[int]:
     return chosen
 
 
-
 def free_port() -> int:
     return free_ports(1)[0]
 
@@ -130,7 +129,7 @@ logging:
 
 
 def start_livekit(workdir: Path) -> Server:
-    port, tcp, prom = free_port(), free_port(), free_port()
+    port, tcp, prom = free_ports(3)
     lo, hi = _ephemeral_range()
     udp_start = random.choice([p for p in range(15000, 64800, 100) if p + 100 < lo or p > hi])
     workdir.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,8 @@ from livekit import rtc
 from livekit.agents.utils import shortuuid
 from livekit.agents.voice import io
 
+from shared.log import kv
+
 log = logging.getLogger("worker.transcription")
 
 TOPIC = "lk.transcription"
@@ -85,7 +87,7 @@ class CoalescedTranscription(io.TextOutput):
             await self._writer.write(text)
             self.chunks_written += 1
         except Exception as exc:  # the room went away mid-turn: the turn itself is recorded elsewhere
-            log.warning("cannot publish transcription", extra={"error": str(exc)})
+            log.warning("cannot publish transcription", extra=kv(error=str(exc)))
         self._last_write = time.monotonic()
 
     async def _close(self, writer: rtc.TextStreamWriter | None, text: str, segment: str) -> None:
@@ -100,4 +102,4 @@ class CoalescedTranscription(io.TextOutput):
                     self.chunks_written += 1
                 await writer.aclose(attributes={ATTR_FINAL: "true", ATTR_SEGMENT: segment})
             except Exception as exc:
-                log.warning("cannot publish transcription", extra={"error": str(exc)})
+                log.warning("cannot publish transcription", extra=kv(error=str(exc)))

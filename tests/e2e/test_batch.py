@@ -22,7 +22,7 @@ import pytest
 from livekit import api, rtc
 from stack import ROOT, free_ports, running_stack
 
-from shared import scenarios, subjects
+from shared import bus, scenarios, subjects
 from shared.contracts import BatchEvent, BatchFinished, decode_event
 
 pytestmark = pytest.mark.e2e
@@ -285,8 +285,6 @@ async def test_two_workers_one_killed_mid_batch(stack: Any, lkapi: api.LiveKitAP
     assert finished.completed >= 12, batch["conversations"]
 
 
-
-
 def scrape(port: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     import urllib.request
 
@@ -381,6 +379,7 @@ async def test_regression_nothing_lost_20_at_10(stack: Any, js: Any) -> None:
     batch_id, n = "e2e-regress", 20
     import nats
 
+    from services.dispatcher.core import room_name
     from shared.contracts import AgentJoined, ConversationEvent, TurnRecorded
 
     nc = await nats.connect(stack.nats_url)
@@ -390,31 +389,19 @@ async def test_regression_nothing_lost_20_at_10(stack: Any, js: Any) -> None:
     batch = read_batch(stack, batch_id)
     assert (finished.completed, finished.failed) == (n, 0), batch["conversations"]
     # every turn event of the completed attempt is in its file exactly once, in order
-    sub = await js.subscribe(f"conv.{batch_id}.*.turn", ordered_consumer=True)
     events: dict[str, dict[int, str]] = defaultdict(dict)
-    while True:
-        try:
-            msg = await sub.next_msg(timeout=2)
-        except Exception:
-            break
-        ev = decode_event(msg.data, ConversationEvent)
+    for ev in await bus.replay(js, f"conv.{batch_id}.*.turn", ConversationEvent):
         assert isinstance(ev, TurnRecorded)
         if ev.attempt == batch["conversations"][ev.conversation_id]["attempts"]:
             events[ev.conversation_id][ev.turn] = ev.text
     # every room's agents, from their own joined events: one customer and one support, never two of a role
     agents: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-    sub = await js.subscribe(f"conv.{batch_id}.*.joined", ordered_consumer=True)
-    while True:
-        try:
-            msg = await sub.next_msg(timeout=2)
-        except Exception:
-            break
-        joined = decode_event(msg.data, ConversationEvent)
+    for joined in await bus.replay(js, f"conv.{batch_id}.*.joined", ConversationEvent):
         assert isinstance(joined, AgentJoined)
         agents[joined.room][joined.role].add(joined.identity)
     await nc.drain()
     for cid, conv in batch["conversations"].items():
-        room = f"{cid}-a{conv['attempts']}"
+        room = room_name(cid, conv["attempts"])
         assert {role: len(ids) for role, ids in agents[room].items()} == {"customer": 1, "support": 1}, room
     assert all(len(ids) == 1 for roles in agents.values() for ids in roles.values())
     assert len(batch["conversations"]) == n
