@@ -77,6 +77,12 @@ class Settings:
     model_port: int = 8088
     model_ttft_ms: float = 150.0
     model_tokens_per_s: float = 400.0
+    # True when OPENAI_API_KEY / OPENAI_BASE_URL point the agents at a real model: any language then,
+    # instead of the scripted model's one script per scenario
+    real_model: bool = False
+    # livekit-server webhook receiver (services/webhook)
+    webhook_host: str = "127.0.0.1"
+    webhook_port: int = 8089
     # observability
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0  # 0: pick per process default (see shared.metrics)
@@ -136,8 +142,11 @@ def load(env: dict[str, str] | None = None) -> Settings:
         model_port=_num(e, "CROSSTALK_MODEL_PORT", 8088, lo=1, hi=65535, integer=True),
         model_ttft_ms=_num(e, "CROSSTALK_MODEL_TTFT_MS", 150.0, lo=0, hi=60_000),
         model_tokens_per_s=_num(e, "CROSSTALK_MODEL_TOKENS_PER_S", 400.0, lo=1, hi=1_000_000),
+        webhook_host=_str(e, "CROSSTALK_WEBHOOK_HOST", "127.0.0.1"),
+        webhook_port=_num(e, "CROSSTALK_WEBHOOK_PORT", 8089, lo=1, hi=65535, integer=True),
         metrics_host=_str(e, "CROSSTALK_METRICS_HOST", "127.0.0.1"),
         metrics_port=_num(e, "CROSSTALK_METRICS_PORT", 0, lo=0, hi=65535, integer=True),
+        real_model=real_model,
     )
 
 

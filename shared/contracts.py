@@ -59,8 +59,12 @@ class Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=False, omit_defa
 # --------------------------------------------------------------------------- batch
 
 
-class StartBatch(Struct, frozen=True, kw_only=True):
-    """Public command on ``batch.start``. Every field optional; see ARCHITECTURE.md."""
+class StartBatch(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Public command on ``batch.start``. Every field optional; see ARCHITECTURE.md.
+
+    Unknown fields are rejected, not ignored: a typo (``"conversation": 200``) must not
+    silently run the default single conversation.
+    """
 
     batch_id: BatchId | None = None
     conversations: Annotated[int, msgspec.Meta(ge=1)] = 1
@@ -247,6 +251,77 @@ class ConversationEnded(Struct, frozen=True, kw_only=True, tag="conversation_end
 
 
 ConversationEvent = AgentJoined | TurnRecorded | ConversationEnded
+
+# --------------------------------------------------------------------------- livekit-server's view
+
+RoomWebhookKind = Literal["room_started", "room_finished", "participant_joined", "participant_left"]
+
+
+class RoomWebhook(Struct, frozen=True, kw_only=True):
+    """One verified livekit-server webhook as crosstalk keeps it (``lk.room.<room>.<event>``).
+
+    ``id`` is livekit-server's event id (its retries repeat it: the Nats-Msg-Id). ``at`` is
+    the event's ``createdAt`` (server clock, whole seconds); ``joined_at`` the participant's
+    ``joinedAtMs`` / 1000. ``kind`` is the participant kind in lower case (``agent``,
+    ``standard``, ``sip``, ...). Room passwords and tokens are never copied here.
+    """
+
+    event: RoomWebhookKind
+    id: Identity
+    room: Token
+    room_sid: str = ""
+    identity: str | None = None
+    participant_sid: str | None = None
+    kind: str | None = None
+    joined_at: float | None = None
+    at: float
+    received_at: float
+
+
+# --------------------------------------------------------------------------- capacity
+
+Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class WorkerCapacity(Struct, frozen=True, kw_only=True):
+    """A worker process's heartbeat on ``worker.capacity.<worker_id>`` (core NATS, every ``interval_s``).
+
+    ``capacity`` agent sessions at most, ``active`` running, ``free`` more it accepts (0 while
+    ``closing``); ``rooms`` the room of every active job, one entry per job. See shared/capacity.py.
+    """
+
+    worker_id: Token
+    agent_name: Token
+    capacity: Count
+    active: Count
+    free: Count
+    rooms: tuple[str, ...] = ()
+    interval_s: float
+    closing: bool = False
+    livekit_worker_id: str | None = None
+    at: float
+
+
+class BatchQueue(Struct, frozen=True, kw_only=True):
+    """One running batch in :class:`DispatcherStatus`: ``queued`` conversations its concurrency
+    would run now but worker capacity does not admit yet; ``pending`` all not yet in flight."""
+
+    in_flight: Count
+    queued: Count
+    pending: Count
+
+
+class DispatcherStatus(Struct, frozen=True, kw_only=True):
+    """The dispatcher's admission view on ``dispatcher.status`` (core NATS, about every second)."""
+
+    workers: Count
+    capacity: Count
+    free: Count
+    reserved: Count
+    queued: Count
+    batches: dict[str, BatchQueue] = {}
+    at: float
+
 
 # --------------------------------------------------------------------------- codec
 

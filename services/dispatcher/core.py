@@ -14,8 +14,8 @@ attempt; losing them on a restart only delays a decision, never duplicates one.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
-import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import Literal
@@ -23,7 +23,7 @@ from typing import Literal
 import msgspec
 from msgspec.structs import replace
 
-from shared import contracts
+from shared import contracts, rooms
 from shared.config import Settings
 from shared.contracts import (
     ROLES,
@@ -48,6 +48,8 @@ LIVENESS_MISSES = 2
 AGENTS_PER_ROOM = 2
 MAX_REASON_CHARS = 300
 VOICE_UNAVAILABLE = "voice mode is not available in this build"
+# Public batch.start fields (ARCHITECTURE.md) that this version does not implement yet: refused by name.
+PLANNED_FIELDS = frozenset({"target_agent", "target_metadata", "scenarios", "trials"})
 
 # --------------------------------------------------------------------------- validation
 
@@ -90,7 +92,8 @@ def validate(
         cmd = contracts.decode(body, StartBatch, max_bytes=max_bytes)
     except ContractError as exc:
         claimed = _claimed_batch_id(body) if len(body) <= max_bytes else None
-        return Rejection(field=exc.field, reason=exc.reason, batch_id=claimed)
+        reason = unknown_field_reason(exc.field) if "unknown field" in exc.reason else exc.reason
+        return Rejection(field=exc.field, reason=reason, batch_id=claimed)
     bid = cmd.batch_id
 
     def reject(field: str, reason: str) -> Rejection:
@@ -107,16 +110,39 @@ def validate(
         return reject("scenario", f"unknown scenario {scenario_id!r}; known: {known}")
     if cmd.mode == "voice":
         return reject("mode", VOICE_UNAVAILABLE)
+    language = cmd.language or scenario.language
+    if language != scenario.language and not settings.real_model:
+        return reject("language", language_mismatch(scenario, language, scenarios))
     requested_concurrency = cmd.concurrency or settings.max_concurrency
     return BatchSpec(
         batch_id=bid or generated_batch_id(received_at, seed),
         conversations=cmd.conversations,
         concurrency=min(requested_concurrency, cmd.conversations),
         scenario=scenario_id,
-        language=cmd.language or scenario.language,
+        language=language,
         max_turns=cmd.max_turns,
         mode=cmd.mode,
     )
+
+
+def unknown_field_reason(name: str) -> str:
+    """Why an unknown ``batch.start`` field is refused, with the field the user probably meant."""
+    if name in PLANNED_FIELDS:
+        return f"{name!r} is not supported by this version of crosstalk; nothing was started"
+    known = StartBatch.__struct_fields__
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown field {name!r}; {hint}known fields: {', '.join(known)}"
+
+
+def language_mismatch(scenario: Scenario, language: str, scenarios: Mapping[str, Scenario]) -> str:
+    """The scripted model plays one script per scenario: never English while Hindi was asked."""
+    variants = sorted(s.id for s in scenarios.values() if s.language == language)
+    hint = (f"scenarios scripted in {language!r}: {', '.join(variants)}" if variants
+            else f"no scenario has an offline script in {language!r}")
+    return (f"scenario {scenario.id!r} is scripted in {scenario.language!r}, not {language!r}, and the offline "
+            f"model plays the script as written; {hint} (with a real model, OPENAI_API_KEY/OPENAI_BASE_URL, "
+            f"any language is served)")
 
 
 # --------------------------------------------------------------------------- naming
@@ -126,17 +152,9 @@ def conversation_id(batch_id: str, index: int) -> str:
     return f"{batch_id}-{index:05d}"
 
 
-def room_name(conv_id: str, attempt: int) -> str:
-    return f"{conv_id}-a{attempt}"
-
-
-_ROOM_RE = re.compile(r"^(?P<conv>[a-z0-9][a-z0-9-]*-\d{5,})-a(?P<attempt>\d+)$")
-
-
-def parse_room(name: str) -> tuple[str, int] | None:
-    """``<conversation_id>-a<N>`` -> (conversation_id, N); None for rooms that are not ours."""
-    m = _ROOM_RE.match(name)
-    return (m["conv"], int(m["attempt"])) if m else None
+# Room names live in shared.rooms (the sink's room audit parses them too).
+room_name = rooms.room_name
+parse_room = rooms.parse_room
 
 
 def job_metadata(spec: BatchSpec, conv_id: str, attempt: int) -> JobMetadata:

@@ -90,6 +90,17 @@ async def fetch(sub: JetStreamContext.PullSubscription, batch: int) -> list[Msg]
         return []
 
 
+class UnreadableLog(RuntimeError):
+    """A stored batch event this dispatcher cannot decode: its state would not be a fold of the log."""
+
+    def __init__(self, subject: str, seq: int, exc: ContractError) -> None:
+        super().__init__(f"{EVENTS_STREAM} sequence {seq} on {subject} cannot be decoded ({exc.field}: {exc.reason}); "
+                         f"refusing to run on a log it cannot fold. Inspect it with "
+                         f"`nats stream get {EVENTS_STREAM} {seq}`; run the crosstalk version that wrote it, "
+                         f"or remove that message (`nats stream rmm {EVENTS_STREAM} {seq}`) knowingly")
+        self.subject, self.seq, self.field, self.reason = subject, seq, exc.field, exc.reason
+
+
 def batch_of(event: BatchEvent) -> str:
     return event.spec.batch_id if isinstance(event, BatchAccepted) else event.batch_id
 
@@ -210,8 +221,9 @@ class Dispatcher:
                     try:
                         out.append((contracts.decode_event(m.data, BatchEvent), m.metadata.sequence.stream))
                     except ContractError as exc:
-                        log.error("undecodable batch event skipped", extra=kv(
-                            subject=m.subject, seq=m.metadata.sequence.stream, field=exc.field, reason=exc.reason))
+                        # Skipping it would make the fold silently diverge from the log (a settled
+                        # conversation run again, a batch that never finishes): refuse instead.
+                        raise UnreadableLog(m.subject, m.metadata.sequence.stream, exc) from None
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -602,7 +614,12 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     rooms = Rooms(settings, metrics)
     try:
         dispatcher = Dispatcher(settings, nc, js, rooms, metrics)
-        await dispatcher.start()
+        try:
+            await dispatcher.start()
+        except UnreadableLog as exc:
+            log.error("cannot fold the batch event log", extra=kv(seq=exc.seq, subject=exc.subject, field=exc.field,
+                                                                  reason=exc.reason, error=str(exc)))
+            raise SystemExit(3) from None
         await dispatcher.serve(stop)
     finally:
         await rooms.aclose()

@@ -53,9 +53,9 @@ class Rooms:
     async def aclose(self) -> None:
         await self._api.aclose()
 
-    async def _call(self, name: str, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, name: str, fn: Callable[[], Awaitable[T]], *, attempts: int | None = None) -> T:
         async for attempt in AsyncRetrying(
-            stop=stop_after_attempt(self._attempts),
+            stop=stop_after_attempt(attempts or self._attempts),
             wait=wait_exponential_jitter(initial=0.2, max=3.0),
             retry=retry_if_exception(_transient),
             reraise=True,
@@ -76,17 +76,39 @@ class Rooms:
         """Create the room and its two dispatches (a fresh attempt)."""
         body = contracts.encode(meta).decode()
         await self._create_room(room, body)
-        for _ in range(DISPATCHES_PER_ROOM):
-            await self._dispatch(room, body)
+        await self._dispatches(room, body, known_missing=DISPATCHES_PER_ROOM)
 
     async def ensure(self, room: str, meta: JobMetadata) -> None:
         """Idempotent :meth:`open` for an attempt resumed after a restart: create only what is missing."""
         body = contracts.encode(meta).decode()
         await self._create_room(room, body)  # returns the existing room if there is one
+        await self._dispatches(room, body)
+
+    async def _missing(self, room: str) -> int:
         existing = await self._call("list_dispatch", lambda: self._api.agent_dispatch.list_dispatch(room))
-        ours = [d for d in existing if d.agent_name == self._settings.agent_name]
-        for _ in range(DISPATCHES_PER_ROOM - len(ours)):
-            await self._dispatch(room, body)
+        return DISPATCHES_PER_ROOM - sum(1 for d in existing if d.agent_name == self._settings.agent_name)
+
+    async def _dispatches(self, room: str, metadata: str, *, known_missing: int | None = None) -> None:
+        """Create the room's missing dispatches.
+
+        A ``create_dispatch`` that failed in transit (timeout, reset, 5xx) may still have landed: it is
+        never retried blindly (a second dispatch would put a third agent in the room); the room's
+        dispatches are listed first and only what is really missing is created again.
+        """
+        missing = known_missing
+        for attempt in range(self._attempts):
+            if missing is None:
+                missing = await self._missing(room)
+            try:
+                for _ in range(missing):
+                    await self._dispatch(room, metadata)
+                    missing -= 1
+                return
+            except Exception as exc:
+                if not _transient(exc) or attempt == self._attempts - 1:
+                    raise
+                missing = None  # we cannot know whether the failed one landed: ask livekit-server
+                await asyncio.sleep(min(3.0, 0.2 * 2**attempt))
 
     async def _create_room(self, room: str, metadata: str) -> None:
         req = api.CreateRoomRequest(name=room, empty_timeout=self._settings.room_empty_timeout_s,
@@ -95,7 +117,8 @@ class Rooms:
 
     async def _dispatch(self, room: str, metadata: str) -> None:
         req = api.CreateAgentDispatchRequest(agent_name=self._settings.agent_name, room=room, metadata=metadata)
-        await self._call("create_dispatch", lambda: self._api.agent_dispatch.create_dispatch(req))
+        # one try: a retry is decided by _dispatches after listing what landed
+        await self._call("create_dispatch", lambda: self._api.agent_dispatch.create_dispatch(req), attempts=1)
 
     async def delete(self, room: str) -> None:
         try:

@@ -177,6 +177,9 @@ CORPUS: list[tuple[bytes, str]] = [
     (b'{"mode": "voice"}', "mode"),
     (b'{"language": "english!"}', "language"),
     (b'{"language": "../x"}', "language"),
+    (b'{"language": "hi"}', "language"),  # the default scenario's offline script is English
+    (b'{"conversation": 200}', "conversation"),  # a typo is refused, not run as the default single conversation
+    (b'{"target_agent": "my-agent"}', "target_agent"),  # not in this version: refused by name
 ]
 
 
@@ -289,7 +292,7 @@ async def test_rooms_and_dispatches_appear_in_livekit(
     await wait_for(lambda: consumer_ready(js), 30, "dispatcher to start")
     bid = f"lk-{uuid.uuid4().hex[:6]}"
     reply = await request(nc, contracts.encode({"batch_id": bid, "conversations": 3, "concurrency": 2,
-                                               "language": "hi", "max_turns": 4}))
+                                               "scenario": "hi-account-help", "language": "hi", "max_turns": 4}))
     assert reply.accepted and reply.batch_id == bid
     try:
         rooms = await wait_for(lambda: _rooms_with_dispatches(lk, bid, 2), 30, "two rooms with their dispatches")
@@ -299,7 +302,7 @@ async def test_rooms_and_dispatches_appear_in_livekit(
             assert room.empty_timeout == 700
             meta = contracts.decode(room.metadata.encode(), JobMetadata)
             assert (meta.batch_id, meta.conversation_id, meta.attempt) == (bid, room.name[:-3], 1)
-            assert (meta.scenario, meta.language, meta.mode, meta.max_turns) == ("en-account-help", "hi", "text", 4)
+            assert (meta.scenario, meta.language, meta.mode, meta.max_turns) == ("hi-account-help", "hi", "text", 4)
             # livekit-server adds its own automatic dispatch (agent_name ""); ours are the named ones
             dispatches = [d for d in await lk.agent_dispatch.list_dispatch(room.name) if d.agent_name]
             assert len(dispatches) == 2
@@ -492,3 +495,17 @@ async def test_a_restart_completes_a_half_opened_attempt_and_deletes_rooms_left_
         assert events == log  # resuming wrote nothing: no second acceptance, no new attempt
     finally:
         await delete_rooms(lk, bid)
+
+
+async def test_a_log_it_cannot_fold_stops_the_dispatcher_naming_the_event(
+        procs: Procs, bus_conn: tuple[Client, JetStreamContext]) -> None:
+    """An undecodable batch event is never skipped: the fold would silently diverge from the log."""
+    _, js = bus_conn
+    bid = f"bad-log-{uuid.uuid4().hex[:6]}"
+    ack = await js.publish(subjects.batch_events(bid), b'{"type": "batch_accepted", "spec": "not a spec"}')
+    proc = procs.dispatcher()
+    code = await asyncio.get_running_loop().run_in_executor(None, lambda: proc.popen.wait(60))
+    assert code == 3
+    log = proc.log()
+    assert f"BATCH_EVENTS sequence {ack.seq} on {subjects.batch_events(bid)} cannot be decoded" in log
+    assert "cannot fold the batch event log" in log

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -72,9 +73,36 @@ def test_defaults_follow_the_scenario_and_the_configured_maximum() -> None:
     got = check(b'{"conversations": 50, "scenario": "hi-account-help"}')
     assert isinstance(got, BatchSpec)
     assert (got.concurrency, got.language) == (SETTINGS.max_concurrency, "hi")
-    explicit = check(b'{"conversations": 3, "concurrency": 10, "language": "hi", "max_turns": 4, "batch_id": "x-1"}')
-    assert explicit == BatchSpec(batch_id="x-1", conversations=3, concurrency=3, scenario=DEFAULT_SCENARIO,
+    explicit = check(b'{"conversations": 3, "concurrency": 10, "language": "hi", "max_turns": 4, "batch_id": "x-1",'
+                     b' "scenario": "hi-account-help"}')
+    assert explicit == BatchSpec(batch_id="x-1", conversations=3, concurrency=3, scenario="hi-account-help",
                                  language="hi", max_turns=4, mode="text")
+
+
+def test_a_language_the_offline_script_cannot_speak_is_rejected_naming_both() -> None:
+    """Never English while Hindi was asked: the scripted model plays one script per scenario."""
+    got = check(b'{"language": "hi"}')
+    assert isinstance(got, core.Rejection) and got.field == "language"
+    assert "'en-account-help'" in got.reason and "'hi'" in got.reason and "hi-account-help" in got.reason
+    none = check(b'{"language": "fr"}')
+    assert isinstance(none, core.Rejection) and "no scenario has an offline script in 'fr'" in none.reason
+    # a real model is told the language in the persona prompt, so any language is served
+    real = core.validate(b'{"language": "hi"}', replace(SETTINGS, real_model=True), SCENARIOS,
+                         received_at=1_795_000_000.0, seed="1:1", max_bytes=MAX_BODY)
+    assert isinstance(real, BatchSpec) and (real.scenario, real.language) == (DEFAULT_SCENARIO, "hi")
+
+
+@pytest.mark.parametrize(("body", "field", "fragment"), [
+    (b'{"conversation": 200}', "conversation", "did you mean 'conversations'?"),
+    (b'{"concurency": 5}', "concurency", "did you mean 'concurrency'?"),
+    (b'{"zzz": 1}', "zzz", "known fields: batch_id, conversations"),
+    (b'{"target_agent": "my-agent"}', "target_agent", "not supported by this version"),
+    (b'{"trials": 3, "conversations": 2}', "trials", "not supported by this version"),
+])
+def test_an_unknown_field_is_rejected_by_name_never_ignored(body: bytes, field: str, fragment: str) -> None:
+    got = check(body)
+    assert isinstance(got, core.Rejection)
+    assert got.field == field and fragment in got.reason
 
 
 def test_a_generated_batch_id_is_deterministic_per_stored_command() -> None:
@@ -119,7 +147,7 @@ def test_validation_never_raises_and_never_lets_a_bad_value_through(body: bytes)
     got = check(body)
     if isinstance(got, core.Rejection):
         assert got.field in {"$", "batch_id", "conversations", "concurrency", "scenario", "language",
-                             "max_turns", "mode"}
+                             "max_turns", "mode", "x"}
         assert got.reason
         assert got.batch_id is None or contracts.is_id(got.batch_id)
     else:
@@ -127,6 +155,7 @@ def test_validation_never_raises_and_never_lets_a_bad_value_through(body: bytes)
         assert 1 <= got.conversations <= SETTINGS.max_conversations
         assert 1 <= got.concurrency <= min(got.conversations, SETTINGS.max_concurrency)
         assert got.scenario in SCENARIOS and got.mode == "text"
+        assert got.language == SCENARIOS[got.scenario].language
 
 
 # --------------------------------------------------------------------------- naming and reasons
