@@ -86,12 +86,12 @@ lint:
 promcheck:
     #!/usr/bin/env bash
     set -euo pipefail
-    command -v promtool >/dev/null || { echo "crosstalk: promtool not found: apt-get install prometheus" >&2; exit 1; }
+    command -v promtool >/dev/null || { echo "crosstalk: promtool not found: ./ct tools builds it into .tools/bin" >&2; exit 1; }
     cd infra/prometheus
     promtool check config prometheus.yml
     if [ -f rules_test.yml ]; then promtool test rules rules_test.yml; fi
 
-# build the pinned Go tools into .tools/bin (livekit-server, nats); `./ct` does this for you
+# build the pinned Go tools into .tools/bin (livekit-server, nats, prometheus, promtool); `./ct` does this for you
 [no-exit-message]
 tools:
     @infra/install-tools.sh

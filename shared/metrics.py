@@ -17,7 +17,9 @@ from prometheus_client import (
 )
 
 # Default /metrics ports (CROSSTALK_METRICS_PORT overrides per process).
-DEFAULT_PORTS = {"dispatcher": 9101, "allocator": 9102, "sink": 9103, "model": 9104, "worker": 9105}
+DEFAULT_PORTS = {
+    "dispatcher": 9101, "allocator": 9102, "sink": 9103, "model": 9104, "worker": 9105, "webhook": 9106,
+}
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 JOIN_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 120)
@@ -32,6 +34,7 @@ REASONS = (
     "role_denied",
     "conversation_timeout",
     "dispatch_error",
+    "no_capacity",
     "other",
 )
 
@@ -66,6 +69,20 @@ class DispatcherMetrics:
             "crosstalk_conversations_in_flight", "conversations dispatched and not settled", registry=registry)
         self.pending = Gauge(
             "crosstalk_conversations_pending", "conversations waiting for an admission slot", registry=registry)
+        self.queued = Gauge(
+            "crosstalk_dispatcher_queued", "conversations their batch's concurrency would run now, waiting for "
+            "worker capacity", registry=registry)
+        self.workers = Gauge(
+            "crosstalk_dispatcher_workers", "live workers (heartbeat within the expiry)", registry=registry)
+        self.capacity = Gauge(
+            "crosstalk_dispatcher_capacity_sessions", "agent sessions the live workers announce",
+            registry=registry)
+        self.free = Gauge(
+            "crosstalk_dispatcher_free_sessions", "agent sessions free on live workers, as announced",
+            registry=registry)
+        self.reserved = Gauge(
+            "crosstalk_dispatcher_reserved_sessions", "sessions of admitted conversations not yet on a worker",
+            registry=registry)
         self.dispatch_to_join = Histogram(
             "crosstalk_dispatch_to_join_seconds", "room creation to both agents joined with roles",
             buckets=JOIN_BUCKETS, registry=registry)
@@ -137,11 +154,19 @@ class SinkMetrics:
         self.held = Gauge(
             "crosstalk_sink_held_turns", "out-of-order turns buffered until their gap fills",
             registry=registry)
+        self.incomplete = Counter(
+            "crosstalk_sink_transcripts_incomplete_total",
+            "completed conversations failed as transcript_incomplete (file short when the batch finished)",
+            registry=registry)
 
 
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.active_jobs = Gauge("crosstalk_worker_active_jobs", "jobs running in this worker", registry=registry)
+        self.capacity = Gauge("crosstalk_worker_capacity_sessions", "agent sessions this worker announces",
+                              registry=registry)
+        self.peak_active = Gauge("crosstalk_worker_peak_active_jobs", "most jobs this worker ran at once",
+                                 registry=registry)
         self.load = Gauge("crosstalk_worker_load", "load reported to livekit-server (0..1)", registry=registry)
         self.heartbeat = Gauge("crosstalk_worker_heartbeat_timestamp_seconds",
                                "last time the worker's event loop ran (the watchdog reads it)", registry=registry)
@@ -159,6 +184,23 @@ class WorkerMetrics:
             self.turns.labels(role)
             self.first_token.labels(role)
             self.turn_seconds.labels(role)
+
+
+class WebhookMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.requests = Counter(
+            "crosstalk_webhook_requests_total", "livekit-server webhook requests by outcome",
+            ["outcome"], registry=registry)  # published|ignored|unauthorized|bad_request|error
+        self.events = Counter(
+            "crosstalk_webhook_events_total", "verified webhooks published, by event",
+            ["event"], registry=registry)
+        self.publish_seconds = Histogram(
+            "crosstalk_webhook_publish_seconds", "request received to JetStream ack",
+            buckets=LATENCY_BUCKETS, registry=registry)
+        for outcome in ("published", "ignored", "unauthorized", "bad_request", "error"):
+            self.requests.labels(outcome)
+        for event in ("room_started", "room_finished", "participant_joined", "participant_left"):
+            self.events.labels(event)
 
 
 class ModelMetrics:

@@ -1,7 +1,7 @@
 """A real Prometheus for tests, and the dashboard's queries ready to evaluate.
 
 ``start_prometheus(workdir, {"dispatcher": ["127.0.0.1:9101"], ...})`` runs the
-``prometheus`` binary (Debian's ``prometheus`` package, or one on PATH) on a
+``prometheus`` binary (the pinned build in .tools/bin that ``./ct`` makes, or one on PATH) on a
 free loopback port, scraping the given targets every second, one job per key,
 optionally with rule files. ``Prometheus.query(expr)`` evaluates PromQL through
 the HTTP API. ``dashboard_exprs()`` lists every panel expression of the
@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "infra" / "prometheus"
 DASHBOARD_DIR = ROOT / "infra" / "grafana" / "dashboards"
 
-INSTALL_HINT = "install it with `apt-get install -y prometheus` (Debian's package ships prometheus and promtool)"
+INSTALL_HINT = ("run the tests through `./ct test` (it builds the pinned prometheus and promtool into .tools/bin), "
+                "or install Debian's `prometheus` package")
 
 # Grafana's interval macros, as a test evaluates them (Prometheus scraping every second).
 GRAFANA_MACROS = {
@@ -47,7 +48,7 @@ GRAFANA_MACROS = {
 
 def find_tool(name: str) -> str:
     """Path of ``prometheus`` or ``promtool``; AssertionError (never a skip) if missing."""
-    found = shutil.which(name) or next(
+    found = next((str(p) for p in (ROOT / ".tools" / "bin" / name,) if p.exists()), None) or shutil.which(name) or next(
         (str(p) for p in (Path("/usr/bin") / name, Path("/usr/local/bin") / name) if p.exists()), None
     )
     if not found:

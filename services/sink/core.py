@@ -32,10 +32,15 @@ from shared.contracts import (
     ConversationEnded,
     ConversationJoined,
     ConversationSettled,
+    LeaseEvent,
+    RoomWebhook,
     TurnRecorded,
     is_id,
     is_token,
 )
+from shared.rooms import parse_room_full
+
+from . import audit
 
 A = TypeVar("A")  # an ack handle; a JetStream message in production, anything in tests
 
@@ -231,6 +236,11 @@ class ConversationEntry(msgspec.Struct, frozen=True, kw_only=True):
     attempts: int = 0
     turns: int = 0
     ended: str | None = None  # how its latest attempt ended (ConversationEnded.reason)
+    # Room audit (livekit-server's webhooks joined with the allocator's grants; see audit.py).
+    participants: list[audit.Participant] = []
+    grants: list[audit.Grant] = []
+    rooms: list[audit.RoomSeen] = []
+    violations: list[audit.Violation] = []
 
 
 class BatchDoc(msgspec.Struct, frozen=True, kw_only=True):
@@ -345,8 +355,69 @@ def _entry(
     )
 
 
+TRANSCRIPT_INCOMPLETE = "transcript_incomplete"
+
+
+def mark_incomplete(doc: BatchDoc, short: Mapping[str, int]) -> BatchDoc:
+    """Fail the completed conversations whose transcript stayed short (``short``: conversation -> turns stored).
+
+    A batch whose transcripts are short is never called completed: each such conversation becomes
+    ``failed`` with ``transcript_incomplete: <stored> of <turns> turns stored`` and the batch ``failed``.
+    Applying it again changes nothing.
+    """
+    conversations = dict(doc.conversations)
+    moved = 0
+    for conv, stored in short.items():
+        entry = conversations.get(conv)
+        if entry is None or entry.outcome != "completed":
+            continue
+        reason = f"{TRANSCRIPT_INCOMPLETE}: {stored} of {entry.turns} turns stored"
+        conversations[conv] = msgspec.structs.replace(entry, outcome="failed", reason=reason)
+        moved += 1
+    if not moved:
+        return doc
+    return msgspec.structs.replace(doc, conversations=conversations, completed=doc.completed - moved,
+                                   failed=doc.failed + moved, status="failed")
+
+
 def transcripts_expected(doc: BatchDoc) -> Iterator[tuple[str, int, int]]:
     """``(conversation_id, attempt, turns)`` for every completed conversation with turns."""
     for conv, entry in doc.conversations.items():
         if entry.outcome == "completed" and entry.turns > 0:
             yield conv, entry.attempts, entry.turns
+
+
+# --------------------------------------------------------------------------- room audit
+
+
+def audit_target(room: str) -> tuple[str, str, int] | None:
+    """``(batch_id, conversation_id, attempt)`` of a conversation room; None for other rooms."""
+    parsed = parse_room_full(room)
+    if parsed is None or not is_id(parsed[0]) or not is_token(parsed[1]):
+        return None
+    return parsed
+
+
+def audit_fact(doc: BatchDoc, fact: RoomWebhook | LeaseEvent, seq: int | None = None) -> BatchDoc:
+    """The document after one room-audit fact (a webhook, or a lease event with its stream
+    sequence); the same object when it changes nothing. The room must be a conversation
+    room of ``doc``'s batch (:func:`audit_target`)."""
+    target = audit_target(fact.room)
+    if target is None or target[0] != doc.batch_id:
+        return doc
+    _, conv, attempt = target
+    old = doc.conversations.get(conv, ConversationEntry())
+    participants, grants, rooms = old.participants, old.grants, old.rooms
+    if isinstance(fact, RoomWebhook):
+        participants, rooms = audit.add_webhook(participants, rooms, fact, attempt)
+    else:
+        grants = audit.add_lease(grants, fact, attempt, seq)
+    participants, violations = audit.judge(participants, grants)
+    entry = msgspec.structs.replace(
+        old, participants=participants, grants=grants, rooms=rooms, violations=violations
+    )
+    if entry == old and conv in doc.conversations:
+        return doc
+    conversations = dict(doc.conversations)
+    conversations[conv] = entry
+    return msgspec.structs.replace(doc, conversations=conversations)

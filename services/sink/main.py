@@ -43,7 +43,10 @@ from shared.contracts import (
     ContractError,
     ConversationEnded,
     ConversationEvent,
+    LeaseEvent,
+    RoomWebhook,
     TurnRecorded,
+    decode,
     decode_event,
 )
 from shared.log import kv
@@ -86,6 +89,14 @@ class SinkConfig:
     def batch_consumer(self) -> str:
         return f"{self.durable}-batch"
 
+    @property
+    def lk_consumer(self) -> str:
+        return f"{self.durable}-lk"
+
+    @property
+    def roles_consumer(self) -> str:
+        return f"{self.durable}-roles"
+
     def consumer_configs(self) -> list[tuple[str, ConsumerConfig]]:
         policy = DeliverPolicy.NEW if self.deliver == "new" else DeliverPolicy.ALL
 
@@ -106,6 +117,9 @@ class SinkConfig:
                 cfg(self.conv_consumer, [subjects.conv_kind_filter("turn"), subjects.conv_kind_filter("ended")]),
             ),
             (str(streams.BATCH_EVENTS.name), cfg(self.batch_consumer, [subjects.BATCH_EVENTS_ALL])),
+            # the room audit: livekit-server's webhooks and the allocator's grant log
+            (str(streams.LIVEKIT_EVENTS.name), cfg(self.lk_consumer, [subjects.LK_ROOM_ALL])),
+            (str(streams.ROLES.name), cfg(self.roles_consumer, [subjects.ROLES_ALL])),
         ]
 
 
@@ -129,6 +143,8 @@ class Sink:
         self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="sink-io")
         self._conv_sub: JetStreamContext.PullSubscription | None = None
         self._batch_sub: JetStreamContext.PullSubscription | None = None
+        self._lk_sub: JetStreamContext.PullSubscription | None = None
+        self._roles_sub: JetStreamContext.PullSubscription | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -141,13 +157,22 @@ class Sink:
         self._batch_sub = await self.js.pull_subscribe_bind(
             durable=self.cfg.batch_consumer, stream=streams.BATCH_EVENTS.name
         )
+        self._lk_sub = await self.js.pull_subscribe_bind(
+            durable=self.cfg.lk_consumer, stream=streams.LIVEKIT_EVENTS.name
+        )
+        self._roles_sub = await self.js.pull_subscribe_bind(
+            durable=self.cfg.roles_consumer, stream=streams.ROLES.name
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then finish the batch in hand and flush."""
         assert self._conv_sub is not None and self._batch_sub is not None, "call start() first"
+        assert self._lk_sub is not None and self._roles_sub is not None, "call start() first"
         consumers = [
             asyncio.create_task(self._loop(stop, self._conv_sub, self.handle_conversation_msgs)),
             asyncio.create_task(self._loop(stop, self._batch_sub, self.handle_batch_msgs)),
+            asyncio.create_task(self._loop(stop, self._lk_sub, self.handle_audit_msgs)),
+            asyncio.create_task(self._loop(stop, self._roles_sub, self.handle_audit_msgs)),
         ]
         background = [
             asyncio.create_task(self._every(stop, self.cfg.flush_interval_s, self.flush)),
@@ -166,7 +191,7 @@ class Sink:
             self._pool.shutdown(wait=True)
             # A pull subscription's queue only empties through fetch(): unsubscribe so
             # that draining the connection does not wait out its whole timeout.
-            for sub in (self._conv_sub, self._batch_sub):
+            for sub in (self._conv_sub, self._batch_sub, self._lk_sub, self._roles_sub):
                 try:
                     await sub.unsubscribe()
                 except nats.errors.Error as exc:
@@ -353,48 +378,87 @@ class Sink:
                 self._drop(msg, *problem)
                 await self._ack([msg])
                 continue
+            short: dict[str, int] = {}
             if isinstance(event, BatchFinished):
-                missing = await self.missing_transcripts(batch_id)
-                if missing:
+                short = await self.missing_transcripts(batch_id)
+                if short:
                     deliveries = msg.metadata.num_delivered
                     if deliveries < self.cfg.finish_max_deliveries:
                         await self._nak([msg], delay=self.cfg.finish_retry_s)
                         continue
-                    log.warning(
-                        "batch finished with transcripts still short",
-                        extra=kv(batch_id=batch_id, conversations=missing[:20], count=len(missing)),
+                    # Never "completed" with transcripts short: those conversations are failed, by name.
+                    log.error(
+                        "batch finished with transcripts still short: failing those conversations",
+                        extra=kv(batch_id=batch_id, conversations=sorted(short)[:20], count=len(short)),
                     )
+                    self.metrics.incomplete.inc(len(short))
             try:
                 await self._apply_doc(event, msg)
+                if short:
+                    self._docs[batch_id] = core.mark_incomplete(self._docs[batch_id], short)
+                    self._dirty.add(batch_id)
             except ContractError as exc:
                 self._drop(msg, exc.field, exc.reason)
                 await self._ack([msg])
 
-    async def missing_transcripts(self, batch_id: str) -> list[str]:
-        """Completed conversations whose file does not yet hold all their turns."""
+    async def missing_transcripts(self, batch_id: str) -> dict[str, int]:
+        """Completed conversations whose file does not yet hold all their turns -> turns it holds."""
         try:
             doc = await self._doc(batch_id)
         except ContractError:
-            return []  # dropped by _apply_doc for the same reason
-        missing = []
+            return {}  # dropped by _apply_doc for the same reason
+        missing: dict[str, int] = {}
         async with self._files_lock:
             for conv, attempt, turns in core.transcripts_expected(doc):
                 try:
                     state = await self._transcript((batch_id, conv))
                 except (OSError, ContractError):
-                    missing.append(conv)
+                    missing[conv] = 0
                     continue
                 if not state.holds(attempt, turns):
-                    missing.append(conv)
+                    missing[conv] = state.file_lines if state.file_attempt == attempt else 0
         return missing
+
+    # ------------------------------------------------------------------ room audit
+
+    async def handle_audit_msgs(self, msgs: list[Msg]) -> None:
+        """Webhooks (``lk.room.*``) and lease events (``roles.*``) into each conversation's
+        room audit in ``batch.json`` (audit.py); acked once the document is on disk."""
+        for msg in msgs:
+            try:
+                fact: RoomWebhook | LeaseEvent = decode(
+                    msg.data, RoomWebhook if msg.subject.startswith(subjects.LK_ROOM_PREFIX + ".") else LeaseEvent
+                )
+            except ContractError as exc:
+                self._drop(msg, exc.field, exc.reason)
+                await self._ack([msg])
+                continue
+            self.metrics.events.labels(fact.event if isinstance(fact, RoomWebhook) else "lease").inc()
+            target = core.audit_target(fact.room)
+            if target is None:  # not a conversation room: nothing to audit
+                await self._ack([msg])
+                continue
+            batch_id = target[0]
+            try:
+                doc = await self._doc(batch_id)
+            except ContractError as exc:
+                self._drop(msg, exc.field, exc.reason)
+                await self._ack([msg])
+                continue
+            seq = msg.metadata.sequence.stream if isinstance(fact, LeaseEvent) else None
+            new = core.audit_fact(doc, fact, seq)
+            if new is not doc:
+                self._docs[batch_id] = new
+                self._dirty.add(batch_id)
+            self._waiting[batch_id].append(msg)
 
     async def _doc(self, batch_id: str) -> BatchDoc:
         doc = self._docs.get(batch_id)
         if doc is None:
             path = self.dirs.batch_json(batch_id)
             found = await asyncio.get_running_loop().run_in_executor(self._pool, files.read_doc, path)
-            doc = found if found is not None else BatchDoc(batch_id=batch_id)
-            self._docs[batch_id] = doc
+            # Another consumer loop may have loaded (and evolved) it meanwhile: keep that one.
+            doc = self._docs.setdefault(batch_id, found if found is not None else BatchDoc(batch_id=batch_id))
         return doc
 
     async def _apply_doc(self, event: BatchDocEvent, msg: Msg) -> None:
@@ -436,7 +500,7 @@ class Sink:
 
     async def poll_lag(self) -> None:
         lag = 0
-        for sub in (self._conv_sub, self._batch_sub):
+        for sub in (self._conv_sub, self._batch_sub, self._lk_sub, self._roles_sub):
             if sub is None:
                 continue
             try:

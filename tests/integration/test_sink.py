@@ -358,7 +358,7 @@ async def test_batch_json_is_always_whole_while_it_is_rewritten(nats_url: str, t
     assert sorted(p.name for p in path.parent.iterdir()) == ["batch.json"]
 
 
-async def test_batch_finished_does_not_wait_forever_for_a_missing_transcript(
+async def test_a_batch_with_a_short_transcript_is_not_completed_and_names_the_conversation(
     nats_url: str, tmp_path: Path, unique: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     b = f"b-{unique}"
@@ -369,9 +369,14 @@ async def test_batch_finished_does_not_wait_forever_for_a_missing_transcript(
         await bus.publish(js, subjects.batch_events(b), BatchFinished(
             batch_id=b, status="completed", requested=1, completed=1, failed=0, started_at=1.0, finished_at=2.0))
         path = tmp_path / "batches" / b / "batch.json"
-        doc = await wait_for(lambda: (d := read_doc(path)) and d["status"] == "completed" and d, what="finished")
-        assert doc["completed"] == 1
+        # the dispatcher said completed; the files say otherwise, and the files win: never "completed" short
+        doc = await wait_for(lambda: (d := read_doc(path)) and d["status"] != "running" and d, what="finished")
+        assert (doc["status"], doc["completed"], doc["failed"]) == ("failed", 0, 1)
+        entry = doc["conversations"]["c1"]
+        assert (entry["outcome"], entry["reason"]) == ("failed", "transcript_incomplete: 1 of 3 turns stored")
+        assert sink.metrics.incomplete._value.get() == 1
         info = await sink.js.consumer_info(streams.BATCH_EVENTS.name, sink.cfg.batch_consumer)
         assert info.delivered.consumer_seq >= 2 + 3  # BatchFinished was held back 3 times first
-        warned = [r for r in caplog.records if r.getMessage() == "batch finished with transcripts still short"]
+        warned = [r for r in caplog.records
+                  if r.getMessage() == "batch finished with transcripts still short: failing those conversations"]
         assert warned and warned[0].fields["conversations"] == ["c1"]  # type: ignore[attr-defined]

@@ -2,13 +2,18 @@
 
 It registers with livekit-server under ``CROSSTALK_AGENT_NAME`` exactly like the
 real worker, so the dispatcher under test cannot tell the difference. Per job it
-reads the :class:`JobMetadata`, asks ``role.request`` (if no allocator answers it
-derives the role from the order of the room's two dispatches), connects, publishes
+reads the :class:`JobMetadata`, asks ``role.request`` (when no allocator answers it
+fails closed: it leaves without a role, as the real worker does), connects, publishes
 ``AgentJoined`` and then, by ``FAKE_AGENT_MODE``:
 
 - ``complete`` (default): waits ``FAKE_AGENT_TALK_S``; the support agent publishes
   ``ConversationEnded(ok=True, reason="end_conversation: support")``; both leave.
 - ``leave``: disconnects right after joining without any end event (an agent that died).
+- ``stall``: accepts the job and never joins (placed by livekit-server, never joined).
+
+Like the real worker it announces its capacity on NATS (``worker/capacity.py``, the same code):
+``CROSSTALK_WORKER_MAX_JOBS`` sessions (default 16), and its load says full at that many. Each
+job start logs ``jobs running=<n> peak=<m>`` (counted by the entrypoints, not sampled).
 
 Run: ``python tests/support/fake_agent.py`` with NATS_URL and LIVEKIT_* set. It prints
 ``READY <worker id>`` on stdout once livekit-server has registered it.
@@ -28,14 +33,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import nats  # noqa: E402
-from livekit import api  # noqa: E402
 from livekit.agents import AgentServer, AutoSubscribe, JobContext, JobExecutorType, JobRequest  # noqa: E402
 from nats.errors import NoRespondersError  # noqa: E402
 from nats.errors import TimeoutError as NatsTimeoutError  # noqa: E402
 
 from shared import contracts, subjects  # noqa: E402
 from shared.contracts import (  # noqa: E402
-    ROLES,
     AgentJoined,
     ConversationEnded,
     JobMetadata,
@@ -44,6 +47,7 @@ from shared.contracts import (  # noqa: E402
     RoleReply,
     RoleRequest,
 )
+from worker.capacity import Announcer, JobCounter  # noqa: E402
 
 log = logging.getLogger("fake_agent")
 
@@ -51,31 +55,38 @@ NATS_URL = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
 AGENT_NAME = os.environ.get("CROSSTALK_AGENT_NAME", "crosstalk")
 MODE = os.environ.get("FAKE_AGENT_MODE", "complete")
 TALK_S = float(os.environ.get("FAKE_AGENT_TALK_S", "1.0"))
-MAX_JOBS = 16
+ROLE_WAIT_S = 10.0  # as long as the real worker keeps asking while an allocator restarts
+MAX_JOBS = int(os.environ.get("CROSSTALK_WORKER_MAX_JOBS", "16"))
 TARGET_LOAD = 0.7
 
 
-async def ask_role(nc: nats.NATS, ctx: JobContext) -> tuple[Role | None, bool]:
-    """(role, from_allocator). With no allocator, the first-created dispatch is the customer."""
+async def ask_role(nc: nats.NATS, ctx: JobContext) -> Role | None:
+    """The allocator's answer, or None: fails closed when no allocator answers (never guesses a role)."""
     req = RoleRequest(room=ctx.job.room.name, job_id=ctx.job.id, identity=ctx.local_participant_identity)
-    try:
-        msg = await nc.request(subjects.ROLE_REQUEST, contracts.encode(req), timeout=3)
+    deadline = time.monotonic() + ROLE_WAIT_S
+    while True:
+        try:
+            msg = await nc.request(subjects.ROLE_REQUEST, contracts.encode(req), timeout=3)
+        except (NoRespondersError, NatsTimeoutError):
+            if time.monotonic() > deadline:
+                log.warning("no allocator answered within %ss: leaving without a role", ROLE_WAIT_S)
+                return None
+            await asyncio.sleep(0.5)
+            continue
         reply = contracts.decode(msg.data, RoleReply)
-        return (reply.role if reply.granted else None), True
-    except (NoRespondersError, NatsTimeoutError):
-        pass
-    lk = api.LiveKitAPI()
-    try:
-        dispatches = await lk.agent_dispatch.list_dispatch(ctx.job.room.name)
-    finally:
-        await lk.aclose()
-    ours = [d for d in dispatches if d.agent_name == AGENT_NAME]  # not livekit-server's automatic one
-    order = [d.id for d in sorted(ours, key=lambda d: (d.state.created_at, d.id))]
-    index = order.index(ctx.job.dispatch_id) if ctx.job.dispatch_id in order else len(order)
-    return (ROLES[index] if index < len(ROLES) else None), False
+        return reply.role if reply.granted else None
 
 
 async def entrypoint(ctx: JobContext) -> None:
+    running = JOBS.enter()
+    log.info("jobs running=%d peak=%d room=%s", running, JOBS.peak, ctx.job.room.name)
+    try:
+        await _entrypoint(ctx)
+    finally:
+        JOBS.exit()
+
+
+async def _entrypoint(ctx: JobContext) -> None:
     meta = contracts.decode(ctx.job.metadata.encode(), JobMetadata)
     room = ctx.job.room.name
     nc = await nats.connect(NATS_URL)
@@ -83,6 +94,9 @@ async def entrypoint(ctx: JobContext) -> None:
     role: Role | None = None
     from_allocator = False
     try:
+        if MODE == "stall":
+            await asyncio.sleep(3600)
+            return
         role, from_allocator = await ask_role(nc, ctx)
         if role is None:
             ctx.shutdown("role denied")
@@ -107,12 +121,15 @@ async def entrypoint(ctx: JobContext) -> None:
         else:
             await asyncio.sleep(0.5)  # the customer stays until the support agent has reported the end
     finally:
-        if role is not None and from_allocator:
+        if role is not None:
             with contextlib.suppress(Exception):
                 await nc.request(subjects.ROLE_RELEASE, contracts.encode(RoleRelease(room=room, job_id=ctx.job.id)),
                                  timeout=2)
         await nc.close()
         ctx.shutdown("fake agent done")
+
+
+JOBS = JobCounter()
 
 
 def build() -> AgentServer:
@@ -142,14 +159,25 @@ def build() -> AgentServer:
 async def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     server = build()
-    server.on("worker_registered", lambda worker_id, _info: print(f"READY {worker_id}", flush=True))
+    nc = await nats.connect(NATS_URL)
+    announcer = Announcer(nc, server, agent_name=AGENT_NAME, max_jobs=MAX_JOBS)
+
+    def registered(worker_id: str, _info: object) -> None:
+        if announcer.idle:
+            announcer.start()
+        print(f"READY {worker_id} {announcer.worker_id}", flush=True)
+
+    server.on("worker_registered", registered)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     task = asyncio.create_task(server.run(devmode=False))
     await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    await announcer.close()
     await server.aclose()
+    await announcer.stop()
+    await nc.close()
     task.cancel()
     with contextlib.suppress(BaseException):
         await task

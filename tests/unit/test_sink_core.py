@@ -288,3 +288,16 @@ def test_event_problem_rejects_ids_that_would_reach_a_path() -> None:
     assert core.event_problem(msgspec.structs.replace(ok, conversation_id="a/b"))[0] == "conversation_id"  # type: ignore[index]
     bad_spec = BatchAccepted(spec=msgspec.structs.replace(SPEC, batch_id="a*"), at=1.0)
     assert core.event_problem(bad_spec)[0] == "batch_id"  # type: ignore[index]
+
+
+def test_short_transcripts_fail_their_conversations_and_the_batch_once() -> None:
+    entry = core.ConversationEntry(outcome="completed", reason="end_conversation: support", attempts=1, turns=6)
+    doc = BatchDoc(batch_id="b1", status="completed", requested=3, completed=3, failed=0,
+                   conversations={"c1": entry, "c2": entry, "c3": msgspec.structs.replace(entry, outcome="failed")})
+    marked = core.mark_incomplete(doc, {"c1": 4, "c3": 0, "nope": 1})
+    assert (marked.status, marked.completed, marked.failed) == ("failed", 2, 1)
+    assert marked.conversations["c1"].outcome == "failed"
+    assert marked.conversations["c1"].reason == "transcript_incomplete: 4 of 6 turns stored"
+    assert marked.conversations["c2"] == entry and marked.conversations["c3"].outcome == "failed"
+    assert core.mark_incomplete(marked, {"c1": 4}) is marked  # idempotent
+    assert core.mark_incomplete(doc, {}) is doc
