@@ -69,7 +69,18 @@ ROLES = StreamConfig(
     duplicate_window=120,
 )
 
-ALL_STREAMS = (BATCH_CMDS, BATCH_EVENTS, CONVERSATIONS, ROLES)
+LIVEKIT_EVENTS = StreamConfig(
+    name="LIVEKIT_EVENTS",
+    description="livekit-server's webhooks (participants joined/left, rooms started/finished), verified",
+    subjects=[subjects.LK_ROOM_ALL],
+    retention=RetentionPolicy.LIMITS,
+    storage=StorageType.FILE,
+    max_age=30 * 24 * 3600,
+    # livekit-server retries a failed webhook for up to ~2 minutes with the same event id
+    duplicate_window=600,
+)
+
+ALL_STREAMS = (BATCH_CMDS, BATCH_EVENTS, CONVERSATIONS, ROLES, LIVEKIT_EVENTS)
 
 
 async def ensure_streams(js: JetStreamContext) -> None:

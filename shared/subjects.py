@@ -33,6 +33,11 @@ CONV_ENDED_ALL = "conv.*.*.ended"
 ROLES_PREFIX = "roles"
 ROLES_ALL = "roles.>"
 
+# livekit-server's webhooks, verified and typed: lk.room.<room>.<event>
+LK_ROOM_PREFIX = "lk.room"
+LK_ROOM_ALL = "lk.room.>"
+LK_ROOM_EVENTS = ("room_started", "room_finished", "participant_joined", "participant_left")
+
 # Queue groups
 ALLOCATOR_QUEUE = "allocator"
 
@@ -79,3 +84,9 @@ def role_lease(room: str, role: Role) -> str:
 def role_room(room: str) -> str:
     """Both role logs of one room (``roles.<room>.*``): the allocator's unit of consistency."""
     return f"{ROLES_PREFIX}.{_token('room', room)}.*"
+
+
+def lk_room_event(room: str, event: str) -> str:
+    if event not in LK_ROOM_EVENTS:
+        raise ContractError("event", f"must be one of {LK_ROOM_EVENTS}")
+    return f"{LK_ROOM_PREFIX}.{_token('room', room)}.{event}"
