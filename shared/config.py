@@ -77,6 +77,7 @@ class Settings:
     model_port: int = 8088
     model_ttft_ms: float = 150.0
     model_tokens_per_s: float = 400.0
+    model_served_log: Path | None = None  # the scripted model logs every completion it served here (JSONL)
     # True when OPENAI_API_KEY / OPENAI_BASE_URL point the agents at a real model: any language then,
     # instead of the scripted model's one script per scenario
     real_model: bool = False
@@ -147,6 +148,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         metrics_host=_str(e, "CROSSTALK_METRICS_HOST", "127.0.0.1"),
         metrics_port=_num(e, "CROSSTALK_METRICS_PORT", 0, lo=0, hi=65535, integer=True),
         real_model=real_model,
+        model_served_log=Path(e["CROSSTALK_MODEL_SERVED_LOG"]) if e.get("CROSSTALK_MODEL_SERVED_LOG", "").strip() else None,
     )
 
 

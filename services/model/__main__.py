@@ -1,6 +1,7 @@
 """``python -m services.model``: the scripted model on CROSSTALK_MODEL_HOST:CROSSTALK_MODEL_PORT.
 
-Latency comes from CROSSTALK_MODEL_TTFT_MS and CROSSTALK_MODEL_TOKENS_PER_S;
+Latency comes from CROSSTALK_MODEL_TTFT_MS and CROSSTALK_MODEL_TOKENS_PER_S; with
+CROSSTALK_MODEL_SERVED_LOG=<file> every completion served is logged there (JSONL);
 Prometheus metrics are served on the model's metrics port (shared.metrics).
 """
 
@@ -30,6 +31,7 @@ def main() -> None:
             settings.model_tokens_per_s,
             model_name=settings.model_name,
             metrics=metrics,
+            served_log=settings.model_served_log,
         ) as url:
             log.info(
                 "scripted model serving",

@@ -26,7 +26,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import msgspec
 from aiohttp import web
@@ -43,11 +44,18 @@ log = logging.getLogger("model")
 _enc = msgspec.json.Encoder()
 
 
+# Sent by crosstalk's worker on every model call (``<batch_id>/<conversation_id>/<attempt>``), so what
+# the model served can be compared with what the transcripts hold (the benchmarks' "lost" figure).
+CONVERSATION_HEADER = "X-Crosstalk-Conversation"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model_name: str = "crosstalk-scripted"
     ttft_ms: float = 150.0
     tokens_per_s: float = 400.0
+    # JSONL file: one line per completion served in full (conversation, role, text); None: no log
+    served_log: Path | None = None
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -68,6 +76,22 @@ class ModelServer:
         self.config = config
         self.metrics = metrics
         self.lookup = lookup
+        self._served: IO[bytes] | None = None
+        if config.served_log is not None:
+            config.served_log.parent.mkdir(parents=True, exist_ok=True)
+            self._served = open(config.served_log, "ab", buffering=0)  # noqa: SIM115 - closed in close()
+
+    def close(self) -> None:
+        if self._served is not None:
+            self._served.close()
+
+    def record(self, request: web.Request, reply: core.Reply) -> None:
+        """One line per completion served in full: the ground truth of what the agents were given to say."""
+        if self._served is None:
+            return
+        line = {"conversation": request.headers.get(CONVERSATION_HEADER), "role": reply.role, "text": reply.text,
+                "end_call": reply.end_call, "at": time.time()}
+        self._served.write(_enc.encode(line) + b"\n")  # one write() per line: lines never interleave
 
     def app(self) -> web.Application:
         # Chat contexts of long conversations stay far below this.
@@ -98,7 +122,9 @@ class ModelServer:
         try:
             if req.stream:
                 return await self._stream(request, req, reply, completion_id, call_id)
-            return await self._complete(req, reply, completion_id, call_id)
+            response = await self._complete(req, reply, completion_id, call_id)
+            self.record(request, reply)
+            return response
         finally:
             self.metrics.request_seconds.observe(loop.time() - started)
 
@@ -149,6 +175,7 @@ class ModelServer:
                 await send(maker.usage(core.count_tokens(req), core.completion_tokens(reply)))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
+            self.record(request, reply)
         except ConnectionResetError:
             log.info("client went away mid-stream", extra=kv(completion_id=completion_id))
         return resp
@@ -163,6 +190,7 @@ async def serve_in_background(
     *,
     model_name: str = "crosstalk-scripted",
     metrics: ModelMetrics | None = None,
+    served_log: Path | None = None,
 ) -> AsyncIterator[str]:
     """Serve the scripted model on ``host:port`` in this event loop; yield its base URL.
 
@@ -172,7 +200,7 @@ async def serve_in_background(
     process. The server stops (open streams are cut) when the block exits.
     """
     server = ModelServer(
-        ModelConfig(model_name=model_name, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s),
+        ModelConfig(model_name=model_name, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s, served_log=served_log),
         metrics or ModelMetrics(CollectorRegistry()),
     )
     runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=1.0)
@@ -185,3 +213,4 @@ async def serve_in_background(
         yield f"http://{url_host}:{bound_port}/v1"
     finally:
         await runner.cleanup()
+        server.close()

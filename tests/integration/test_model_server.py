@@ -8,6 +8,7 @@ where a client would refuse to send a malformed body.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -339,3 +340,22 @@ async def test_a_client_leaving_mid_stream_does_not_hurt_the_server(caplog: pyte
             out = await client.chat.completions.create(model=MODEL, messages=body["messages"])  # type: ignore[arg-type]
     assert out.choices[0].message.content == sc.lines_for("customer")[0].text
     assert any(r.getMessage() == "client went away mid-stream" for r in caplog.records)
+
+
+async def test_every_completion_served_in_full_is_logged_with_its_conversation(tmp_path: Path) -> None:
+    """The served log is the ground truth the benchmarks compare transcripts with (Hindi byte-exact)."""
+    log_path = tmp_path / "served.jsonl"
+    sc = get("hi-account-help")
+    async with serve_in_background(ttft_ms=0, tokens_per_s=5000, served_log=log_path) as url:
+        async with openai_sdk.AsyncOpenAI(base_url=url, api_key=KEY,
+                                          default_headers={"X-Crosstalk-Conversation": "b1/b1-00000/2"}) as client:
+            await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "system", "content": sc.instructions("customer")}])
+            stream = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "system", "content": sc.instructions("customer")}], stream=True)
+            async for _ in stream:
+                pass
+    lines = [json.loads(line) for line in log_path.read_bytes().splitlines()]
+    first = sc.lines_for("customer")[0].text
+    assert [(x["conversation"], x["role"], x["text"]) for x in lines] == [("b1/b1-00000/2", "customer", first)] * 2
+    assert first.encode() in log_path.read_bytes()  # raw UTF-8, not \u escapes
