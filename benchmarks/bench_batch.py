@@ -9,7 +9,8 @@ Each run brings up a fresh stack (``just up`` on free ports, tests/e2e/stack.py)
 wall time, conversations/min, dispatch-to-both-joined p50/p95/p99 (ConversationJoined), role
 grant p50/p99 (allocator histogram), turn latency p50/p99 (TurnRecorded), CPU seconds per
 conversation (all stack processes), peak worker RSS and RSS per concurrent agent session, and
-anything lost or duplicated (transcripts vs turn events; must be 0). With ``lk`` installed it
+anything lost, altered or duplicated (every stored turn against the completion the scripted model
+served for it, from its served log; must be 0). With ``lk`` installed it
 also runs LiveKit's own ``lk perf agent-load-test`` on the same livekit-server and prints its
 join delay next to ours. Writes benchmarks/results/batch-<label>.json and a summary.
 """
@@ -216,22 +217,51 @@ def check_roles(agents: list[AgentJoined], settled: list[ConversationSettled]) -
     }
 
 
-def check_transcripts(data_dir: Path, batch_id: str, turns: list[TurnRecorded],
-                      settled: list[ConversationSettled]) -> dict[str, int]:
-    """Lost or duplicated turns: the files against the final attempt's turn events."""
+def read_served(path: Path) -> dict[str, dict[str, list[str]]]:
+    """The scripted model's served log: ``<batch>/<conversation>/<attempt>`` -> role -> texts, in serving order."""
+    served: dict[str, dict[str, list[str]]] = {}
+    if path.exists():
+        for raw in path.read_bytes().splitlines():
+            line = json.loads(raw)
+            if line.get("conversation"):
+                served.setdefault(line["conversation"], {}).setdefault(line["role"], []).append(line["text"])
+    return served
+
+
+def check_transcripts(data_dir: Path, batch_id: str, settled: list[ConversationSettled],
+                      served: dict[str, dict[str, list[str]]]) -> dict[str, int]:
+    """Every stored turn against what the model actually served, from the files on disk.
+
+    For each completed conversation (its final attempt), turn ``t`` was spoken by the customer when
+    ``t`` is even, the support agent when odd, and must hold the ``t // 2``-th completion the model
+    served to that role in that attempt, byte for byte. ``lost``: a turn of the conversation missing
+    from the file; ``altered``: a stored text that differs from what was served; ``duplicated``: a
+    turn index twice in the file; ``misordered``: a file whose turn indexes are not 0, 1, 2, ...
+    None of these can be decided by the sink's own bookkeeping: they read the file and the model's log.
+    """
     final = {s.conversation_id: s for s in settled if not s.retry}
-    lost = duplicated = misordered = 0
+    lost = altered = duplicated = misordered = stored = 0
     for cid, s in final.items():
         if s.outcome != "completed":
             continue
-        expected = {t.turn: t.text for t in turns if t.conversation_id == cid and t.attempt == s.attempt}
         path = data_dir / "batches" / batch_id / "conversations" / f"{cid}.jsonl"
-        lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+        lines = [json.loads(x) for x in path.read_bytes().splitlines()] if path.exists() else []
+        stored += len(lines)
         got = [x["turn"] for x in lines]
         duplicated += len(got) - len(set(got))
-        misordered += int(got != sorted(got))
-        lost += len(set(expected) - set(got))
-    return {"lost_turns": lost, "duplicated_turns": duplicated, "misordered_conversations": misordered}
+        misordered += int(got != list(range(len(got))))
+        by_turn = {x["turn"]: x for x in lines if x.get("attempt") == s.attempt}
+        said = served.get(f"{batch_id}/{cid}/{s.attempt}", {})
+        for t in range(s.turns):
+            role = "customer" if t % 2 == 0 else "support"
+            texts = said.get(role, [])
+            line = by_turn.get(t)
+            if line is None:
+                lost += 1
+            elif line["role"] != role or t // 2 >= len(texts) or line["text"] != texts[t // 2]:
+                altered += 1
+    return {"stored_turns": stored, "lost_turns": lost, "altered_turns": altered, "duplicated_turns": duplicated,
+            "misordered_conversations": misordered}
 
 
 PHASES = ("dispatch_to_job", "nats", "role", "connected", "peer", "session", "ready")
@@ -310,6 +340,8 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
         # lk joins rooms it never created; our dispatcher creates its rooms explicitly either way
         overrides["LIVEKIT_ROOM_AUTO_CREATE"] = "true"
     workdir = Path(tempfile.mkdtemp(prefix=f"{batch_id}-", dir=tmp))
+    served_log = workdir / "model-served.jsonl"  # what the model really handed each agent to say
+    overrides["CROSSTALK_MODEL_SERVED_LOG"] = str(served_log)
     with running_stack(workdir, **overrides) as stack:
         time.sleep(3)  # workers registered
         with ProcSampler(stack) as sampler:
@@ -346,7 +378,7 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
                 stop_process(echo)
         events = asyncio.run(collect(stack.nats_url, batch_id))
         alloc_metrics = scrape(stack.env["CROSSTALK_ALLOCATOR_METRICS_PORT"])
-        integrity = check_transcripts(stack.data_dir, batch_id, events["turns"], events["settled"])
+        integrity = check_transcripts(stack.data_dir, batch_id, events["settled"], read_served(served_log))
         phases = join_phases(stack.run_dir / "logs", events["dispatched"])
         roles = check_roles(events["agents_joined"], events["settled"])
         final = [s for s in events["settled"] if not s.retry]
@@ -417,7 +449,8 @@ def summary(r: dict[str, Any]) -> str:
         f"  dispatch->both joined p50/p95/p99 = {j['p50']}/{j['p95']}/{j['p99']} s; role grant p50/p99 = {g.get('p50')}/{g.get('p99')} s; "
         f"turn p50/p99 = {t['p50']}/{t['p99']} s",
         f"  CPU {r['cpu_s_per_conversation']} s/conversation; worker RSS idle {r['worker_rss_idle_mb']} MB, peak "
-        f"{r['worker_rss_peak_mb']} MB, {r['rss_per_session_mb']} MB per agent session; lost {r['lost_turns']}, "
+        f"{r['worker_rss_peak_mb']} MB, {r['rss_per_session_mb']} MB per agent session; of {r['stored_turns']} stored "
+        f"turns (checked against the model's served log): lost {r['lost_turns']}, altered {r['altered_turns']}, "
         f"duplicated {r['duplicated_turns']}, misordered {r['misordered_conversations']}; rooms with two agents of "
         f"one role {r.get('rooms_with_two_agents_of_one_role')}, completed without one of each "
         f"{r.get('completed_rooms_without_one_of_each_role')}",
@@ -480,7 +513,8 @@ def main() -> None:
             out.write_text(json.dumps({"machine": machine(), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                        "runs": reports}, indent=2, ensure_ascii=False, default=str))
             print(f"report: {out.relative_to(ROOT)}", flush=True)
-    bad = [r for r in reports if r["lost_turns"] or r["duplicated_turns"] or r["misordered_conversations"]
+    bad = [r for r in reports if r["lost_turns"] or r["altered_turns"] or r["duplicated_turns"]
+           or r["misordered_conversations"]
            or r["rooms_with_two_agents_of_one_role"] or r["completed_rooms_without_one_of_each_role"]]
     if bad:
         raise SystemExit("lost or duplicated turns, or a room with two agents of one role: see the report")
