@@ -38,6 +38,12 @@ LK_ROOM_PREFIX = "lk.room"
 LK_ROOM_ALL = "lk.room.>"
 LK_ROOM_EVENTS = ("room_started", "room_finished", "participant_joined", "participant_left")
 
+# Worker capacity heartbeats (core NATS, no stream): worker.capacity.<worker_id>
+WORKER_CAPACITY_PREFIX = "worker.capacity"
+WORKER_CAPACITY_ALL = "worker.capacity.*"
+# The dispatcher's admission view (core NATS): workers, free slots, queued conversations per batch
+DISPATCHER_STATUS = "dispatcher.status"
+
 # Queue groups
 ALLOCATOR_QUEUE = "allocator"
 
@@ -79,6 +85,10 @@ def role_lease(room: str, role: Role) -> str:
     if role not in ROLES:
         raise ContractError("role", "must be customer or support")
     return f"{ROLES_PREFIX}.{_token('room', room)}.{role}"
+
+
+def worker_capacity(worker_id: str) -> str:
+    return f"{WORKER_CAPACITY_PREFIX}.{_token('worker_id', worker_id)}"
 
 
 def role_room(room: str) -> str:

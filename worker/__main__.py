@@ -18,6 +18,7 @@ log = logging.getLogger("worker")
 def main() -> None:
     setup("worker")
     settings = config.load_or_exit(log)
+    from worker.capacity import Announcer
     from worker.server import build
 
     wm = metrics.WorkerMetrics()
@@ -37,6 +38,12 @@ def main() -> None:
 
     async def run(stop: asyncio.Event) -> None:
         beating = asyncio.create_task(beat())
+        # Capacity heartbeats on NATS (worker/capacity.py), from the moment livekit-server has
+        # registered this worker: before that, announced slots could not be given jobs.
+        nc = await bus.connect(settings.nats_url, "worker-capacity")
+        announcer = Announcer(nc, server, agent_name=settings.agent_name, max_jobs=settings.worker_max_jobs,
+                              metrics=wm)
+        server.on("worker_registered", lambda *_: announcer.start() if announcer.idle else None)
         task = asyncio.create_task(server.run(devmode=False))
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -44,8 +51,11 @@ def main() -> None:
             task.result()
             return
         log.info("worker draining")
+        await announcer.close()
         await server.drain(timeout=30)
         await server.aclose()
+        await announcer.stop()
+        await nc.close()
         beating.cancel()
 
     # The worker's loop is asyncio's own unless CROSSTALK_WORKER_LOOP=uvloop; the benchmarks in

@@ -19,6 +19,7 @@ from shared import config
 from shared.config import Settings
 from shared.metrics import WorkerMetrics
 from worker import job
+from worker.capacity import JobCounter
 
 log = logging.getLogger("worker")
 
@@ -93,8 +94,9 @@ def build(settings: Settings, metrics: WorkerMetrics) -> AgentServer:
         shutdown_process_timeout=15.0,
     )
 
-    global _metrics
+    global _metrics, _jobs
     _metrics = metrics
+    _jobs = JobCounter(metrics)
     server.rtc_session(entrypoint, agent_name=settings.agent_name, on_request=on_request)
     return server
 
@@ -102,6 +104,7 @@ def build(settings: Settings, metrics: WorkerMetrics) -> AgentServer:
 # Module-level (picklable) so the process executor can run jobs too; each job process loads the
 # settings from the same environment. Only the thread executor's jobs feed this process's /metrics.
 _metrics: WorkerMetrics | None = None
+_jobs = JobCounter()
 
 
 async def on_request(req: JobRequest) -> None:
@@ -114,4 +117,8 @@ async def entrypoint(ctx: JobContext) -> None:
         from prometheus_client import CollectorRegistry
 
         _metrics = WorkerMetrics(CollectorRegistry())
-    await job.run(ctx, config.load(), _metrics)
+    _jobs.enter()
+    try:
+        await job.run(ctx, config.load(), _metrics)
+    finally:
+        _jobs.exit()

@@ -17,13 +17,14 @@ from __future__ import annotations
 import difflib
 import hashlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Literal
 
 import msgspec
 from msgspec.structs import replace
 
 from shared import contracts, rooms
+from shared.capacity import Capacity
 from shared.config import Settings
 from shared.contracts import (
     ROLES,
@@ -40,7 +41,7 @@ from shared.contracts import (
     JobMetadata,
     StartBatch,
 )
-from shared.metrics import REASONS
+from shared.metrics import REASONS, reason_label
 from shared.scenarios import DEFAULT_SCENARIO, Scenario
 
 # Consecutive liveness checks that must see fewer than two agents before an attempt is failed.
@@ -48,6 +49,9 @@ LIVENESS_MISSES = 2
 AGENTS_PER_ROOM = 2
 MAX_REASON_CHARS = 300
 VOICE_UNAVAILABLE = "voice mode is not available in this build"
+# A dispatch livekit-server could not place on any worker (all full) is re-queued without using
+# one of the conversation's max_attempts, at most this many times (a batch never hangs).
+MAX_NO_CAPACITY_REQUEUES = 10
 # Public batch.start fields (ARCHITECTURE.md) that this version does not implement yet: refused by name.
 PLANNED_FIELDS = frozenset({"target_agent", "target_metadata", "scenarios", "trials"})
 
@@ -196,6 +200,7 @@ class Conversation(msgspec.Struct, frozen=True, kw_only=True):
     joined_at: float | None = None
     reason: str = ""
     turns: int = 0
+    requeues: int = 0  # earlier attempts that ended no_capacity: they do not count against max_attempts
 
 
 class BatchState(msgspec.Struct, frozen=True, kw_only=True):
@@ -272,7 +277,7 @@ def _on_dispatched(state: BatchState, ev: ConversationDispatched) -> BatchState:
     else:
         return state
     conv = Conversation(conversation_id=cid, attempt=ev.attempt, status="in_flight", room=ev.room,
-                        dispatched_at=ev.at)
+                        dispatched_at=ev.at, requeues=prev.requeues if prev is not None else 0)
     return _put(state, conv, next_index=next_index, retry_queue=retry_queue,
                 in_flight=state.in_flight | {cid})
 
@@ -283,7 +288,8 @@ def _on_settled(state: BatchState, ev: ConversationSettled) -> BatchState:
         return state
     in_flight = state.in_flight - {conv.conversation_id}
     if ev.outcome == "failed" and ev.retry:
-        return _put(state, replace(conv, status="retry", reason=ev.reason), in_flight=in_flight,
+        requeues = conv.requeues + (reason_label(ev.reason) == "no_capacity")
+        return _put(state, replace(conv, status="retry", reason=ev.reason, requeues=requeues), in_flight=in_flight,
                     retry_queue=(*state.retry_queue, conv.conversation_id))
     settled = replace(conv, status=ev.outcome, reason=ev.reason, turns=ev.turns)
     if ev.outcome == "completed":
@@ -313,9 +319,14 @@ class Watch(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def settle_failed(state: BatchState, conv: Conversation, reason: str, now: float, settings: Settings) -> ConversationSettled:
+    reason = normalize_reason(reason)
+    if reason_label(reason) == "no_capacity":
+        retry = conv.requeues < MAX_NO_CAPACITY_REQUEUES  # ours, not the conversation's: no attempt used
+    else:
+        retry = conv.attempt - conv.requeues < settings.max_attempts
     return ConversationSettled(
         batch_id=state.spec.batch_id, conversation_id=conv.conversation_id, attempt=conv.attempt,
-        outcome="failed", reason=normalize_reason(reason), retry=conv.attempt < settings.max_attempts, at=now)
+        outcome="failed", reason=reason, retry=retry, at=now)
 
 
 def _current(state: BatchState, cid: str, attempt: int) -> Conversation | None:
@@ -330,19 +341,47 @@ def joining(state: BatchState) -> int:
     return sum(1 for cid in state.in_flight if state.convs[cid].joined_at is None)
 
 
+def reserved(states: Iterable[BatchState], capacity: Capacity) -> int:
+    """Agent sessions admitted but not yet running on a live worker.
+
+    Every in-flight conversation holds two sessions; those the workers' heartbeats already show
+    in its room are counted in their ``free`` and are not reserved again. (A conversation whose
+    job ended but that is not settled yet is reserved again: conservative for a moment.)
+    """
+    return sum(AGENTS_PER_ROOM - min(AGENTS_PER_ROOM, capacity.placed.get(s.convs[cid].room, 0))
+               for s in states if s.running for cid in s.in_flight)
+
+
+def admissible(states: Iterable[BatchState], capacity: Capacity) -> int:
+    """Conversations the live workers can take on top of what is already admitted."""
+    return max(0, capacity.free - reserved(states, capacity)) // AGENTS_PER_ROOM
+
+
+def queued(state: BatchState) -> int:
+    """Conversations the batch's concurrency would run now that are not in flight (waiting for capacity)."""
+    if not state.running:
+        return 0
+    return max(0, min(state.pending, state.spec.concurrency - len(state.in_flight)))
+
+
 def plan_dispatch(states: Iterable[BatchState], global_cap: int, now: float,
-                  max_joining: int | None = None) -> ConversationDispatched | None:
+                  max_joining: int | None = None, capacity: Capacity | None = None) -> ConversationDispatched | None:
     """The next conversation to dispatch, or None when no batch may dispatch right now.
 
     Per batch at most ``spec.concurrency`` in flight, overall at most ``global_cap``, and
     overall at most ``max_joining`` still waiting for their agents: admission follows what the
     workers really absorb, so a batch of 100 ramps in as fast as agents join instead of
-    landing 200 job requests on the workers at once.
+    landing 200 job requests on the workers at once. With ``capacity`` (the live workers'
+    heartbeats) a conversation is admitted only when two agent sessions are free beyond those
+    reserved by conversations admitted and not yet placed: ``concurrency`` is an upper bound;
+    no worker heartbeat at all admits nothing (the batch waits, it does not fail).
     The batch with the fewest conversations in flight goes first (oldest on ties),
     so concurrent batches share the global cap; retries go before new conversations.
     """
     running = [s for s in states if s.running]
     if sum(len(s.in_flight) for s in running) >= global_cap:
+        return None
+    if capacity is not None and admissible(running, capacity) < 1:
         return None
     if max_joining is not None and sum(joining(s) for s in running) >= max_joining:
         return None
@@ -408,8 +447,25 @@ def on_liveness(state: BatchState, cid: str, attempt: int, agents: int, watch: W
     return watch, [settle_failed(state, conv, reason, now, settings)]
 
 
-def on_tick(state: BatchState, now: float, settings: Settings) -> list[BatchEvent]:
-    """Deadlines (from each attempt's dispatched ``at``, so they survive restarts) and the batch's end."""
+def join_overdue(state: BatchState, now: float, settings: Settings) -> list[Conversation]:
+    """In-flight attempts past their join deadline (counted from dispatch: time queued is not counted)."""
+    if not state.running:
+        return []
+    return [c for c in (state.convs[cid] for cid in sorted(state.in_flight))
+            if c.joined_at is None and now - c.dispatched_at > settings.join_deadline_s]
+
+
+NO_CAPACITY = "no_capacity: livekit-server placed no job for this dispatch (every worker full or none registered)"
+
+
+def on_tick(state: BatchState, now: float, settings: Settings,
+            unplaced: Collection[str] = frozenset()) -> list[BatchEvent]:
+    """Deadlines (from each attempt's dispatched ``at``, so they survive restarts) and the batch's end.
+
+    An attempt past its join deadline whose room is in ``unplaced`` (a dispatch livekit-server
+    never gave to a worker, per ``list_dispatch``) is ``no_capacity``: re-queued without using
+    an attempt. Otherwise it was placed and never joined: ``join_timeout``.
+    """
     if not state.running:
         return []
     events: list[BatchEvent] = []
@@ -417,7 +473,8 @@ def on_tick(state: BatchState, now: float, settings: Settings) -> list[BatchEven
         conv = state.convs[cid]
         age = now - conv.dispatched_at
         if conv.joined_at is None and age > settings.join_deadline_s:
-            events.append(settle_failed(state, conv, "join_timeout", now, settings))
+            reason = NO_CAPACITY if conv.room in unplaced else "join_timeout"
+            events.append(settle_failed(state, conv, reason, now, settings))
         elif age > settings.conversation_timeout_s:
             events.append(settle_failed(state, conv, "conversation_timeout", now, settings))
     if not events:

@@ -39,7 +39,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, FetchTimeoutError, NotFoundError
 
-from shared import bus, contracts, scenarios, streams, subjects
+from shared import bus, capacity, contracts, scenarios, streams, subjects
 from shared.config import Settings
 from shared.contracts import (
     AgentJoined,
@@ -55,6 +55,8 @@ from shared.contracts import (
     ConversationEvent,
     ConversationJoined,
     ConversationSettled,
+    DispatcherStatus,
+    WorkerCapacity,
 )
 from shared.log import kv
 from shared.metrics import DispatcherMetrics, reason_label
@@ -76,6 +78,7 @@ LIVENESS_INTERVAL_S = 3.0
 # Conversation events are re-read from this long before the oldest in-flight dispatch (clock skew).
 REPLAY_MARGIN_S = 60.0
 FETCH_TIMEOUT_S = 1.0
+STATUS_INTERVAL_S = 1.0
 
 
 def _fetch_errors() -> tuple[type[BaseException], ...]:
@@ -180,6 +183,8 @@ class Dispatcher:
         self.wake = asyncio.Event()
         self.bucket = core.TokenBucket(rate=settings.dispatch_rate)
         self.verdicts = Verdicts()
+        # Live workers' capacity heartbeats (shared/capacity.py); admission plans with fleet.view().
+        self.fleet = capacity.Fleet(settings.agent_name)
         self._room_tasks: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -525,7 +530,7 @@ class Dispatcher:
             self.wake.clear()
             async with self.lock:
                 ev = core.plan_dispatch(self._running(), self.settings.max_concurrency, time.time(),
-                                        self.settings.max_joining)
+                                        self.settings.max_joining, capacity=self.fleet.view(loop.time()))
                 if ev is not None and await self._emit(ev):
                     self.bucket.take(loop.time())
                     continue
@@ -535,12 +540,75 @@ class Dispatcher:
     async def _tick_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await asyncio.sleep(TICK_S)
+            now = time.time()
+            overdue = [c.room for s in self._running() for c in core.join_overdue(s, now, self.settings)]
+            unplaced = await self._unplaced(overdue) if overdue else frozenset()
             async with self.lock:
                 for bid in sorted(self.running):
-                    await self._decide(bid, self._deadlines)
+                    await self._decide(bid, functools.partial(self._deadlines, now, unplaced))
 
-    def _deadlines(self, state: core.BatchState) -> list[BatchEvent]:
-        return core.on_tick(state, time.time(), self.settings)
+    async def _unplaced(self, rooms: list[str]) -> frozenset[str]:
+        """The rooms among ``rooms`` with a dispatch livekit-server placed on no worker (no_capacity).
+        A room that cannot be checked counts as placed (its attempt becomes a join_timeout)."""
+        limit = asyncio.Semaphore(8)
+
+        async def check(room: str) -> bool:
+            async with limit:
+                try:
+                    return await self.rooms.unplaced(room)
+                except Exception as exc:
+                    log.warning("placement check failed", extra=kv(room=room, error=str(exc)))
+                    return False
+
+        found = await asyncio.gather(*(check(r) for r in rooms))
+        return frozenset(r for r, bad in zip(rooms, found, strict=True) if bad)
+
+    def _deadlines(self, now: float, unplaced: frozenset[str], state: core.BatchState) -> list[BatchEvent]:
+        return core.on_tick(state, now, self.settings, unplaced)
+
+    # ----------------------------------------------------------------- worker capacity
+
+    async def _on_capacity(self, msg: Msg) -> None:
+        try:
+            hb = contracts.decode(msg.data, WorkerCapacity)
+        except ContractError as exc:
+            log.warning("bad capacity heartbeat ignored", extra=kv(subject=msg.subject, field=exc.field,
+                                                                   reason=exc.reason))
+            return
+        now = asyncio.get_running_loop().time()
+        known = {w.worker_id for w in self.fleet.live(now)}
+        if self.fleet.observe(hb, now):
+            if hb.worker_id not in known:
+                log.info("worker announced", extra=kv(worker_id=hb.worker_id, capacity=hb.capacity, free=hb.free,
+                                                      livekit_worker_id=hb.livekit_worker_id))
+            self.wake.set()
+
+    def status(self, now: float) -> DispatcherStatus:
+        running = self._running()
+        view = self.fleet.view(now)
+        batches = {s.spec.batch_id: contracts.BatchQueue(in_flight=len(s.in_flight), queued=core.queued(s),
+                                                         pending=s.pending) for s in running}
+        return DispatcherStatus(workers=view.workers, capacity=view.capacity, free=view.free,
+                                reserved=core.reserved(running, view),
+                                queued=sum(b.queued for b in batches.values()), batches=batches, at=time.time())
+
+    async def _status_loop(self, stop: asyncio.Event) -> None:
+        """Expire silent workers, update the capacity gauges, publish ``dispatcher.status``."""
+        loop = asyncio.get_running_loop()
+        m = self.metrics
+        while not stop.is_set():
+            for worker_id in self.fleet.expire(loop.time()):
+                log.warning("worker heartbeat expired: its slots leave admission",
+                            extra=kv(worker_id=worker_id, expiry_s=self.fleet.expiry_s))
+            st = self.status(loop.time())
+            m.workers.set(st.workers)
+            m.capacity.set(st.capacity)
+            m.free.set(st.free)
+            m.reserved.set(st.reserved)
+            m.queued.set(st.queued)
+            with contextlib.suppress(Exception):
+                await self.nc.publish(subjects.DISPATCHER_STATUS, contracts.encode(st))
+            await asyncio.sleep(STATUS_INTERVAL_S)
 
     async def _liveness_loop(self, stop: asyncio.Event) -> None:
         limit = asyncio.Semaphore(16)
@@ -576,8 +644,9 @@ class Dispatcher:
 
     async def serve(self, stop: asyncio.Event) -> None:
         sub = await self.nc.subscribe(subjects.BATCH_START, cb=self._on_request)
+        cap_sub = await self.nc.subscribe(subjects.WORKER_CAPACITY_ALL, cb=self._on_capacity)
         loops = [self._commands_loop, self._conversations_loop, self._dispatch_loop, self._tick_loop,
-                 self._liveness_loop]
+                 self._liveness_loop, self._status_loop]
         tasks = [asyncio.create_task(self._guard(fn, stop), name=fn.__name__) for fn in loops]
         log.info("dispatcher running", extra=kv(agent_name=self.settings.agent_name,
                                                 max_concurrency=self.settings.max_concurrency,
@@ -586,6 +655,7 @@ class Dispatcher:
             await stop.wait()
         finally:
             await sub.unsubscribe()
+            await cap_sub.unsubscribe()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

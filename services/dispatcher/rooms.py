@@ -142,3 +142,14 @@ class Rooms:
         res = await self._call("list_rooms", lambda: self._api.room.list_rooms(api.ListRoomsRequest()))
         return [r.name for r in res.rooms]
 
+
+    async def unplaced(self, room: str) -> bool:
+        """True when livekit-server gave one of the room's dispatches to no worker at all.
+
+        livekit-server appends a job to a dispatch's ``state.jobs`` only once a worker accepted
+        it (pkg/rtc/room.go ``handleNewJobs``); a dispatch that every worker refused (full, load at
+        ``agents.target_load``) or that found no worker keeps an empty list, and is never retried.
+        """
+        existing = await self._call("list_dispatch", lambda: self._api.agent_dispatch.list_dispatch(room))
+        ours = [d for d in existing if d.agent_name == self._settings.agent_name]
+        return any(not d.state.jobs for d in ours)

@@ -43,6 +43,7 @@ class Proc:
     popen: subprocess.Popen[bytes]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    info: dict[str, str] = field(default_factory=dict)  # fake agent: livekit_worker_id, worker_id
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -102,9 +103,10 @@ class Procs:
         return self._spawn("allocator", [PYTHON, "-m", "services.allocator"], full)
 
     def fake_agent(self, agent_name: str, *, mode: str = "complete", talk_s: float = 1.0,
-                   ready_timeout: float = 60.0) -> Proc:
+                   ready_timeout: float = 60.0, max_jobs: int | None = None) -> Proc:
         full = self.base_env({"CROSSTALK_AGENT_NAME": agent_name, "FAKE_AGENT_MODE": mode,
-                              "FAKE_AGENT_TALK_S": str(talk_s)})
+                              "FAKE_AGENT_TALK_S": str(talk_s),
+                              **({"CROSSTALK_WORKER_MAX_JOBS": str(max_jobs)} if max_jobs else {})})
         proc = self._spawn("fake-agent", [PYTHON, str(FAKE_AGENT)], full, stdout_pipe=True)
         ready = threading.Event()
 
@@ -112,6 +114,8 @@ class Procs:
             assert proc.popen.stdout is not None
             for line in proc.popen.stdout:
                 if line.startswith(b"READY"):
+                    parts = line.decode().split()
+                    proc.info.update(zip(("livekit_worker_id", "worker_id"), parts[1:], strict=False))
                     ready.set()
 
         threading.Thread(target=watch_stdout, daemon=True).start()
