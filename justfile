@@ -47,7 +47,7 @@ logs *args:
 check:
     @{{ stack }} check
 
-# publish batch.start: `just batch 10 5` (conversations, concurrency), `just batch 20 10 scenario=hi-account-help mode=voice --follow`
+# publish batch.start: `just batch 10 5` (conversations, concurrency), `just batch 20 10 scenario=hi-account-help --follow`
 [no-exit-message, positional-arguments]
 batch *args:
     @{{ stack }} batch "$@"
