@@ -168,6 +168,23 @@ class RoleReply(Struct, frozen=True, kw_only=True):
     reason: str | None = None
     lease_s: float | None = None
     field: str | None = None
+    lease: int | None = None  # the lease token: the ROLES stream sequence of its grant event
+
+
+class RoleRenew(Struct, frozen=True, kw_only=True):
+    """``role.renew``: extend exactly the lease ``lease`` of ``role``; never grants a role."""
+
+    room: Token
+    job_id: Token
+    role: Role
+    lease: Annotated[int, msgspec.Meta(ge=1)]
+
+
+class RenewReply(Struct, frozen=True, kw_only=True):
+    renewed: bool
+    lease_s: float | None = None
+    reason: str | None = None  # "superseded" | "expired" | "unknown" (or an error)
+    field: str | None = None
 
 
 class RoleRelease(Struct, frozen=True, kw_only=True):
@@ -196,6 +213,14 @@ class LeaseEvent(Struct, frozen=True, kw_only=True):
     identity: str
     expires_at: float
     at: float
+    # Fenced leases. ``lease``: the grant's stream sequence (None in a grant's own body: it is
+    # known only once stored; readers take it from the stored message). ``lease_s``: how long
+    # the lease lives from this event's JetStream timestamp (server time). ``fenced``: jobs that
+    # lost or ended a role in this room, carried forward in every event of the room (the log
+    # keeps only the last 16 events of a role); such a job is never granted a role again.
+    lease: int | None = None
+    lease_s: float | None = None
+    fenced: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- conversations
@@ -236,6 +261,8 @@ class TurnRecorded(Struct, frozen=True, kw_only=True, tag="turn"):
     first_token_s: float | None = None
     total_s: float | None = None
     language: str | None = None
+    room: str | None = None
+    lease: int | None = None  # the speaker's lease token; the sink stores only turns of a live lease
 
 
 class ConversationEnded(Struct, frozen=True, kw_only=True, tag="conversation_ended"):
@@ -248,6 +275,7 @@ class ConversationEnded(Struct, frozen=True, kw_only=True, tag="conversation_end
     turns: int
     role: Role | None = None
     at: float
+    lease: int | None = None
 
 
 ConversationEvent = AgentJoined | TurnRecorded | ConversationEnded

@@ -18,7 +18,7 @@ from prometheus_client import (
 
 # Default /metrics ports (CROSSTALK_METRICS_PORT overrides per process).
 DEFAULT_PORTS = {
-    "dispatcher": 9101, "allocator": 9102, "sink": 9103, "model": 9104, "worker": 9105, "webhook": 9106,
+    "dispatcher": 9101, "allocator": 9102, "sink": 9103, "model": 9104, "worker": 9105, "webhook": 9120,
 }
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -35,6 +35,7 @@ REASONS = (
     "conversation_timeout",
     "dispatch_error",
     "no_capacity",
+    "lease_lost",
     "other",
 )
 
@@ -123,6 +124,9 @@ class AllocatorMetrics:
             registry=registry)
         self.bad_requests = Counter(
             "crosstalk_role_bad_requests_total", "malformed role requests", ["field"], registry=registry)
+        self.renewals = Counter(
+            "crosstalk_role_renewals_total", "role.renew by outcome", ["outcome"],
+            registry=registry)  # renewed|superseded|expired|unknown|error
         for role in ROLE_LABELS:
             for outcome in ("granted", "renewed"):
                 self.grants.labels(role, outcome)
@@ -131,6 +135,8 @@ class AllocatorMetrics:
         self.grants.labels("none", "error")
         for outcome in ("released", "not_held", "error"):
             self.releases.labels(outcome)
+        for outcome in ("renewed", "superseded", "expired", "unknown", "error"):
+            self.renewals.labels(outcome)
 
 
 class SinkMetrics:

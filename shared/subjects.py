@@ -13,6 +13,7 @@ from shared.contracts import ROLES, ContractError, Role, is_id, is_token
 BATCH_START = "batch.start"
 ROLE_REQUEST = "role.request"
 ROLE_RELEASE = "role.release"
+ROLE_RENEW = "role.renew"
 
 # Dispatcher verdicts on commands that never became a batch (bad id, bad field).
 BATCH_REJECTED = "batch.rejected"

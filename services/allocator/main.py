@@ -9,6 +9,14 @@ instance, another job, or our own retried write that already landed) the append
 fails with 10071 and we read and decide again. Scoping the check to the room, not to
 one role, is what keeps a job from ending up with both roles when two of its requests
 race a release. Instances share the load through a queue group and share nothing else.
+
+Time is the server's: each stored event is read with its JetStream timestamp (direct get,
+``Nats-Time-Stamp``) and its lease ends that long after it (core.stamp); "now" is a lower
+bound of nats-server's clock from :class:`shared.servertime.ServerClock` (the ``ts`` of a
+STREAM.INFO reply, extrapolated on our monotonic clock for at most a second). No
+allocator host's wall clock takes part, so hosts with skewed clocks agree on expiry.
+A grant's lease token is the stream sequence its append got (the PubAck), which is also
+what any reader derives from the stored grant.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
+import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -35,13 +44,16 @@ from shared.contracts import (
     ContractError,
     LeaseEvent,
     ReleaseReply,
+    RenewReply,
     Role,
     RoleRelease,
+    RoleRenew,
     RoleReply,
     RoleRequest,
 )
 from shared.log import kv
 from shared.metrics import AllocatorMetrics
+from shared.servertime import ServerClock, parse_ts
 from shared.streams import ROLES as ROLES_STREAM
 
 log = logging.getLogger(__name__)
@@ -54,7 +66,7 @@ DIRECT_GET = f"$JS.API.DIRECT.GET.{ROLES_STREAM.name}"
 # a handful of contenders settles in a few rounds; this bound only stops a runaway.
 MAX_ATTEMPTS = 32
 # Fields a bad request can name (bounded metric label).
-REQUEST_FIELDS = frozenset({"room", "job_id", "identity", "prefer", "$"})
+REQUEST_FIELDS = frozenset({"room", "job_id", "identity", "prefer", "role", "lease", "$"})
 BUSY = "busy: too many concurrent writes to this room, retry"
 TOKEN_RULE = "must be 1-128 of [A-Za-z0-9_-], starting with a letter, digit or '_' (no '.', '*', '>', whitespace)"
 
@@ -75,6 +87,7 @@ class Stored(NamedTuple):
     subject: str
     seq: int
     data: bytes
+    ts: float  # JetStream timestamp (server time)
 
 
 class Allocator:
@@ -87,14 +100,14 @@ class Allocator:
         *,
         lease_s: float,
         metrics: AllocatorMetrics,
-        clock: Callable[[], float] = time.time,
+        server_clock: ServerClock | None = None,
         max_in_flight: int = 512,
         timeout_s: float = 5.0,
     ) -> None:
         self.nc, self.js = nc, js
         self.lease_s = lease_s
         self.metrics = metrics
-        self.clock = clock
+        self.server_clock = server_clock or ServerClock(nc, str(ROLES_STREAM.name), timeout_s=timeout_s)
         self.timeout_s = timeout_s
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -103,6 +116,7 @@ class Allocator:
         self.handlers: dict[str, Callable[[bytes], Awaitable[contracts.Struct]]] = {
             subjects.ROLE_REQUEST: self.handle_request,
             subjects.ROLE_RELEASE: self.handle_release,
+            subjects.ROLE_RENEW: self.handle_renew,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -191,11 +205,49 @@ class Allocator:
         self.metrics.releases.labels("released" if reply.released else "not_held").inc()
         return reply
 
+    async def handle_renew(self, data: bytes) -> RenewReply:
+        try:
+            renew = contracts.decode(data, RoleRenew, max_bytes=bus.MAX_BODY)
+        except ContractError as exc:
+            self.metrics.bad_requests.labels(exc.field if exc.field in REQUEST_FIELDS else "$").inc()
+            self.metrics.renewals.labels("error").inc()
+            log.info("bad role renew", extra=kv(field=exc.field, reason=exc.reason))
+            return RenewReply(renewed=False, field=exc.field, reason=_explain(exc))
+        try:
+            reply = await self.renew(renew)
+        except Busy:
+            self.metrics.renewals.labels("error").inc()
+            return RenewReply(renewed=False, reason=BUSY)
+        except Exception as exc:
+            self.metrics.renewals.labels("error").inc()
+            log.exception("role renew failed", extra=kv(room=renew.room, job_id=renew.job_id))
+            return RenewReply(renewed=False, reason=f"allocator error: {type(exc).__name__}")
+        return reply
+
+    async def server_now(self) -> float:
+        return await self.server_clock.now()
+
+    async def renew(self, renew: RoleRenew) -> RenewReply:
+        def rule(c: core.RoleState, s: core.RoleState, now: float) -> core.RenewDecision:
+            return core.decide_renew(renew, c, s, now, self.lease_s)
+
+        decision: core.RenewDecision
+        decision, _ = await self._transact(renew.room, rule)
+        self.metrics.renewals.labels(decision.outcome).inc()
+        if decision.outcome != "renewed":
+            log.info("renew refused", extra=kv(room=renew.room, job_id=renew.job_id, role=renew.role,
+                                               lease=renew.lease, reason=decision.outcome))
+        return decision.reply
+
     async def allocate(self, request: RoleRequest) -> RoleReply:
         def rule(c: core.RoleState, s: core.RoleState, now: float) -> core.Decision:
             return core.decide(request, c, s, now, self.lease_s)
 
-        decision: core.Decision = await self._transact(request.room, rule)
+        decision: core.Decision
+        decision, seq = await self._transact(request.room, rule)
+        if decision.outcome == "granted":
+            # the token of a fresh lease is the sequence its grant event was stored at
+            decision = msgspec.structs.replace(decision, reply=msgspec.structs.replace(decision.reply, lease=seq))
         role = decision.reply.role or "none"
         self.metrics.grants.labels(role, decision.outcome).inc()
         if decision.took_over_expired and decision.reply.role:
@@ -204,7 +256,7 @@ class Allocator:
             log.info(
                 "role " + decision.outcome,
                 extra=kv(room=request.room, job_id=request.job_id, role=decision.reply.role,
-                         took_over_expired=decision.took_over_expired),
+                         lease=decision.reply.lease, took_over_expired=decision.took_over_expired),
             )
         return decision.reply
 
@@ -212,15 +264,23 @@ class Allocator:
         def rule(c: core.RoleState, s: core.RoleState, now: float) -> core.ReleaseDecision:
             return core.decide_release(release, c, s, now)
 
-        decision: core.ReleaseDecision = await self._transact(release.room, rule)
+        decision: core.ReleaseDecision
+        decision, _ = await self._transact(release.room, rule)
         log.info("role release", extra=kv(room=release.room, job_id=release.job_id,
                                          released=decision.reply.released, role=decision.reply.role))
         return decision.reply
 
     # ------------------------------------------------------------------ event log
 
-    async def _transact(self, room: str, rule: Callable[[core.RoleState, core.RoleState, float], Any]) -> Any:
-        """Read the room, decide, append with the room's expected sequence; again on conflict."""
+    async def _transact(
+        self, room: str, rule: Callable[[core.RoleState, core.RoleState, float], Any]
+    ) -> tuple[Any, int | None]:
+        """Read the room, decide, append with the room's expected sequence; again on conflict.
+
+        Returns the decision and the sequence its event was stored at (None: nothing written).
+        ``now`` is read *after* the snapshot: a lower bound of server time that is still true
+        when the append lands, so "expired" stays true (and a renewal accepted as "live" was
+        live when it was judged)."""
         for attempt in range(MAX_ATTEMPTS):
             if attempt > 1:
                 await asyncio.sleep(random.uniform(0, 0.002 * attempt))
@@ -228,10 +288,13 @@ class Allocator:
             if snap is None:  # the room moved while we read it
                 self.metrics.conflicts.inc()
                 continue
-            now = self.clock()
+            now = await self.server_now()
             decision = rule(core.lease_state(snap.customer, now), core.lease_state(snap.support, now), now)
-            if decision.event is None or await self._append(room, decision.event, snap.seq):
-                return decision
+            if decision.event is None:
+                return decision, None
+            seq = await self._append(room, decision.event, snap.seq)
+            if seq is not None:
+                return decision, seq
             self.metrics.conflicts.inc()
         raise Busy
 
@@ -253,11 +316,14 @@ class Allocator:
             if stored is not None and stored.seq > last.seq:
                 return None
             events[role] = _lease_event(stored) if stored is not None else None
+            if stored is not None:
+                self.server_clock.observe(stored.ts)
         return Snapshot(events["customer"], events["support"], last.seq)
 
-    async def _append(self, room: str, event: LeaseEvent, expected_seq: int) -> bool:
+    async def _append(self, room: str, event: LeaseEvent, expected_seq: int) -> int | None:
+        """The event's stream sequence, or None if the room moved since ``expected_seq``."""
         try:
-            await bus.publish(
+            ack = await bus.publish(
                 self.js,
                 subjects.role_lease(room, event.role),
                 event,
@@ -266,9 +332,9 @@ class Allocator:
             )
         except APIError as exc:
             if bus.is_wrong_last_sequence(exc):
-                return False
+                return None
             raise
-        return True
+        return ack.seq
 
     async def _direct_last(self, subject: str) -> Stored | None:
         """Last message on ``subject`` (wildcards allowed) via the stream's direct get."""
@@ -280,7 +346,8 @@ class Allocator:
             return None
         if status:
             raise RuntimeError(f"direct get {subject}: {status} {headers.get('Description', '')}".strip())
-        return Stored(headers["Nats-Subject"], int(headers["Nats-Sequence"]), msg.data)
+        return Stored(headers["Nats-Subject"], int(headers["Nats-Sequence"]), msg.data,
+                      parse_ts(headers["Nats-Time-Stamp"]))
 
 
 def _explain(exc: ContractError) -> str:
@@ -291,7 +358,8 @@ def _explain(exc: ContractError) -> str:
 
 
 def _lease_event(stored: Stored) -> LeaseEvent | None:
-    """Decode a stored lease; anything else on a role subject is treated as no lease."""
+    """Decode a stored lease, stamped with its token and server-time expiry (core.stamp);
+    anything else on a role subject is treated as no lease."""
     try:
         event = contracts.decode(stored.data, LeaseEvent)
     except ContractError as exc:
@@ -301,7 +369,7 @@ def _lease_event(stored: Stored) -> LeaseEvent | None:
     if stored.subject != f"{subjects.ROLES_PREFIX}.{event.room}.{event.role}":
         log.warning("lease event on the wrong subject ignored", extra=kv(subject=stored.subject, seq=stored.seq))
         return None
-    return event
+    return core.stamp(event, stored.seq, stored.ts)
 
 
 async def run(settings: Settings, stop: asyncio.Event, *, metrics: AllocatorMetrics | None = None) -> None:

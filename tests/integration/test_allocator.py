@@ -31,6 +31,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from prometheus_client.parser import text_string_to_metric_families
 from servers import ROOT, Server, free_port, start_nats
 
+from services.allocator import core
 from shared import contracts, subjects
 from shared.contracts import LeaseEvent, ReleaseReply, Role, RoleRelease, RoleReply, RoleRequest
 
@@ -280,7 +281,7 @@ async def test_bad_requests_name_the_field_and_the_service_keeps_serving(
     room = f"bad{unique}"
     identity = "ग्राहक-एजेंट १"
     got = await ask(nc, RoleRequest(room=room, job_id="AJ_hi", identity=identity))
-    assert got == RoleReply(granted=True, role="customer", lease_s=30.0)
+    assert got == RoleReply(granted=True, role="customer", lease_s=30.0, lease=got.lease) and got.lease
     ev = await last_event(nc, room, "customer")
     assert ev.identity.encode() == identity.encode()
     for i in range(12):
@@ -292,7 +293,7 @@ async def test_bad_requests_name_the_field_and_the_service_keeps_serving(
     assert await release(nc, room, "AJ_hi") == ReleaseReply(released=False, role="customer", reason="already released")
     assert (await last_event(nc, room, "customer")).kind == "released"
     nxt = await ask(nc, RoleRequest(room=room, job_id="AJ_next", identity="n"))
-    assert nxt == RoleReply(granted=True, role="customer", lease_s=30.0)
+    assert nxt.granted and nxt.role == "customer" and nxt.lease is not None and nxt.lease > got.lease
 
 
 # --------------------------------------------------------------------------- leases
@@ -326,10 +327,10 @@ async def test_unrenewed_lease_expires_to_the_next_job_renewed_one_never(
         a = RoleRequest(room=room, job_id="AJ_a", identity="a")
         b = RoleRequest(room=room, job_id="AJ_b", identity="b")
         c = RoleRequest(room=room, job_id="AJ_c", identity="c")
-        customer = RoleReply(granted=True, role="customer", lease_s=LEASE_S)
-        support = RoleReply(granted=True, role="support", lease_s=LEASE_S)
-        assert await ask(nc, a) == customer
-        assert await ask(nc, b) == support  # b never renews
+        customer = await ask(nc, a)
+        assert customer == RoleReply(granted=True, role="customer", lease_s=LEASE_S, lease=customer.lease)
+        b_support = await ask(nc, b)  # b never renews
+        assert b_support == RoleReply(granted=True, role="support", lease_s=LEASE_S, lease=b_support.lease)
         b_lease = await last_event(nc, room, "support")
         assert await ask(nc, c) == RoleReply(granted=False, reason="room full")
 
@@ -352,11 +353,14 @@ async def test_unrenewed_lease_expires_to_the_next_job_renewed_one_never(
             if got.granted:
                 break
             await asyncio.sleep(0.05)
-        assert c_answers[-1] == support, c_answers  # the expired support lease went to c
+        support = c_answers[-1]
+        assert support.granted and support.role == "support", c_answers  # the expired support lease went to c
+        assert support.lease is not None and b_support.lease is not None and support.lease > b_support.lease
         assert all(x == RoleReply(granted=False, reason="room full") for x in c_answers[:-1])
         c_lease = await last_event(nc, room, "support")
         assert c_lease.job_id == "AJ_c" and c_lease.at >= b_lease.expires_at  # never before expiry
-        assert await ask(nc, b) == RoleReply(granted=False, reason="room full")  # b lost it
+        lost = RoleReply(granted=False, reason=core.LEASE_ENDED)
+        assert await ask(nc, b) == lost  # b lost it, and is fenced for good
         # keep renewing a for a few more lease periods
         await asyncio.sleep(3 * LEASE_S)
         renewing = False
@@ -384,9 +388,15 @@ async def test_unrenewed_lease_expires_to_the_next_job_renewed_one_never(
 
         # a stops renewing: after its lease, the next job gets customer
         await asyncio.sleep(LEASE_S * 1.2)
-        assert await ask(nc, RoleRequest(room=room, job_id="AJ_d", identity="d")) == customer
+        d_reply = await ask(nc, RoleRequest(room=room, job_id="AJ_d", identity="d"))
+        assert d_reply.granted and d_reply.role == "customer" and d_reply.lease != customer.lease
         assert metric_sum(procs, "crosstalk_role_lease_expiries_total", role="customer") == 1
-        assert (await ask(nc, a)).role != "customer"
+        # The stale holder a asks again while support is free (c's lease expired too): it is
+        # denied, never handed the other role.
+        assert await ask(nc, a) == lost
+        assert await ask(nc, RoleRequest(room=room, job_id="AJ_a", identity="a", prefer="support")) == lost
+        e_reply = await ask(nc, RoleRequest(room=room, job_id="AJ_e", identity="e"))
+        assert e_reply.granted and e_reply.role == "support"  # support was free: a was refused by the fence
     finally:
         await nc.drain()
 

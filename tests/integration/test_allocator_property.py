@@ -245,6 +245,8 @@ async def test_any_interleaving_keeps_one_customer_one_support(
                 continue
             roles = {a.role for a in answers if a.granted}
             assert len(roles) <= 1, f"job {job} in room {r} was told {roles}"  # same answer every time
+            leases = {a.lease for a in answers if a.granted}
+            assert len(leases) <= 1 and None not in leases, (job, answers)  # ... with the same token
             for role in roles:
                 assert (job_id(room, job), role) in granted_in_log
             assert all(a.reason == core.ROOM_FULL for a in answers if not a.granted)
@@ -258,7 +260,8 @@ async def test_any_interleaving_keeps_one_customer_one_support(
             assert before == mine, (me, before, holder)
             again = await ask(nc, RoleRequest(room=room_of[r], job_id=me, identity=f"agent {j}"))
             if mine:
-                assert again == RoleReply(granted=True, role=mine.pop(), lease_s=LEASE_S)
+                told = [a for a in replies.get((r, j), []) if a.granted]
+                assert again == RoleReply(granted=True, role=mine.pop(), lease_s=LEASE_S, lease=told[0].lease)
             elif again.granted:
                 assert again.role is not None and holder[again.role] is None
                 holder[again.role] = me
@@ -282,20 +285,21 @@ async def test_a_job_racing_a_release_never_ends_up_with_two_roles(cluster: Clus
     _, allocator = cluster.instances[0]
     room = f"race{uuid.uuid4().hex[:8]}"
     j = RoleRequest(room=room, job_id="AJ_j", identity="j")
-    assert await allocator.allocate(RoleRequest(room=room, job_id="AJ_k", identity="k")) == RoleReply(
-        granted=True, role="customer", lease_s=LEASE_S)
+    k = await allocator.allocate(RoleRequest(room=room, job_id="AJ_k", identity="k"))
+    assert k == RoleReply(granted=True, role="customer", lease_s=LEASE_S, lease=k.lease)
 
     snap = await allocator.snapshot(room)
     assert snap is not None
-    now = allocator.clock()
+    now = await allocator.server_now()
     stale = core.decide(j, core.lease_state(snap.customer, now), core.lease_state(snap.support, now), now, LEASE_S)
     assert stale.reply.role == "support" and stale.event is not None
 
     assert await allocator.release(RoleRelease(room=room, job_id="AJ_k")) == ReleaseReply(released=True,
                                                                                          role="customer")
-    assert await allocator.allocate(j) == RoleReply(granted=True, role="customer", lease_s=LEASE_S)
-    assert await allocator._append(room, stale.event, snap.seq) is False  # the room moved on
+    got = await allocator.allocate(j)
+    assert got == RoleReply(granted=True, role="customer", lease_s=LEASE_S, lease=got.lease) and got.lease
+    assert await allocator._append(room, stale.event, snap.seq) is None  # the room moved on
 
-    assert await allocator.allocate(j) == RoleReply(granted=True, role="customer", lease_s=LEASE_S)
+    assert await allocator.allocate(j) == got
     holder = fold_checked(await room_log(cluster.clients[0], room))
     assert holder == {"customer": "AJ_j", "support": None}
