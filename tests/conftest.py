@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from servers import Server, start_livekit, start_nats  # noqa: E402
+from servers import Server, free_port, start_livekit, start_nats, start_webhook  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -42,13 +42,23 @@ def nats_url(nats_server: Server) -> str:
 
 
 @pytest.fixture(scope="session")
-def livekit_server(workdir: Path) -> Iterator[Server]:
+def livekit_server(workdir: Path, nats_server: Server) -> Iterator[Server]:
+    """livekit-server posting its webhooks to crosstalk's receiver (services/webhook), which
+    publishes them to this session's NATS: integration tests get the sink's room audit."""
     url = os.environ.get("CROSSTALK_TEST_LIVEKIT_URL")
     if url:
         yield Server(None, url)
         return
-    srv = start_livekit(workdir / "livekit")
+    hook_port = free_port()
+    srv = start_livekit(workdir / "livekit", webhook_url=f"http://127.0.0.1:{hook_port}/webhook")
+    try:
+        hook = start_webhook(workdir / "webhook", nats_server.url, hook_port)
+    except BaseException:
+        srv.stop()
+        raise
+    srv.extra["webhook"] = hook
     yield srv
+    hook.stop()
     srv.stop()
 
 

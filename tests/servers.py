@@ -107,7 +107,11 @@ def start_nats(workdir: Path) -> Server:
     return Server(proc, f"nats://127.0.0.1:{port}", {"monitor_port": mon})
 
 
-def livekit_config(port: int, tcp_port: int, udp_start: int, prom_port: int) -> str:
+def livekit_config(port: int, tcp_port: int, udp_start: int, prom_port: int, webhook_url: str | None = None) -> str:
+    hook = f"""webhook:
+  api_key: devkey
+  urls: ["{webhook_url}"]
+""" if webhook_url else ""
     return f"""port: {port}
 bind_addresses: ["127.0.0.1"]
 rtc:
@@ -125,16 +129,17 @@ room:
   auto_create: false
 logging:
   level: info
-"""
+{hook}"""
 
 
-def start_livekit(workdir: Path) -> Server:
+def start_livekit(workdir: Path, webhook_url: str | None = None) -> Server:
+    """livekit-server on free ports; with ``webhook_url`` it posts its webhooks there (signed with devkey)."""
     port, tcp, prom = free_ports(3)
     lo, hi = _ephemeral_range()
     udp_start = random.choice([p for p in range(15000, 64800, 100) if p + 100 < lo or p > hi])
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / "livekit.yaml"
-    cfg.write_text(livekit_config(port, tcp, udp_start, prom))
+    cfg.write_text(livekit_config(port, tcp, udp_start, prom, webhook_url))
     log = open(workdir / "livekit.log", "wb")
     proc = subprocess.Popen([find_binary("livekit-server"), "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
     wait_port(port, proc=proc)
@@ -146,3 +151,19 @@ def start_livekit(workdir: Path) -> Server:
         except Exception:
             time.sleep(0.1)
     return Server(proc, f"ws://127.0.0.1:{port}", {"prometheus_port": prom, "config": str(cfg)})
+
+
+def start_webhook(workdir: Path, nats_url: str, port: int, api_key: str = "devkey", api_secret: str = "secret") -> Server:
+    """crosstalk's webhook receiver (``python -m services.webhook``) on ``port``, publishing to ``nats_url``."""
+    import os
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ, "NATS_URL": nats_url, "LIVEKIT_API_KEY": api_key, "LIVEKIT_API_SECRET": api_secret,
+        "CROSSTALK_WEBHOOK_PORT": str(port), "CROSSTALK_METRICS_PORT": str(free_port()), "PYTHONUNBUFFERED": "1",
+    }
+    log = open(workdir / "webhook.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "services.webhook"], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    wait_port(port, proc=proc)
+    return Server(proc, f"http://127.0.0.1:{port}/webhook", {"log": str(workdir / "webhook.log")})
