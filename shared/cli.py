@@ -514,6 +514,31 @@ def batch_watch(
     _follow(settings, batch_id, wait, timeout)
 
 
+# The room audit's violations (batch.json, per conversation; services/sink/audit.py), as shown.
+AUDIT_LABELS = {
+    "two_of_one_role": "rooms audit: two of one role",
+    "no_grant": "rooms audit: participant without a grant",
+    "third_agent": "rooms audit: third agent",
+}
+
+
+def audit_counts(doc: dict[str, Any]) -> dict[str, int]:
+    """Violations by kind over every conversation of a batch.json, and ``unaudited``: conversations
+    that were dispatched but that livekit-server's webhooks never reported a participant of."""
+    counts = dict.fromkeys(AUDIT_LABELS, 0)
+    counts["unaudited"] = 0
+    convs = doc.get("conversations")
+    for entry in (convs.values() if isinstance(convs, dict) else ()):
+        if not isinstance(entry, dict):
+            continue
+        for v in entry.get("violations") or ():
+            if isinstance(v, dict) and v.get("kind") in counts:
+                counts[v["kind"]] += 1
+        if (entry.get("attempts") or 0) > 0 and not entry.get("participants"):
+            counts["unaudited"] += 1
+    return counts
+
+
 def _when(value: Any) -> str:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds")
@@ -567,6 +592,10 @@ def batch_show(
                     table.add_row(f"{key}.{sub}", str(v))
         elif not isinstance(value, list):
             table.add_row(key, _when(value) if key.endswith("_at") else str(value))
+    counts = audit_counts(doc)
+    for kind, label in AUDIT_LABELS.items():
+        table.add_row(label, str(counts[kind]))
+    table.add_row("rooms audit: conversations no webhook reported", str(counts["unaudited"]))
     convs = folder / "conversations"
     files = sorted(convs.glob("*.jsonl")) if convs.is_dir() else []
     table.add_row("transcripts", f"{len(files)} file(s) in {convs}")

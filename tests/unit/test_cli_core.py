@@ -219,6 +219,26 @@ def test_show_prints_the_batch_summary(tmp_path: Path) -> None:
         assert text in res.output
 
 
+def test_show_counts_the_room_audit_violations(tmp_path: Path) -> None:
+    agent = {"identity": "agent-AJ_1", "kind": "agent", "role": "customer"}
+    write_batch(tmp_path, "b3", {
+        "batch_id": "b3", "status": "completed", "requested": 3, "completed": 3, "failed": 0,
+        "conversations": {
+            "b3-00000": {"attempts": 1, "participants": [agent], "violations": [
+                {"kind": "no_grant", "identities": ["x"]}, {"kind": "third_agent", "identities": ["a", "b", "x"]}]},
+            "b3-00001": {"attempts": 1, "participants": [agent], "violations": [
+                {"kind": "two_of_one_role", "identities": ["a", "b"], "role": "customer"}]},
+            "b3-00002": {"attempts": 1, "participants": [], "violations": []},
+        },
+    })
+    assert cli.audit_counts(json.loads((tmp_path / "batches" / "b3" / "batch.json").read_text())) == {
+        "two_of_one_role": 1, "no_grant": 1, "third_agent": 1, "unaudited": 1}
+    res = runner.invoke(cli.app, ["batch", "show", "b3"], env=env(tmp_path, COLUMNS="200"))
+    assert res.exit_code == 0, res.output
+    for text in ("two of one role", "participant without a grant", "third agent", "no webhook reported"):
+        assert text in res.output
+
+
 def test_show_json_is_byte_exact_utf8(tmp_path: Path) -> None:
     path = write_batch(tmp_path, "b2", {"batch_id": "b2", "status": "running", "note": "खाता लॉक हो गया"})
     res = runner.invoke(cli.app, ["batch", "show", "b2", "--json"], env=env(tmp_path))
