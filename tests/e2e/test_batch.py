@@ -108,13 +108,40 @@ def check_transcript(turns: list[dict[str, Any]], conversation_id: str, max_turn
     assert all(t["conversation_id"] == conversation_id and t["text"] for t in turns)
 
 
+def read_audit(stack: Any, batch_id: str, timeout: float = 90) -> dict[str, Any]:
+    """batch.json once its room audit has settled: every conversation's last room reported
+    finished by livekit-server's webhooks and every participant reported gone (webhooks and
+    grants reach the sink on their own streams, maybe after the batch finished)."""
+    from shared.rooms import room_name
+
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = read_batch(stack, batch_id)
+        convs = batch["conversations"]
+        unsettled = [
+            cid for cid, c in convs.items()
+            if not any(r["room"] == room_name(cid, c["attempts"]) and r.get("finished_at") for r in c.get("rooms", []))
+            or not all(p.get("left_at") for p in c.get("participants", []))
+        ]
+        if not unsettled:
+            return batch
+        if time.monotonic() > deadline:
+            raise AssertionError(f"room audit never settled for {len(unsettled)} conversation(s): {unsettled[:5]}")
+        time.sleep(0.5)
+
+
 class RoomWatch:
-    """Polls livekit-api while a batch runs: who is in each room of the batch, by role."""
+    """Polls livekit-api while a batch runs: who is in each room of the batch, by role.
+
+    A poller error is not swallowed: it fails the test on exit (a room deleted between
+    list_rooms and list_participants is expected and skipped). ``rooms_seen`` guards
+    against a watch that never saw anything."""
 
     def __init__(self, lk: api.LiveKitAPI, prefix: str) -> None:
         self.lk, self.prefix = lk, prefix
         self.max_agents: dict[str, int] = defaultdict(int)
         self.two_agents_seen: set[str] = set()
+        self.rooms_seen: set[str] = set()
         self.violations: list[str] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -124,7 +151,13 @@ class RoomWatch:
             for room in rooms.rooms:
                 if not room.name.startswith(self.prefix):
                     continue
-                res = await self.lk.room.list_participants(api.ListParticipantsRequest(room=room.name))
+                try:
+                    res = await self.lk.room.list_participants(api.ListParticipantsRequest(room=room.name))
+                except api.TwirpError as exc:
+                    if exc.code == api.TwirpErrorCode.NOT_FOUND:  # deleted since list_rooms
+                        continue
+                    raise
+                self.rooms_seen.add(room.name)
                 agents = [p for p in res.participants if p.kind == api.ParticipantInfo.Kind.AGENT]
                 self.max_agents[room.name] = max(self.max_agents[room.name], len(agents))
                 roles = [p.attributes.get("crosstalk.role") for p in agents if p.attributes.get("crosstalk.role")]
@@ -140,7 +173,10 @@ class RoomWatch:
 
     def __exit__(self, *exc: object) -> None:
         assert self._task is not None
-        self._task.cancel()
+        task = self._task
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise AssertionError(f"RoomWatch poller failed: {task.exception()!r}") from task.exception()
+        task.cancel()
 
 
 async def test_nats_pub_batch_runs_to_transcripts(stack: Any, lkapi: api.LiveKitAPI, js: Any) -> None:
@@ -164,6 +200,7 @@ async def test_nats_pub_batch_runs_to_transcripts(stack: Any, lkapi: api.LiveKit
         check_transcript(turns, cid, max_turns=8)
         assert len(turns) == conv["turns"]
     # while it ran, each room held exactly two AGENT participants, one per role
+    assert watch.rooms_seen, "the room watch never saw a room of the batch"
     assert not watch.violations
     assert len(watch.two_agents_seen) >= 1
     assert all(n <= 2 for n in watch.max_agents.values()), dict(watch.max_agents)
@@ -279,6 +316,7 @@ async def test_two_workers_one_killed_mid_batch(stack: Any, lkapi: api.LiveKitAP
         assert conv["outcome"] in ("completed", "failed") and conv["reason"], (cid, conv)
         if conv["outcome"] == "completed":
             check_transcript(read_turns(stack, batch_id, cid), cid, max_turns=8)
+    assert watch.rooms_seen, "the room watch never saw a room of the batch"
     assert not watch.violations
     assert all(n <= 2 for n in watch.max_agents.values()), dict(watch.max_agents)
     # the worker killed mid-conversation left agents behind whose conversations were retried
@@ -379,8 +417,8 @@ async def test_regression_nothing_lost_20_at_10(stack: Any, js: Any) -> None:
     batch_id, n = "e2e-regress", 20
     import nats
 
-    from services.dispatcher.core import room_name
-    from shared.contracts import AgentJoined, ConversationEvent, TurnRecorded
+    from shared.contracts import ConversationEvent, TurnRecorded
+    from shared.rooms import room_name
 
     nc = await nats.connect(stack.nats_url)
     await nc.request("batch.start", json.dumps({"batch_id": batch_id, "conversations": n, "concurrency": 10,
@@ -394,16 +432,19 @@ async def test_regression_nothing_lost_20_at_10(stack: Any, js: Any) -> None:
         assert isinstance(ev, TurnRecorded)
         if ev.attempt == batch["conversations"][ev.conversation_id]["attempts"]:
             events[ev.conversation_id][ev.turn] = ev.text
-    # every room's agents, from their own joined events: one customer and one support, never two of a role
-    agents: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-    for joined in await bus.replay(js, f"conv.{batch_id}.*.joined", ConversationEvent):
-        assert isinstance(joined, AgentJoined)
-        agents[joined.room][joined.role].add(joined.identity)
     await nc.drain()
+    # every room as livekit-server saw it (webhooks), joined with the allocator's grants (the sink's
+    # room audit): no two of one role, no agent without a grant, no third agent; and each completed
+    # conversation's room held exactly one customer and one support agent participant
+    batch = read_audit(stack, batch_id)
+    violations = [v for c in batch["conversations"].values() for v in c["violations"]]
+    assert {k: sum(v["kind"] == k for v in violations) for k in ("two_of_one_role", "no_grant", "third_agent")} \
+        == {"two_of_one_role": 0, "no_grant": 0, "third_agent": 0}, violations
     for cid, conv in batch["conversations"].items():
         room = room_name(cid, conv["attempts"])
-        assert {role: len(ids) for role, ids in agents[room].items()} == {"customer": 1, "support": 1}, room
-    assert all(len(ids) == 1 for roles in agents.values() for ids in roles.values())
+        agents = [p for p in conv["participants"] if p["room"] == room and p["kind"] == "agent"]
+        assert sorted(p["role"] for p in agents) == ["customer", "support"], (room, conv["participants"])
+        assert len({p["identity"] for p in agents}) == 2, (room, agents)
     assert len(batch["conversations"]) == n
     for cid in batch["conversations"]:
         turns = read_turns(stack, batch_id, cid)
