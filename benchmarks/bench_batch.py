@@ -6,7 +6,8 @@
 
 Each run brings up a fresh stack (``just up`` on free ports, tests/e2e/stack.py), sends one
 ``batch.start``, and measures from the real event log and the real processes: completed/failed,
-wall time, conversations/min, dispatch-to-both-joined p50/p95/p99 (ConversationJoined), role
+wall time, conversations/min, dispatch-to-both-joined p50/p95/p99 (ConversationJoined), room audit
+(livekit-server's webhooks joined with the grant log: two of one role, no grant, third agent), role
 grant p50/p99 (allocator histogram), turn latency p50/p99 (TurnRecorded), CPU seconds per
 conversation (all stack processes), peak worker RSS and RSS per concurrent agent session, and
 anything lost, altered or duplicated (every stored turn against the completion the scripted model
@@ -39,10 +40,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e"), str(ROOT / "benchmarks")
 import nats  # noqa: E402
 from stack import running_stack  # noqa: E402
 
-from services.dispatcher.core import room_name  # noqa: E402
 from shared import bus, subjects  # noqa: E402
 from shared.contracts import (  # noqa: E402
-    AgentJoined,
     BatchEvent,
     BatchFinished,
     ConversationDispatched,
@@ -52,6 +51,7 @@ from shared.contracts import (  # noqa: E402
     TurnRecorded,
     decode_event,
 )
+from shared.rooms import room_name  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -175,8 +175,6 @@ async def collect(nats_url: str, batch_id: str) -> dict[str, Any]:
             out["finished"] = ev
     turns = await bus.replay(js, f"conv.{batch_id}.*.turn", ConversationEvent)
     out["turns"] = [ev for ev in turns if isinstance(ev, TurnRecorded)]
-    joins = await bus.replay(js, f"conv.{batch_id}.*.joined", ConversationEvent)
-    out["agents_joined"] = [ev for ev in joins if isinstance(ev, AgentJoined)]
     await nc.drain()
     return out
 
@@ -200,20 +198,41 @@ async def wait_finished(nats_url: str, batch_id: str, timeout: float) -> BatchFi
     raise TimeoutError(f"batch {batch_id} did not finish within {timeout}s")
 
 
-def check_roles(agents: list[AgentJoined], settled: list[ConversationSettled]) -> dict[str, int]:
-    """Every room's agents, from their own AgentJoined events: never two of one role in a room, and
-    exactly one customer and one support in the room of every completed conversation."""
-    by_room: dict[str, dict[str, set[str]]] = {}
-    for a in agents:
-        by_room.setdefault(a.room, {}).setdefault(a.role, set()).add(a.identity)
-    completed_rooms = {room_name(s.conversation_id, s.attempt) for s in settled if s.outcome == "completed"}
+def check_roles(data_dir: Path, batch_id: str, settled: list[ConversationSettled],
+                timeout: float = 120) -> dict[str, Any]:
+    """Every room as livekit-server saw it (its webhooks), joined with the allocator's grants: the
+    sink's room audit in batch.json (services/sink/audit.py), read once it settled (every final room
+    reported finished, every participant gone). Counts rooms with two agents holding one role at
+    once, agent participants without a grant, rooms with a third agent, and completed conversations
+    whose room did not hold exactly one customer and one support agent participant."""
+    path = data_dir / "batches" / batch_id / "batch.json"
+    deadline = time.monotonic() + timeout
+    while True:
+        convs = json.loads(path.read_bytes()).get("conversations", {}) if path.exists() else {}
+        unsettled = [cid for cid, c in convs.items()
+                     if not any(r["room"] == room_name(cid, c.get("attempts", 0)) and r.get("finished_at")
+                                for r in c.get("rooms", []))
+                     or not all(p.get("left_at") for p in c.get("participants", []))]
+        if convs and not unsettled or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    violations = [v for c in convs.values() for v in c.get("violations", [])]
+    completed = [(s.conversation_id, room_name(s.conversation_id, s.attempt)) for s in settled
+                 if s.outcome == "completed"]
+
+    def one_of_each(cid: str, room: str) -> bool:
+        agents = [p for p in convs.get(cid, {}).get("participants", []) if p["room"] == room and p["kind"] == "agent"]
+        return sorted(p["role"] or "" for p in agents) == ["customer", "support"] and len(
+            {p["identity"] for p in agents}) == 2
+
     return {
-        "rooms_with_agents": len(by_room),
-        "rooms_with_two_agents_of_one_role": sum(any(len(ids) > 1 for ids in roles.values())
-                                                 for roles in by_room.values()),
-        "completed_rooms_without_one_of_each_role": sum(
-            sorted(by_room.get(room, {})) != ["customer", "support"]
-            or any(len(ids) != 1 for ids in by_room[room].values()) for room in completed_rooms),
+        "roles_source": "room audit: livekit-server webhooks joined with the allocator's grant log (batch.json)",
+        "rooms_audited": len({r["room"] for c in convs.values() for r in c.get("rooms", [])}),
+        "audit_unsettled_conversations": len(unsettled),
+        "rooms_with_two_agents_of_one_role": len({v["room"] for v in violations if v["kind"] == "two_of_one_role"}),
+        "agent_participants_without_a_grant": sum(v["kind"] == "no_grant" for v in violations),
+        "rooms_with_a_third_agent": sum(v["kind"] == "third_agent" for v in violations),
+        "completed_rooms_without_one_of_each_role": sum(not one_of_each(cid, room) for cid, room in completed),
     }
 
 
@@ -380,7 +399,7 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
         alloc_metrics = scrape(stack.env["CROSSTALK_ALLOCATOR_METRICS_PORT"])
         integrity = check_transcripts(stack.data_dir, batch_id, events["settled"], read_served(served_log))
         phases = join_phases(stack.run_dir / "logs", events["dispatched"])
-        roles = check_roles(events["agents_joined"], events["settled"])
+        roles = check_roles(stack.data_dir, batch_id, events["settled"])
         final = [s for s in events["settled"] if not s.retry]
         reasons: dict[str, int] = {}
         for s in final:
@@ -451,9 +470,12 @@ def summary(r: dict[str, Any]) -> str:
         f"  CPU {r['cpu_s_per_conversation']} s/conversation; worker RSS idle {r['worker_rss_idle_mb']} MB, peak "
         f"{r['worker_rss_peak_mb']} MB, {r['rss_per_session_mb']} MB per agent session; of {r['stored_turns']} stored "
         f"turns (checked against the model's served log): lost {r['lost_turns']}, altered {r['altered_turns']}, "
-        f"duplicated {r['duplicated_turns']}, misordered {r['misordered_conversations']}; rooms with two agents of "
-        f"one role {r.get('rooms_with_two_agents_of_one_role')}, completed without one of each "
-        f"{r.get('completed_rooms_without_one_of_each_role')}",
+        f"duplicated {r['duplicated_turns']}, misordered {r['misordered_conversations']}",
+        f"  room audit (livekit-server's webhooks + grant log, {r.get('rooms_audited')} rooms): two agents of one "
+        f"role {r.get('rooms_with_two_agents_of_one_role')}, agent without a grant "
+        f"{r.get('agent_participants_without_a_grant')}, third agent {r.get('rooms_with_a_third_agent')}, completed "
+        f"without one of each {r.get('completed_rooms_without_one_of_each_role')}, unsettled "
+        f"{r.get('audit_unsettled_conversations')}",
     ]
     ph = r.get("join_phases_s") or {}
     if ph:
@@ -515,9 +537,12 @@ def main() -> None:
             print(f"report: {out.relative_to(ROOT)}", flush=True)
     bad = [r for r in reports if r["lost_turns"] or r["altered_turns"] or r["duplicated_turns"]
            or r["misordered_conversations"]
-           or r["rooms_with_two_agents_of_one_role"] or r["completed_rooms_without_one_of_each_role"]]
+           or r["rooms_with_two_agents_of_one_role"] or r["completed_rooms_without_one_of_each_role"]
+           or r["agent_participants_without_a_grant"] or r["rooms_with_a_third_agent"]
+           or r["audit_unsettled_conversations"]]
     if bad:
-        raise SystemExit("lost or duplicated turns, or a room with two agents of one role: see the report")
+        raise SystemExit("lost or duplicated turns, or a room-audit violation (two of one role, agent without "
+                         "a grant, third agent, room not one of each): see the report")
 
 
 if __name__ == "__main__":
