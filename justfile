@@ -7,7 +7,8 @@
 #   CROSSTALK_LIVEKIT_PORT (7880) CROSSTALK_LIVEKIT_TCP_PORT (7881)
 #   CROSSTALK_LIVEKIT_UDP_PORTS (50000-50200) CROSSTALK_LIVEKIT_METRICS_PORT (6789)
 #   CROSSTALK_MODEL_PORT (8088) CROSSTALK_<NAME>_METRICS_PORT (dispatcher 9101, allocator 9102,
-#   sink 9103, model 9104, worker 9105) CROSSTALK_PROMETHEUS_PORT (9090) CROSSTALK_GRAFANA_PORT (3000)
+#   sink 9103, model 9104, worker 9105, webhook 9120) CROSSTALK_PROMETHEUS_PORT (9090) CROSSTALK_GRAFANA_PORT (3000)
+#   CROSSTALK_WEBHOOK_PORT (8089: livekit-server's webhooks -> services/webhook; `up` renders run/livekit.yaml)
 #   CROSSTALK_SERVICES (comma list: start only these; e.g. worker on a second machine)
 #   NATS_URL / LIVEKIT_URL set: use that server and start none.
 
