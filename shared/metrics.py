@@ -160,6 +160,15 @@ class SinkMetrics:
         self.held = Gauge(
             "crosstalk_sink_held_turns", "out-of-order turns buffered until their gap fills",
             registry=registry)
+        self.turns_refused = Counter(
+            "crosstalk_sink_turns_refused_total",
+            "turns never written: their lease was not the live lease of that role in that room at that time",
+            ["reason"], registry=registry)  # no_lease|unknown|superseded|released|expired
+        self.conflicts = Counter(
+            "crosstalk_sink_conflicts_total", "turn events kept out: index already stored with a different text",
+            registry=registry)
+        for reason in ("no_lease", "unknown", "superseded", "released", "expired"):
+            self.turns_refused.labels(reason)
         self.incomplete = Counter(
             "crosstalk_sink_transcripts_incomplete_total",
             "completed conversations failed as transcript_incomplete (file short when the batch finished)",

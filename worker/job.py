@@ -50,6 +50,7 @@ from shared.log import kv
 from shared.metrics import WorkerMetrics
 from worker.agents import agent_for
 from worker.bridge import ATTR_TURN, RoomBridge, peer_role
+from worker.lease import LeaseKeeper
 from worker.transcription import CoalescedTranscription
 
 log = logging.getLogger("worker.job")
@@ -61,12 +62,17 @@ CONNECT_TIMEOUT_S = 20.0
 _TLS = ssl.create_default_context()
 
 
-def model_client(settings: Settings) -> openai.AsyncClient:
-    """The OpenAI-compatible client of one job (scripted model by default, a real one when configured)."""
+def model_client(settings: Settings, conversation: str | None = None) -> openai.AsyncClient:
+    """The OpenAI-compatible client of one job (scripted model by default, a real one when configured).
+
+    ``conversation`` (``<batch>/<conversation>/<attempt>``) goes along as a header, so the scripted
+    model's served log can be compared with the transcripts (a real API ignores it).
+    """
     return openai.AsyncClient(
         api_key=settings.model_api_key,
         base_url=settings.model_base_url,
         max_retries=0,
+        default_headers={"X-Crosstalk-Conversation": conversation} if conversation else None,
         http_client=httpx2.AsyncClient(
             verify=_TLS,
             timeout=httpx2.Timeout(connect=15.0, read=30.0, write=5.0, pool=5.0),
@@ -106,8 +112,11 @@ class Conversation:
         bridge: RoomBridge,
         publish: Any,
         metrics: WorkerMetrics,
+        lease: LeaseKeeper | None = None,
     ) -> None:
         self.meta = meta
+        # The role's lease: every turn carries its token, and none is published once it may have ended.
+        self.lease = lease
         self.role = role
         self.room = room
         self.bridge = bridge
@@ -152,9 +161,26 @@ class Conversation:
         task = asyncio.ensure_future(self._speak(text, item))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        task.add_done_callback(self._observe)
+
+    def _observe(self, task: asyncio.Future[Any]) -> None:
+        """A turn that fails (its publish, the bridge...) ends the conversation now, with the reason."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("turn failed", exc_info=exc, extra=kv(room=self.room, role=self.role))
+            self.finish(f"agent_error: {self.role}: turn failed: {type(exc).__name__}: {exc}"[:300],
+                        ok=False, mine=True)
 
     async def _speak(self, text: str, item: ChatMessage) -> None:
         async with self._speaking:
+            if self.done.done():
+                return
+            if self.lease is not None and not self.lease.valid():
+                # Never speak on a lease that may have ended: the role may be someone else's.
+                self.finish(f"lease_lost: {self.lease.lost or 'not renewed in time'}", ok=False, mine=True)
+                return
             turn = self.next_turn
             if turn >= self.meta.max_turns:
                 return
@@ -175,6 +201,8 @@ class Conversation:
                 first_token_s=ttft,
                 total_s=now - started,
                 language=self.meta.language,
+                room=self.room,
+                lease=self.lease.lease if self.lease is not None else None,
             )
             # Durable record first, then the peer hears it: a turn the peer answers is never lost.
             await self.publish(
@@ -217,6 +245,7 @@ class Conversation:
         task = asyncio.ensure_future(_end_soon())
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        task.add_done_callback(self._observe)
 
     def on_control(self, msg: dict[str, str], sender: str) -> None:
         if msg.get("kind") == "end":
@@ -260,8 +289,13 @@ async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> No
     identity = ctx.local_participant_identity
     lease_task: asyncio.Task[None] | None = None
     role: Role | None = None
+    keeper: LeaseKeeper | None = None
     try:
+        asked_at = time.monotonic()  # the lease surely lives lease_s from here (worker/lease.py)
         reply = await request_role(nc, RoleRequest(room=room_name, job_id=job_id, identity=identity))
+        if reply.granted and reply.lease is None:
+            log.error("grant without a lease token: cannot renew it, leaving", extra=kv(job_id=job_id, room=room_name))
+            reply = RoleReply(granted=False, reason="grant without a lease token")
         if not reply.granted or reply.role is None:
             log.info("role denied, leaving", extra=kv(job_id=job_id, room=room_name, reason=reply.reason))
             metrics.jobs.labels("denied").inc()
@@ -270,34 +304,26 @@ async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> No
         role = reply.role
         marks["role"] = time.monotonic()
         lease_s = reply.lease_s or settings.lease_s
+        assert reply.lease is not None
+        keeper = LeaseKeeper(nc, room=room_name, job_id=job_id, role=role, lease=reply.lease, lease_s=lease_s,
+                             sent_at=asked_at)
+        lease_task = asyncio.create_task(keeper.run())
 
         await connect_room(ctx)
         bridge = RoomBridge(ctx.room, role)
         marks["connected"] = time.monotonic()
         await bridge.announce()
-        conv = Conversation(meta=meta, role=role, room=room_name, bridge=bridge, publish=publish, metrics=metrics)
-
-        async def renew() -> None:
-            while True:
-                await asyncio.sleep(lease_s / 3)
-                try:
-                    r = await request_role(nc, RoleRequest(room=room_name, job_id=job_id, identity=identity),
-                                           within_s=lease_s / 2)
-                except Exception as exc:  # keep trying until the lease is really gone
-                    log.warning("lease renewal failed", extra=kv(room=room_name, error=str(exc)))
-                    continue
-                if not r.granted or r.role != role:
-                    conv.finish(f"agent_error: lease lost ({r.reason})", ok=False, mine=True)
-                    return
-
-        lease_task = asyncio.create_task(renew())
+        conv = Conversation(meta=meta, role=role, room=room_name, bridge=bridge, publish=publish, metrics=metrics,
+                            lease=keeper)
+        # Renewal refused, or not renewed before the lease may have expired: stop speaking, end failed.
+        keeper.on_lost(lambda why: conv.finish(f"lease_lost: {why}", ok=False, mine=True))
 
         peer = await bridge.wait_for_peer(ready=False, timeout=settings.join_deadline_s)
         marks["peer"] = time.monotonic()
         bridge.on_control(conv.on_control)
         ctx.room.on("participant_disconnected", conv.on_peer_left)
 
-        llm_client = model_client(settings)
+        llm_client = model_client(settings, f"{meta.batch_id}/{meta.conversation_id}/{meta.attempt}")
         session: AgentSession = AgentSession(
             llm=lk_openai.LLM(model=settings.model_name, client=llm_client),
             vad=None,
@@ -360,7 +386,7 @@ async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> No
                 subjects.conv_event(meta.batch_id, meta.conversation_id, "ended"),
                 ConversationEnded(batch_id=meta.batch_id, conversation_id=meta.conversation_id,
                                   attempt=meta.attempt, room=room_name, reason=reason, ok=ok,
-                                  turns=conv.turns, role=role, at=time.time()),
+                                  turns=conv.turns, role=role, at=time.time(), lease=keeper.lease),
                 msg_id=f"{meta.conversation_id}:{meta.attempt}:ended",
             )
         metrics.jobs.labels("completed" if ok else "failed").inc()
@@ -378,7 +404,8 @@ async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> No
                     ConversationEnded(batch_id=meta.batch_id, conversation_id=meta.conversation_id,
                                       attempt=meta.attempt, room=room_name,
                                       reason=f"agent_error: {role}: {type(exc).__name__}", ok=False,
-                                      turns=0, role=role, at=time.time()),
+                                      turns=0, role=role, at=time.time(),
+                                      lease=keeper.lease if keeper is not None else None),
                     msg_id=f"{meta.conversation_id}:{meta.attempt}:ended",
                 )
             except Exception:

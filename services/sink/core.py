@@ -143,7 +143,7 @@ class Transcript(Generic[A]):
         return self.file_attempt == attempt and self.file_lines >= turns
 
 
-Outcome = Literal["written", "duplicate", "stale", "held"]
+Outcome = Literal["written", "duplicate", "stale", "held", "conflict"]
 
 
 @dataclass(frozen=True)
@@ -162,8 +162,18 @@ class Step(Generic[A]):
     acks: tuple[A, ...] = ()
 
 
-def offer(state: Transcript[A], turn: TurnRecorded, ack: A) -> Step[A]:
-    """Decide what ``turn`` (validated by :func:`turn_problem`) does to ``state``."""
+def repeats_stored(state: Transcript[A], turn: TurnRecorded) -> bool:
+    """Is ``turn``'s index already stored (or planned) for its attempt? Then :func:`offer` wants
+    the stored line's ``(role, text)`` to tell a redelivery from a conflicting text."""
+    return turn.attempt == state.attempt and turn.turn < state.next_turn
+
+
+def offer(state: Transcript[A], turn: TurnRecorded, ack: A, stored: tuple[str, str] | None = None) -> Step[A]:
+    """Decide what ``turn`` (validated by :func:`turn_problem`) does to ``state``.
+
+    ``stored``: the ``(role, text)`` already stored at ``turn.turn`` (see :func:`repeats_stored`).
+    A repeat whose role or text differs from what is stored (or held) is a ``conflict``: kept
+    out, its ack released for the caller to settle once the conversation is flagged."""
     if turn.attempt < state.attempt:
         return Step(state, "stale", acks=(ack,))
     released: tuple[A, ...] = ()
@@ -174,10 +184,14 @@ def offer(state: Transcript[A], turn: TurnRecorded, ack: A) -> Step[A]:
             attempt=turn.attempt, next_turn=0, file_attempt=state.file_attempt, file_lines=state.file_lines
         )
     if turn.turn < state.next_turn:
+        if stored is not None and stored != (turn.role, turn.text):
+            return Step(state, "conflict", acks=(*released, ack))
         return Step(state, "duplicate", acks=(*released, ack))
     if turn.turn > state.next_turn:
         held = dict(state.held)
         first, acks = held.get(turn.turn, (turn, ()))
+        if acks and (first.role, first.text) != (turn.role, turn.text):
+            return Step(state, "conflict", acks=(*released, ack))
         held[turn.turn] = (first, (*acks, ack))
         outcome: Outcome = "duplicate" if acks else "held"
         return Step(_replace(state, held=held), outcome, acks=released)
@@ -236,6 +250,7 @@ class ConversationEntry(msgspec.Struct, frozen=True, kw_only=True):
     attempts: int = 0
     turns: int = 0
     ended: str | None = None  # how its latest attempt ended (ConversationEnded.reason)
+    conflicts: int = 0  # turn events kept out: an index already stored, with a different text
     # Room audit (livekit-server's webhooks joined with the allocator's grants; see audit.py).
     participants: list[audit.Participant] = []
     grants: list[audit.Grant] = []
@@ -378,6 +393,14 @@ def mark_incomplete(doc: BatchDoc, short: Mapping[str, int]) -> BatchDoc:
         return doc
     return msgspec.structs.replace(doc, conversations=conversations, completed=doc.completed - moved,
                                    failed=doc.failed + moved, status="failed")
+
+
+def flag_conflict(doc: BatchDoc, conversation_id: str) -> BatchDoc:
+    """``batch.json`` after one more conflicting turn event of ``conversation_id``."""
+    old = doc.conversations.get(conversation_id, ConversationEntry())
+    conversations = dict(doc.conversations)
+    conversations[conversation_id] = msgspec.structs.replace(old, conflicts=old.conflicts + 1)
+    return msgspec.structs.replace(doc, conversations=conversations)
 
 
 def transcripts_expected(doc: BatchDoc) -> Iterator[tuple[str, int, int]]:

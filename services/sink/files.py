@@ -26,7 +26,7 @@ import msgspec
 from shared.contracts import ContractError, is_id, is_token
 from shared.log import kv
 
-from .core import BatchDoc, decode_doc, decode_line
+from .core import BatchDoc, TurnLine, decode_doc, decode_line
 
 log = logging.getLogger("sink.files")
 
@@ -200,3 +200,15 @@ def read_doc(path: Path) -> BatchDoc | None:
         os.replace(path, aside)
         log.error("unreadable batch.json moved aside", extra=kv(path=str(path), error=str(exc)))
         return None
+
+
+def read_turn(path: Path, turn: int) -> TurnLine | None:
+    """Line ``turn`` of a transcript (turn ``n`` is line ``n``), or None if the file is shorter."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    raw = data.split(b"\n")
+    if turn >= len(raw) - 1:  # the last element follows the final newline
+        return None
+    return decode_line(raw[turn])

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 from nats.errors import MsgAlreadyAckdError
@@ -54,6 +55,7 @@ from shared.metrics import SinkMetrics
 
 from . import core, files
 from .core import BatchDoc, BatchDocEvent, FileWrite, Transcript
+from .fencing import LeaseLog
 
 log = logging.getLogger("sink")
 
@@ -145,6 +147,9 @@ class Sink:
         self._batch_sub: JetStreamContext.PullSubscription | None = None
         self._lk_sub: JetStreamContext.PullSubscription | None = None
         self._roles_sub: JetStreamContext.PullSubscription | None = None
+        # Turn fencing: a turn is written only if its lease was the live one (fencing.py).
+        self.leases = LeaseLog(js._nc)
+        self._horizon = 0.0  # newest stored timestamp among the conversation messages in hand
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -234,6 +239,7 @@ class Sink:
     # ------------------------------------------------------------------ turns
 
     async def handle_conversation_msgs(self, msgs: list[Msg]) -> None:
+        self._horizon = max(_stored_at(m) for m in msgs) if msgs else 0.0
         async with self._files_lock:
             plan: dict[Key, FileWrite[Msg]] = {}
             settle_now: list[Msg] = []
@@ -287,8 +293,24 @@ class Sink:
             log.error("transcript unreadable", extra=kv(batch_id=key[0], conversation_id=key[1], error=str(exc)))
             retry.append(msg)
             return
-        step = core.offer(state, event, msg)
+        if not await self._leased(event, msg, settle_now, retry):
+            return
+        try:
+            stored = await self._stored(key, event.turn, plan) if core.repeats_stored(state, event) else None
+        except (OSError, msgspec.DecodeError) as exc:
+            log.error("transcript unreadable", extra=kv(batch_id=key[0], conversation_id=key[1], error=str(exc)))
+            retry.append(msg)
+            return
+        step = core.offer(state, event, msg, stored)
         self._transcripts[key] = step.state
+        if step.outcome == "conflict":
+            # Never acked silently as a duplicate: kept out, counted, flagged in batch.json.
+            self.metrics.conflicts.inc()
+            log.warning("conflicting text for a stored turn kept out", extra=kv(
+                batch_id=key[0], conversation_id=key[1], attempt=event.attempt, turn=event.turn, role=event.role,
+                stored_role=stored[0] if stored else None, lease=event.lease))
+            await self._flag_conflict(event, list(step.acks), settle_now)
+            return
         if step.outcome == "duplicate":
             self.metrics.duplicates.inc()
         elif step.outcome == "stale":
@@ -301,6 +323,44 @@ class Sink:
             plan[key].acks.extend(step.acks)
         else:
             settle_now.extend(step.acks)
+
+    async def _leased(self, turn: TurnRecorded, msg: Msg, settle_now: list[Msg], retry: list[Msg]) -> bool:
+        """Was the turn's lease the live lease of its role in its room when it was stored?
+        A refused turn is acked, counted and logged, never written."""
+        try:
+            refusal = await self.leases.check(turn, _stored_at(msg), self._horizon)
+        except Exception as exc:  # the lease log unreachable for now: judge it later
+            log.warning("lease check failed; will retry", extra=kv(
+                batch_id=turn.batch_id, conversation_id=turn.conversation_id, turn=turn.turn, error=repr(exc)))
+            retry.append(msg)
+            return False
+        if refusal is None:
+            return True
+        self.metrics.turns_refused.labels(refusal).inc()
+        log.warning("turn refused: its lease was not live", extra=kv(
+            batch_id=turn.batch_id, conversation_id=turn.conversation_id, attempt=turn.attempt, turn=turn.turn,
+            role=turn.role, room=turn.room, lease=turn.lease, reason=refusal))
+        settle_now.append(msg)
+        return False
+
+    async def _stored(self, key: Key, turn: int, plan: dict[Key, FileWrite[Msg]]) -> tuple[str, str] | None:
+        """``(role, text)`` stored (or planned in this batch) at index ``turn`` of the conversation."""
+        for t in plan[key].lines if key in plan else ():
+            if t.turn == turn:
+                return t.role, t.text
+        path = self.dirs.transcript(*key)
+        line = await asyncio.get_running_loop().run_in_executor(self._pool, files.read_turn, path, turn)
+        return (line.role, line.text) if line is not None else None
+
+    async def _flag_conflict(self, turn: TurnRecorded, acks: list[Msg], settle_now: list[Msg]) -> None:
+        try:
+            doc = await self._doc(turn.batch_id)
+        except ContractError:
+            settle_now.extend(acks)
+            return
+        self._docs[turn.batch_id] = core.flag_conflict(doc, turn.conversation_id)
+        self._dirty.add(turn.batch_id)
+        self._waiting[turn.batch_id].extend(acks)  # acked once batch.json shows the flag
 
     async def _transcript(self, key: Key) -> Transcript[Msg]:
         state = self._transcripts.get(key)
@@ -534,6 +594,11 @@ class Sink:
                 pass
             except nats.errors.Error as exc:
                 log.debug("nak failed", extra=kv(error=repr(exc)))
+
+
+def _stored_at(msg: Msg) -> float:
+    """The message's JetStream timestamp (server time)."""
+    return msg.metadata.timestamp.timestamp()
 
 
 def _subject_problem(subject: str, expected: Any) -> tuple[str, str] | None:

@@ -14,6 +14,7 @@ import msgspec
 import pytest
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
+from support.leases import Leases
 
 from services.sink import core
 from services.sink.main import Sink, SinkConfig
@@ -90,7 +91,13 @@ def turn(batch: str, conv: str, n: int, attempt: int = 1, text: str | None = Non
     )
 
 
-async def pub_turn(js: JetStreamContext, t: TurnRecorded) -> None:
+LEASES = Leases()
+
+
+async def pub_turn(js: JetStreamContext, t: TurnRecorded, *, lease: bool = True) -> None:
+    """Publish a turn; ``lease``: with a live lease of its role in its room (a grant on ROLES)."""
+    if lease and t.lease is None:
+        t = await LEASES.leased(js, t)
     await bus.publish(js, subjects.conv_event(t.batch_id, t.conversation_id, "turn"), t)
 
 
@@ -187,8 +194,10 @@ async def test_turns_out_of_order_and_duplicated_land_once_and_batch_json_waits_
         assert (doc["scenario"], doc["language"], doc["mode"], doc["max_turns"], doc["concurrency"]) == (
             "hi-account-help", "hi", "text", 8, 2
         )
-        assert doc["conversations"]["c1"] == {
-            "outcome": "completed", "reason": "max_turns", "attempts": 1, "turns": 4, "ended": "max_turns"
+        assert {k: doc["conversations"]["c1"][k] for k in ("outcome", "reason", "attempts", "turns", "ended",
+                                                           "conflicts")} == {
+            "outcome": "completed", "reason": "max_turns", "attempts": 1, "turns": 4, "ended": "max_turns",
+            "conflicts": 0,
         }
         assert sink.metrics.turns_written._value.get() == 7
         assert sink.metrics.duplicates._value.get() == 2
@@ -350,7 +359,9 @@ async def test_batch_json_is_always_whole_while_it_is_rewritten(nats_url: str, t
     assert len(seen) > 1
     final = read_doc(path)
     assert final is not None and final["failed"] == n and len(final["conversations"]) == n
-    assert all(e == {"outcome": "failed", "reason": "join_timeout", "attempts": 1, "turns": 0, "ended": None}
+    keys = ("outcome", "reason", "attempts", "turns", "ended")
+    assert all({k: e[k] for k in keys} == {"outcome": "failed", "reason": "join_timeout", "attempts": 1,
+                                           "turns": 0, "ended": None}
                for e in final["conversations"].values())
     # counts only ever grow while running: each version is a consistent snapshot
     fails = [d["failed"] for d in seen if d["status"] == "running"]

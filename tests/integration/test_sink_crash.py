@@ -18,6 +18,7 @@ from pathlib import Path
 
 from nats.js.errors import NotFoundError
 from servers import ROOT, free_port
+from support.leases import Leases
 
 from services.sink import core
 from shared import bus, streams, subjects
@@ -126,6 +127,8 @@ async def test_ten_thousand_turns_survive_duplicates_reordering_and_two_sigkills
 
     nc = await bus.connect(nats_url, "test-crash-publisher")
     js = await bus.jetstream(nc)
+    leases = Leases()  # every turn under a live lease of its role (the sink stores no other)
+    order = [await leases.leased(js, t) for t in order]
     try:
         sink = await spawn()
         for _ in range(300):  # the sink creates its durable consumers (deliver: new) at start

@@ -1,0 +1,114 @@
+"""One job's role lease, kept alive with ``role.renew`` (ARCHITECTURE.md, public contracts).
+
+The grant's lease lives ``lease_s`` from its grant event's JetStream timestamp, which is
+after the job sent its request. So, on the job's own monotonic clock (no wall clock, no
+clock sync), the lease surely lives until ``sent + lease_s``, where ``sent`` is when the
+request that granted or last renewed it was sent. :class:`LeaseKeeper` renews every
+``lease_s / 3``, retries transient failures (no allocator answering, a timeout, a busy
+allocator) until that deadline minus a small margin, and reports the lease lost
+
+* at once on a refusal (``superseded``, ``expired``, ``unknown``): the role is no
+  longer this job's;
+* when the deadline comes with no successful renewal: it cannot know the lease still
+  lives, so it must stop speaking as if it did not.
+
+:meth:`LeaseKeeper.valid` is what the speaker checks before every turn it publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from nats.aio.client import Client
+from nats.errors import Error as NatsError
+
+from shared import contracts, subjects
+from shared.contracts import ContractError, RenewReply, Role, RoleRenew
+from shared.log import kv
+
+log = logging.getLogger("worker.lease")
+
+REFUSALS = frozenset({"superseded", "expired", "unknown"})
+
+
+class LeaseKeeper:
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        room: str,
+        job_id: str,
+        role: Role,
+        lease: int,
+        lease_s: float,
+        sent_at: float,
+        on_lost: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``sent_at``: the ``clock()`` reading taken just before the granting request was sent."""
+        self.nc = nc
+        self.renew_msg = RoleRenew(room=room, job_id=job_id, role=role, lease=lease)
+        self.lease = lease
+        self.lease_s = lease_s
+        self.clock = clock
+        # Stop a little before the deadline: a turn published now must be stored before it.
+        self.margin_s = min(1.0, lease_s / 10)
+        self.valid_until = sent_at + lease_s
+        self.lost: str | None = None
+        self.renewals = 0
+        self._on_lost = on_lost
+
+    def on_lost(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(reason)`` when the lease is lost (at once if it already is)."""
+        self._on_lost = callback
+        if self.lost is not None:
+            callback(self.lost)
+
+    def valid(self) -> bool:
+        return self.lost is None and self.clock() < self.valid_until - self.margin_s
+
+    def _lose(self, reason: str) -> None:
+        if self.lost is None:
+            self.lost = reason
+            log.warning("lease lost", extra=kv(room=self.renew_msg.room, role=self.renew_msg.role,
+                                               lease=self.lease, reason=reason))
+            if self._on_lost is not None:
+                self._on_lost(reason)
+
+    async def run(self) -> None:
+        """Renew until cancelled or lost."""
+        while self.lost is None:
+            await asyncio.sleep(max(0.0, min(self.lease_s / 3, self.valid_until - self.margin_s - self.clock())))
+            await self.renew_once()
+
+    async def renew_once(self) -> None:
+        """One renewal, retried on transient failures until the lease's deadline."""
+        delay = 0.05
+        last_error = "no renewal"
+        while self.lost is None:
+            left = self.valid_until - self.margin_s - self.clock()
+            if left <= 0:
+                self._lose(f"not renewed in time ({last_error})")
+                return
+            sent = self.clock()
+            try:
+                msg = await self.nc.request(subjects.ROLE_RENEW, contracts.encode(self.renew_msg),
+                                            timeout=min(3.0, left))
+                reply = contracts.decode(msg.data, RenewReply)
+            except (NatsError, TimeoutError, ContractError) as exc:  # nats' timeouts and no responders included
+                last_error = f"{type(exc).__name__}: {exc}".strip(": ")
+            else:
+                if reply.renewed:
+                    self.valid_until = sent + (reply.lease_s or self.lease_s)
+                    self.renewals += 1
+                    return
+                if reply.reason in REFUSALS or reply.field is not None:
+                    self._lose(reply.reason or f"bad renew: {reply.field}")
+                    return
+                last_error = reply.reason or "refused without a reason"  # busy / allocator error: retry
+            left = self.valid_until - self.margin_s - self.clock()
+            await asyncio.sleep(max(0.0, min(delay, left)))
+            delay = min(delay * 2, 1.0)
