@@ -82,7 +82,7 @@ async def test_an_agent_joined_by_hand_is_flagged_in_batch_json(
                 return bool(entry) and sorted((p["role"], p["kind"]) for p in entry["participants"]) == [
                     ("customer", "agent"), ("support", "agent")] and entry["violations"] == []
 
-            await wait_for(two_agents_with_roles, 30, "both agents in the audit with their roles, no violation")
+            await wait_for(two_agents_with_roles, 60, "both agents in the audit with their roles, no violation")
             # an extra AGENT participant joined by hand: no grant, third agent
             intruder = rtc.Room()
             await intruder.connect(url, agent_token(room, f"intruder-{unique}", key, secret))
@@ -93,7 +93,7 @@ async def test_an_agent_joined_by_hand_is_flagged_in_batch_json(
                 kinds = {v["kind"] for v in entry["violations"]} if entry else set()
                 return entry if {"no_grant", "third_agent"} <= kinds else None
 
-            entry = await wait_for(flagged, 30, "the audit to flag the intruder")
+            entry = await wait_for(flagged, 60, "the audit to flag the intruder")
             no_grant = [v for v in entry["violations"] if v["kind"] == "no_grant"]
             assert [v["identities"] for v in no_grant] == [[f"intruder-{unique}"]]
             assert all(v["room"] == room and v["attempt"] == 1 for v in entry["violations"])
@@ -111,7 +111,7 @@ async def test_an_agent_joined_by_hand_is_flagged_in_batch_json(
                 return bool(entry) and all(p["left_at"] for p in entry["participants"]) and any(
                     r["finished_at"] for r in entry["rooms"])
 
-            await wait_for(all_left, 30, "participant_left and room_finished in the audit")
+            await wait_for(all_left, 60, "participant_left and room_finished in the audit")
     finally:
         for r in joined:
             await r.disconnect()

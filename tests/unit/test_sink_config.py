@@ -16,18 +16,21 @@ from shared.config import ConfigError, load
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_settings_become_two_filtered_durable_consumers(tmp_path: Path) -> None:
+def test_settings_become_filtered_durable_consumers(tmp_path: Path) -> None:
     settings = load({
         "CROSSTALK_DATA_DIR": str(tmp_path), "CROSSTALK_SINK_DURABLE": "sink-a",
         "CROSSTALK_SINK_ACK_WAIT_S": "7.5", "CROSSTALK_SINK_DELIVER": "new",
     })
     cfg = SinkConfig.from_settings(settings)
     assert (cfg.data_dir, cfg.durable, cfg.ack_wait_s, cfg.deliver) == (tmp_path, "sink-a", 7.5, "new")
-    (conv_stream, conv), (batch_stream, batch) = cfg.consumer_configs()
+    (conv_stream, conv), (batch_stream, batch), (lk_stream, lk), (roles_stream, roles) = cfg.consumer_configs()
     assert (conv_stream, conv.durable_name, conv.filter_subjects) == (
         "CONVERSATIONS", "sink-a-conv", ["conv.*.*.turn", "conv.*.*.ended"]
     )
     assert (batch_stream, batch.durable_name, batch.filter_subjects) == ("BATCH_EVENTS", "sink-a-batch", ["batch.evt.*"])
+    # the room audit: livekit-server's webhooks and the allocator's grant log
+    assert (lk_stream, lk.durable_name, lk.filter_subjects) == ("LIVEKIT_EVENTS", "sink-a-lk", ["lk.room.>"])
+    assert (roles_stream, roles.durable_name, roles.filter_subjects) == ("ROLES", "sink-a-roles", ["roles.>"])
     assert conv.deliver_policy == DeliverPolicy.NEW and conv.ack_wait == 7.5 and conv.max_deliver == -1
     defaults = SinkConfig.from_settings(load({}))
     assert (defaults.durable, defaults.ack_wait_s, defaults.deliver) == ("sink", 30.0, "all")
