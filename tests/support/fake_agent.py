@@ -92,12 +92,11 @@ async def _entrypoint(ctx: JobContext) -> None:
     nc = await nats.connect(NATS_URL)
     js = nc.jetstream(timeout=10)
     role: Role | None = None
-    from_allocator = False
     try:
         if MODE == "stall":
             await asyncio.sleep(3600)
             return
-        role, from_allocator = await ask_role(nc, ctx)
+        role = await ask_role(nc, ctx)
         if role is None:
             ctx.shutdown("role denied")
             return
