@@ -60,8 +60,8 @@ MAX_JOBS = int(os.environ.get("CROSSTALK_WORKER_MAX_JOBS", "16"))
 TARGET_LOAD = 0.7
 
 
-async def ask_role(nc: nats.NATS, ctx: JobContext) -> Role | None:
-    """The allocator's answer, or None: fails closed when no allocator answers (never guesses a role)."""
+async def ask_role(nc: nats.NATS, ctx: JobContext) -> RoleReply | None:
+    """The allocator's grant, or None: fails closed when no allocator answers (never guesses a role)."""
     req = RoleRequest(room=ctx.job.room.name, job_id=ctx.job.id, identity=ctx.local_participant_identity)
     deadline = time.monotonic() + ROLE_WAIT_S
     while True:
@@ -74,7 +74,7 @@ async def ask_role(nc: nats.NATS, ctx: JobContext) -> Role | None:
             await asyncio.sleep(0.5)
             continue
         reply = contracts.decode(msg.data, RoleReply)
-        return reply.role if reply.granted else None
+        return reply if reply.granted and reply.role is not None else None
 
 
 async def entrypoint(ctx: JobContext) -> None:
@@ -96,10 +96,11 @@ async def _entrypoint(ctx: JobContext) -> None:
         if MODE == "stall":
             await asyncio.sleep(3600)
             return
-        role = await ask_role(nc, ctx)
-        if role is None:
+        grant = await ask_role(nc, ctx)
+        if grant is None or grant.role is None:
             ctx.shutdown("role denied")
             return
+        role = grant.role
         await ctx.connect(auto_subscribe=AutoSubscribe.SUBSCRIBE_NONE)
         await js.publish(
             subjects.conv_event(meta.batch_id, meta.conversation_id, "joined"),
@@ -116,7 +117,7 @@ async def _entrypoint(ctx: JobContext) -> None:
                 contracts.encode(ConversationEnded(
                     batch_id=meta.batch_id, conversation_id=meta.conversation_id, attempt=meta.attempt,
                     room=room, reason="end_conversation: support", ok=True, turns=2, role=role,
-                    at=time.time())))
+                    at=time.time(), lease=grant.lease)))
         else:
             await asyncio.sleep(0.5)  # the customer stays until the support agent has reported the end
     finally:
