@@ -10,17 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import threading
 import time
 from typing import Any
 
+import msgspec
 from livekit.agents import AgentServer
+from livekit.agents import worker as lk_worker
 
 from shared import capacity, contracts, subjects
 from shared.contracts import WorkerCapacity
 
 log = logging.getLogger(__name__)
+
+# livekit-server learns a worker's load and status (AVAILABLE/FULL) only from the status update
+# livekit-agents sends every UPDATE_STATUS_INTERVAL (2.5 s), computed from load_fnc at most
+# UPDATE_LOAD_INTERVAL (0.5 s) earlier; until then it places no job on a worker it last saw FULL
+# (pkg/service/agentservice.go selectWorkerWeightedByLoad). A worker that was full announces no
+# free slot for this long after, or the dispatcher would admit conversations livekit-server drops.
+FULL_HOLD_S = (getattr(lk_worker, "UPDATE_STATUS_INTERVAL", 2.5) + getattr(lk_worker, "UPDATE_LOAD_INTERVAL", 0.5)
+               + 0.5)
 
 
 def snapshot(server: AgentServer, *, worker_id: str, agent_name: str, max_jobs: int,
@@ -30,6 +41,13 @@ def snapshot(server: AgentServer, *, worker_id: str, agent_name: str, max_jobs: 
     return capacity.heartbeat(worker_id=worker_id, agent_name=agent_name, capacity=max_jobs,
                               rooms=[j.job.room.name for j in jobs], at=time.time(),
                               livekit_worker_id=livekit_id, closing=closing)
+
+
+def held_free(hb: WorkerCapacity, full_at: float | None, now: float) -> WorkerCapacity:
+    """``hb`` with no free slot while livekit-server may still see this worker FULL."""
+    if full_at is not None and now - full_at < FULL_HOLD_S and hb.free:
+        return msgspec.structs.replace(hb, free=0)
+    return hb
 
 
 class JobCounter:
@@ -70,11 +88,32 @@ class Announcer:
         self.subject = subjects.worker_capacity(self.worker_id)
         self.metrics = metrics
         self.closing = False
+        self.full_at: float | None = None  # monotonic time load_fnc last saw this worker full
         self._task: asyncio.Task[None] | None = None
+        self._watch_load()
+
+    def _watch_load(self) -> None:
+        """Wrap the server's load_fnc (what livekit-agents derives its FULL status from) to note
+        when the worker was full, including moments between two heartbeats."""
+        inner = self.server.load_fnc
+        if inner is None:
+            return
+        takes_server = bool(inspect.signature(inner).parameters)
+
+        def load(server: AgentServer) -> float:
+            value = inner(server) if takes_server else inner()  # type: ignore[call-arg]
+            if len(server.active_jobs) >= self.max_jobs:
+                self.full_at = time.monotonic()
+            return float(value)
+
+        self.server.load_fnc = load
 
     async def publish(self) -> WorkerCapacity:
         hb = snapshot(self.server, worker_id=self.worker_id, agent_name=self.agent_name,
                       max_jobs=self.max_jobs, closing=self.closing)
+        if hb.active >= self.max_jobs:
+            self.full_at = time.monotonic()
+        hb = held_free(hb, self.full_at, time.monotonic())
         if self.metrics is not None:
             self.metrics.capacity.set(self.max_jobs)
         await self.nc.publish(self.subject, contracts.encode(hb))

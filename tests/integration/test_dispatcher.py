@@ -27,6 +27,7 @@ from support.harness import (
     all_batch_events,
     batch_events,
     has_allocator,
+    phantom_capacity,
     read_subject,
     wait_finished,
     wait_for,
@@ -291,6 +292,11 @@ async def test_rooms_and_dispatches_appear_in_livekit(
     procs.dispatcher(CROSSTALK_AGENT_NAME=name, CROSSTALK_JOIN_DEADLINE_S="120", CROSSTALK_ROOM_EMPTY_TIMEOUT_S="700")
     await wait_for(lambda: consumer_ready(js), 30, "dispatcher to start")
     bid = f"lk-{uuid.uuid4().hex[:6]}"
+    async with phantom_capacity(nc, name):  # capacity announced: admitted, though no worker takes the jobs
+        await _rooms_and_dispatches(nc, js, lk, name, bid)
+
+
+async def _rooms_and_dispatches(nc: Client, js: JetStreamContext, lk: api.LiveKitAPI, name: str, bid: str) -> None:
     reply = await request(nc, contracts.encode({"batch_id": bid, "conversations": 3, "concurrency": 2,
                                                "scenario": "hi-account-help", "language": "hi", "max_turns": 4}))
     assert reply.accepted and reply.batch_id == bid
@@ -329,10 +335,16 @@ async def _rooms_with_dispatches(lk: api.LiveKitAPI, bid: str, n: int) -> list[a
 async def test_a_repeated_batch_id_is_idempotent(
         procs: Procs, bus_conn: tuple[Client, JetStreamContext], lk: api.LiveKitAPI) -> None:
     nc, js = bus_conn
-    procs.dispatcher(CROSSTALK_AGENT_NAME=agent_name(), CROSSTALK_JOIN_DEADLINE_S="120")
+    name = agent_name()
+    procs.dispatcher(CROSSTALK_AGENT_NAME=name, CROSSTALK_JOIN_DEADLINE_S="120")
     await wait_for(lambda: consumer_ready(js), 30, "dispatcher to start")
     bid = f"dup-{uuid.uuid4().hex[:6]}"
     body = contracts.encode({"batch_id": bid, "conversations": 1})
+    async with phantom_capacity(nc, name):
+        await _repeated(nc, js, lk, bid, body)
+
+
+async def _repeated(nc: Client, js: JetStreamContext, lk: api.LiveKitAPI, bid: str, body: bytes) -> None:
     try:
         first = await request(nc, body)
         again = await request(nc, body)
@@ -358,7 +370,11 @@ async def test_a_repeated_batch_id_is_idempotent(
 async def test_join_timeout_is_retried_then_failed_with_a_reason(
         procs: Procs, bus_conn: tuple[Client, JetStreamContext], lk: api.LiveKitAPI) -> None:
     nc, js = bus_conn
-    procs.dispatcher(CROSSTALK_AGENT_NAME=agent_name(), CROSSTALK_JOIN_DEADLINE_S="1", CROSSTALK_MAX_ATTEMPTS="2")
+    name = agent_name()
+    procs.fake_agent(name, mode="stall")  # livekit-server places every job on it; none ever joins
+    # livekit-server records the job on its dispatch a few seconds after placing it (~5 s measured), so
+    # the deadline, where placement is checked, is longer than that
+    procs.dispatcher(CROSSTALK_AGENT_NAME=name, CROSSTALK_JOIN_DEADLINE_S="15", CROSSTALK_MAX_ATTEMPTS="2")
     await wait_for(lambda: consumer_ready(js), 30, "dispatcher to start")
     bid = f"jt-{uuid.uuid4().hex[:6]}"
     assert (await request(nc, contracts.encode({"batch_id": bid, "conversations": 2}))).accepted
@@ -374,6 +390,26 @@ async def test_join_timeout_is_retried_then_failed_with_a_reason(
     assert sorted(r for _, r in rooms) == sorted(f"{bid}-{i:05d}-a{a}" for i in range(2) for a in (1, 2))
     assert isinstance(events[-1], BatchFinished)
     await wait_for(lambda: _no_rooms(lk, bid), 30, "rooms of failed attempts to be deleted")
+
+
+async def test_a_dispatch_no_worker_takes_is_no_capacity_and_uses_no_attempt(
+        procs: Procs, bus_conn: tuple[Client, JetStreamContext], lk: api.LiveKitAPI) -> None:
+    """Capacity announced but nothing registered under the agent name: livekit-server places the
+    dispatches nowhere (list_dispatch shows no job), which is ours, not the conversation's."""
+    nc, js = bus_conn
+    name = agent_name()
+    procs.dispatcher(CROSSTALK_AGENT_NAME=name, CROSSTALK_JOIN_DEADLINE_S="1", CROSSTALK_MAX_ATTEMPTS="1")
+    await wait_for(lambda: consumer_ready(js), 30, "dispatcher to start")
+    bid = f"nocap-{uuid.uuid4().hex[:6]}"
+    async with phantom_capacity(nc, name):
+        assert (await request(nc, contracts.encode({"batch_id": bid, "conversations": 1}))).accepted
+        finished = await wait_finished(js, bid, 90)
+    assert (finished.status, finished.failed) == ("failed", 1)
+    settled = settled_by_conversation(await batch_events(js, bid))[f"{bid}-00000"]
+    # max_attempts 1, yet re-queued core.MAX_NO_CAPACITY_REQUEUES times: no attempt was used up
+    assert [s.reason.split(":")[0] for s in settled] == ["no_capacity"] * (core.MAX_NO_CAPACITY_REQUEUES + 1)
+    assert [s.retry for s in settled] == [True] * core.MAX_NO_CAPACITY_REQUEUES + [False]
+    await wait_for(lambda: _no_rooms(lk, bid), 30, "rooms to be deleted")
 
 
 async def test_an_agent_that_leaves_fails_the_conversation_with_agent_left(

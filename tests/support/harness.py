@@ -7,13 +7,14 @@ through the environment, with its log in a file that a failing test prints.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,29 @@ async def batch_events(js: JetStreamContext, batch_id: str) -> list[BatchEvent]:
 async def all_batch_events(js: JetStreamContext) -> list[BatchEvent]:
     msgs = await read_subject(js, streams.BATCH_EVENTS.name, subjects.BATCH_EVENTS_ALL)
     return [contracts.decode_event(m.data, BatchEvent) for m in msgs]
+
+
+@contextlib.asynccontextmanager
+async def phantom_capacity(nc: Any, agent_name: str, capacity: int = 16,
+                           worker_id: str = "w-phantom") -> AsyncIterator[None]:
+    """Announce worker capacity for ``agent_name`` with no worker behind it (as shared/capacity.py
+    heartbeats): the dispatcher admits conversations that livekit-server then places nowhere."""
+    from shared import capacity as cap
+
+    async def beat() -> None:
+        while True:
+            hb = cap.heartbeat(worker_id=worker_id, agent_name=agent_name, capacity=capacity, rooms=(),
+                               at=time.time())
+            await nc.publish(subjects.worker_capacity(worker_id), contracts.encode(hb))
+            await asyncio.sleep(cap.HEARTBEAT_S)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
