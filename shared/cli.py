@@ -54,6 +54,7 @@ from shared.contracts import (
     ContractError,
     ConversationDispatched,
     ConversationSettled,
+    DispatcherStatus,
     StartBatch,
 )
 
@@ -112,6 +113,11 @@ class BatchProgress:
     last_at: float | None = None
     finished: BatchFinished | None = None
     ignored: int = 0
+    # From the dispatcher's live ``dispatcher.status`` (not in the batch log): conversations waiting
+    # for worker capacity, and the live workers' free/total agent sessions. None until one arrives.
+    queued: int | None = None
+    free_sessions: int | None = None
+    capacity_sessions: int | None = None
     _dispatched: set[tuple[str, int]] = field(default_factory=set)
     _settled: set[tuple[str, int]] = field(default_factory=set)
     _completed: set[str] = field(default_factory=set)
@@ -139,6 +145,19 @@ class BatchProgress:
             self.finished = event
             self.requested = event.requested
             self.started_at = self.started_at or event.started_at
+
+    def apply_status(self, status: DispatcherStatus) -> None:
+        mine = status.batches.get(self.batch_id)
+        self.queued = mine.queued if mine is not None else 0
+        self.free_sessions, self.capacity_sessions = status.free, status.capacity
+
+    @property
+    def waiting(self) -> str:
+        """``", 8 queued for worker capacity (0 of 16 sessions free)"`` while conversations wait, else ""."""
+        if self.finished or not self.queued:
+            return ""
+        return (f", {self.queued} queued for worker capacity "
+                f"({self.free_sessions} of {self.capacity_sessions} sessions free)")
 
     @property
     def completed(self) -> int:
@@ -187,7 +206,7 @@ def status_line(p: BatchProgress, now: float) -> str:
     total = p.requested if p.requested is not None else "?"
     return (
         f"batch {p.batch_id}: {p.done}/{total} settled ({p.completed} completed, {p.failed} failed), "
-        f"{p.in_flight} in flight, {p.rate_per_min(now):.1f} conv/min"
+        f"{p.in_flight} in flight{p.waiting}, {p.rate_per_min(now):.1f} conv/min"
     )
 
 
@@ -307,20 +326,21 @@ class LiveView:
             MofNCompleteColumn(),
             TextColumn(
                 "[green]{task.fields[ok]} completed[/] [red]{task.fields[failed]} failed[/] "
-                "[cyan]{task.fields[in_flight]} in flight[/] {task.fields[rate]:.1f} conv/min "
+                "[cyan]{task.fields[in_flight]} in flight[/][yellow]{task.fields[queued]}[/] "
+                "{task.fields[rate]:.1f} conv/min "
                 "{task.fields[elapsed]}"
             ),
             console=console,
             transient=False,
         )
         self.task: TaskID = self.progress.add_task(
-            f"batch {batch_id}", total=None, ok=0, failed=0, in_flight=0, rate=0.0, elapsed="")
+            f"batch {batch_id}", total=None, ok=0, failed=0, in_flight=0, queued="", rate=0.0, elapsed="")
         self.progress.start()
 
     def update(self, p: BatchProgress, now: float, caught_up: bool) -> None:
         self.progress.update(
             self.task, total=p.requested, completed=p.done, ok=p.completed, failed=p.failed,
-            in_flight=p.in_flight, rate=p.rate_per_min(now),
+            in_flight=p.in_flight, queued=p.waiting, rate=p.rate_per_min(now),
             elapsed=format_duration(elapsed) if (elapsed := p.elapsed(now)) is not None else "",
         )
 
@@ -370,6 +390,14 @@ async def watch_batch(
     view = None
     try:
         js = nc.jetstream(timeout=10)
+
+        async def on_status(msg: Any) -> None:
+            try:
+                progress.apply_status(contracts.decode(msg.data, DispatcherStatus))
+            except ContractError:
+                pass
+
+        await nc.subscribe(subjects.DISPATCHER_STATUS, cb=on_status)
         try:
             sub = await js.subscribe(
                 subject, stream=streams.BATCH_EVENTS.name, ordered_consumer=True,

@@ -198,3 +198,17 @@ def test_join_overdue_lists_only_unjoined_attempts_past_the_deadline() -> None:
     state = apply(state, _dispatched(state, c0, 1, 0.0), _dispatched(state, c1, 1, 5.0))
     assert [c.conversation_id for c in core.join_overdue(state, 12.0, SETTINGS)] == [c0]
     assert [c.conversation_id for c in core.join_overdue(state, 16.0, SETTINGS)] == [c0, c1]
+
+
+def test_batch_watch_shows_the_conversations_queued_for_capacity() -> None:
+    from shared.cli import BatchProgress, status_line
+
+    p = BatchProgress("b1")
+    p.apply(BatchAccepted(spec=spec(10, 10), at=0.0))
+    assert "queued" not in status_line(p, 1.0)  # no dispatcher.status seen: the line is as before
+    st = contracts.DispatcherStatus(workers=1, capacity=4, free=0, reserved=0, queued=8,
+                                    batches={"b1": contracts.BatchQueue(in_flight=2, queued=8, pending=8)}, at=1.0)
+    p.apply_status(st)
+    assert ", 8 queued for worker capacity (0 of 4 sessions free)," in status_line(p, 1.0)
+    p.apply_status(contracts.DispatcherStatus(workers=1, capacity=4, free=4, reserved=0, queued=0, at=2.0))
+    assert "queued" not in status_line(p, 2.0)
