@@ -67,6 +67,62 @@ class StackError(Exception):
     """One line for the user: what is wrong and what to do."""
 
 
+# --------------------------------------------------------------------------- worker sizing
+
+# Measured on the 2-core, 24 GB machine (benchmarks/README.md, benchmarks/results/*.json): a worker
+# process costs ~420-450 MB RSS idle (3.37 GB for 8, 5.89 GB for 14) and ~10-11 MB per agent session
+# (thread executor); the whole stack spends 1.0-1.2 CPU-s per conversation (6 turns, scripted model),
+# and a conversation lasts ~25 s of wall time when the machine is not saturated (200 @ 50: 115.7 s,
+# i.e. ~29 s per slot including ~5 s of joining).
+WORKER_PROCESS_MB = 450
+WORKER_SESSION_MB = 11
+CPU_S_PER_CONVERSATION = 1.1
+CONVERSATION_WALL_S = 25.0
+CPU_TARGET = 0.75  # leave a quarter of the cores for joins, nats, livekit-server and the services
+STACK_RESERVE_MB = 1024  # nats-server, livekit-server, model, allocator, dispatcher, sink
+MAX_WORKERS = 64
+
+
+def size_workers(cores: float, available_mb: float, sessions_per_worker: int) -> tuple[int, str]:
+    """How many worker processes this machine holds, and why (one line for `just up`/`status`).
+
+    CPU: the conversations the cores sustain at ``CPU_TARGET`` (cores x target x wall s / CPU-s per
+    conversation), two agent sessions each, in processes of ``sessions_per_worker``. Memory: what is
+    available after the rest of the stack, per full worker process. The smaller, at least 1.
+    """
+    conversations = cores * CPU_TARGET * CONVERSATION_WALL_S / CPU_S_PER_CONVERSATION
+    by_cpu = int(2 * conversations // sessions_per_worker)
+    per_worker_mb = WORKER_PROCESS_MB + sessions_per_worker * WORKER_SESSION_MB
+    by_mem = int(max(0.0, available_mb - STACK_RESERVE_MB) // per_worker_mb)
+    n = max(1, min(by_cpu, by_mem, MAX_WORKERS))
+    why = (f"{n} worker process{'es' if n != 1 else ''} x {sessions_per_worker} sessions = {n * sessions_per_worker} "
+           f"agent sessions ({n * sessions_per_worker // 2} conversations at once), sized to this machine: "
+           f"CPU {cores:g} cores hold {by_cpu} ({CPU_S_PER_CONVERSATION:g} CPU-s per ~{CONVERSATION_WALL_S:g} s "
+           f"conversation at {CPU_TARGET:.0%}), memory {available_mb / 1024:.1f} GB available holds {by_mem} "
+           f"({per_worker_mb} MB per full worker); CROSSTALK_WORKERS=N overrides")
+    return n, why
+
+
+def machine() -> tuple[float, float]:
+    """(usable cores, available memory in MB), honouring CPU affinity and cgroup v2 limits."""
+    cores: float = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    avail = psutil.virtual_memory().available / 2**20
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            avail = min(avail, (int(limit) - used) / 2**20)
+    except (OSError, ValueError):
+        pass
+    return cores, avail
+
+
 # --------------------------------------------------------------------------- configuration
 
 
@@ -106,6 +162,7 @@ class Config:
     only: frozenset[str] | None
     up_timeout_s: float
     workers: int = 1
+    workers_why: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -127,9 +184,18 @@ class Config:
             raise StackError("CROSSTALK_UP_TIMEOUT_S: must be a number of seconds") from None
         defaults = {"dispatcher": 9101, "allocator": 9102, "sink": 9103, "model": 9104, "worker": 9105,
                     "webhook": 9120}
-        workers_raw = e.get("CROSSTALK_WORKERS", "").strip() or "1"
-        if not workers_raw.isdigit() or not 1 <= int(workers_raw) <= 64:
-            raise StackError(f"CROSSTALK_WORKERS: must be a whole number of worker processes 1-64, got {workers_raw!r}")
+        workers_raw = e.get("CROSSTALK_WORKERS", "").strip()
+        if workers_raw and (not workers_raw.isdigit() or not 1 <= int(workers_raw) <= MAX_WORKERS):
+            raise StackError(f"CROSSTALK_WORKERS: must be a whole number of worker processes 1-{MAX_WORKERS}, "
+                             f"got {workers_raw!r} (unset: sized to the machine)")
+        sessions_raw = e.get("CROSSTALK_WORKER_MAX_JOBS", "").strip()
+        sessions = int(sessions_raw) if sessions_raw.isdigit() and int(sessions_raw) > 0 else 16
+        if workers_raw:
+            workers = int(workers_raw)
+            workers_why = (f"{workers} worker process{'es' if workers != 1 else ''} x {sessions} sessions "
+                           f"(CROSSTALK_WORKERS={workers})")
+        else:
+            workers, workers_why = size_workers(*machine(), sessions)
         return cls(
             run_dir=_path(e, "CROSSTALK_RUN_DIR", ROOT / "run"),
             data_dir=_path(e, "CROSSTALK_DATA_DIR", ROOT / "data"),
@@ -150,7 +216,8 @@ class Config:
             livekit_key=e.get("LIVEKIT_API_KEY", "").strip() or "devkey",
             only=only,
             up_timeout_s=timeout,
-            workers=int(workers_raw),
+            workers=workers,
+            workers_why=workers_why,
         )
 
     @property
@@ -642,6 +709,7 @@ def up(cfg: Config) -> Plan:
             "external": p.external,
             "host": cfg.host,
             "data_dir": str(cfg.data_dir),
+            "workers": cfg.workers_why if any(x.name == "worker" for x in p.programs) else None,
         }, indent=2))
     wait_healthy(cfg, p.programs)
     print_summary(cfg, p)
@@ -694,6 +762,8 @@ def print_summary(cfg: Config, p: Plan) -> None:
         print(f"  {name:<11} {url}  (external, not started here)")
     if p.absent:
         print(f"  not written yet: {', '.join(p.absent)}")
+    if any(x.name == "worker" for x in p.programs):
+        print(f"  workers     {cfg.workers_why}")
     print(f"  data        {cfg.data_dir}")
     print(f"  logs        {cfg.logs}  (`just logs [name]`; `just status`; `just down` stops it all)")
 
@@ -773,6 +843,8 @@ def status(cfg: Config) -> int:
         print(f"  {mark} {info['name']:<11} {detail:<24} {m.get('where', '')}")
     for name, url in state.get("external", {}).items():
         print(f"  ext {name:<11} {url}")
+    if state.get("workers"):
+        print(f"  workers {state['workers']}")
     print(f"  data {state.get('data_dir', cfg.data_dir)}  logs {cfg.logs}")
     return 0 if healthy else 1
 

@@ -72,6 +72,8 @@ class Stack:
         env.update(zip(PORT_VARS, map(str, ports), strict=True))
         env["CROSSTALK_RUN_DIR"] = str(tmp / "run")
         env["CROSSTALK_DATA_DIR"] = str(tmp / "data")
+        # one worker process (its metrics on the one port picked above), not one sized to the machine
+        env["CROSSTALK_WORKERS"] = "1"
         env.update(overrides)
         return cls(tmp, env)
 
