@@ -220,6 +220,17 @@ class Config:
             workers_why=workers_why,
         )
 
+    def worker_metrics_ports(self) -> list[int]:
+        """Consecutive from the worker's port, skipping the other programs' ports (many sized workers)."""
+        taken = {p for n, p in self.metrics_ports.items() if n != "worker"} | {self.webhook_port, self.model_port}
+        ports: list[int] = []
+        port = self.metrics_ports["worker"]
+        while len(ports) < self.workers:
+            if port not in taken:
+                ports.append(port)
+            port += 1
+        return ports
+
     @property
     def nats_url(self) -> str:
         return self.external_nats or f"nats://{self.host}:{self.nats_port}"
@@ -357,7 +368,7 @@ def plan(cfg: Config) -> Plan:
         copies = cfg.workers if name == "worker" else 1
         for i in range(copies):
             pname = name if i == 0 else f"{name}-{i + 1}"
-            port_i = mport + i
+            port_i = cfg.worker_metrics_ports()[i] if name == "worker" else mport
             programs.append(Program(
                 pname, (sys.executable, *args),
                 where if i == 0 else f"metrics http://{h}:{port_i}/metrics",
@@ -506,8 +517,7 @@ def render_prometheus(cfg: Config) -> str:
         for sc in job.get("static_configs") or []:
             sc["targets"] = [target(t) for t in sc.get("targets") or []]
             if job.get("job_name") == "worker" and sc["targets"]:
-                base = cfg.metrics_ports["worker"]
-                sc["targets"] += [f"{cfg.host}:{base + i}" for i in range(1, cfg.workers)]
+                sc["targets"] += [f"{cfg.host}:{port}" for port in cfg.worker_metrics_ports()[1:]]
         for fs in job.get("file_sd_configs") or []:
             fs["files"] = [str(src / f) for f in fs.get("files") or []]
     body: str = yaml.safe_dump(doc, sort_keys=False)

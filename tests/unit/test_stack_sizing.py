@@ -52,3 +52,12 @@ def test_crosstalk_workers_overrides_and_unset_sizes(monkeypatch: pytest.MonkeyP
     assert cfg.workers == 8
     with pytest.raises(stack.StackError, match="CROSSTALK_WORKERS"):
         stack.Config.from_env({"CROSSTALK_WORKERS": "auto"})
+
+
+def test_many_sized_workers_skip_the_other_programs_metrics_ports() -> None:
+    cfg = stack.Config.from_env({"CROSSTALK_WORKERS": "20"})
+    ports = cfg.worker_metrics_ports()
+    assert len(ports) == len(set(ports)) == 20 and ports[0] == 9105
+    assert not set(ports) & (set(cfg.metrics_ports.values()) - {9105})
+    workers = [p for p in stack.plan(cfg).programs if p.name.startswith("worker")]
+    assert [w.env["CROSSTALK_METRICS_PORT"] for w in workers] == [str(p) for p in ports]
