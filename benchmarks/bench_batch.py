@@ -158,6 +158,33 @@ class ProcSampler:
         self._thread.join()
         self.cpu_end = self.cpu_seconds()
 
+    def worker_sessions(self) -> list[dict[str, float]]:
+        """Each worker process's own view: announced capacity and the most sessions it ran at once.
+
+        Read from every worker's /metrics (found among the ports it listens on), so the figure comes
+        from the workers, not from the dispatcher's admission decisions.
+        """
+        out: list[dict[str, float]] = []
+        for p in self._workers():
+            try:
+                if "-m worker" not in " ".join(p.cmdline()):
+                    continue
+                ports = {c.laddr.port for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+            except psutil.Error:
+                continue
+            for port in sorted(ports):
+                try:
+                    text = scrape(str(port))
+                except Exception:
+                    continue
+                values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                          if line.startswith(("crosstalk_worker_capacity_sessions ", "crosstalk_worker_peak_active_jobs "))}
+                if values:
+                    out.append({"pid": p.pid, "capacity": values.get("crosstalk_worker_capacity_sessions", 0.0),
+                                "peak_active": values.get("crosstalk_worker_peak_active_jobs", 0.0)})
+                    break
+        return out
+
 
 async def collect(nats_url: str, batch_id: str) -> dict[str, Any]:
     """Everything the event log says about the batch."""
@@ -344,17 +371,20 @@ def start_echo(stack: Any, agent_name: str) -> Any:
 
 def run_one(conversations: int, concurrency: int, turns: int, executor: str, jobs_per_worker: int,
             lk_rooms: int, tmp: Path, keep: bool = False, env: dict[str, str] | None = None,
-            lk_under_load: int = 0) -> dict[str, Any]:
+            lk_under_load: int = 0, stack_sizing: bool = False) -> dict[str, Any]:
     batch_id = f"bench-{conversations}x{concurrency}-{executor}"
-    # enough worker processes for 2 agent sessions per conversation in flight, plus one spare
-    workers = -(-2 * concurrency // jobs_per_worker) + 1
     overrides = {
         "CROSSTALK_WORKER_EXECUTOR": executor,
-        "CROSSTALK_WORKERS": str(workers),
         "CROSSTALK_MAX_CONCURRENCY": str(max(concurrency, 200)),
         "CROSSTALK_WORKER_MAX_JOBS": str(jobs_per_worker),
         **(env or {}),
     }
+    if jobs_per_worker and not stack_sizing:
+        # enough worker processes for 2 agent sessions per conversation in flight, plus one spare
+        overrides["CROSSTALK_WORKERS"] = str(-(-2 * concurrency // jobs_per_worker) + 1)
+    if stack_sizing:
+        batch_id += "-sized"
+        overrides["CROSSTALK_WORKERS"] = ""  # unset: the stack sizes its workers to the machine, as `./ct up` does
     if (lk_rooms or lk_under_load) and shutil.which("lk", path=str(ROOT / ".tools" / "bin")):
         # lk joins rooms it never created; our dispatcher creates its rooms explicitly either way
         overrides["LIVEKIT_ROOM_AUTO_CREATE"] = "true"
@@ -395,6 +425,7 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
                 from lk_compare import stop_process
 
                 stop_process(echo)
+        worker_sessions = sampler.worker_sessions()
         events = asyncio.run(collect(stack.nats_url, batch_id))
         alloc_metrics = scrape(stack.env["CROSSTALK_ALLOCATOR_METRICS_PORT"])
         integrity = check_transcripts(stack.data_dir, batch_id, events["settled"], read_served(served_log))
@@ -408,7 +439,7 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
         lk_result = lk_run(stack, lk_rooms, "lk-echo") if lk_rooms else None
     if not keep:
         shutil.rmtree(workdir, ignore_errors=True)
-    sessions = 2 * concurrency
+    sessions = 2 * min(concurrency, int(sum(w["capacity"] for w in worker_sessions) // 2) or concurrency)
     cpu = sampler.cpu_end - sampler.cpu_start
     join = quantiles([j.join_seconds for j in events["joined"]])
     report = {
@@ -418,7 +449,11 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
         "max_turns": turns,
         "executor": executor,
         "stack_env": {k: v for k, v in overrides.items() if "SECRET" not in k and "KEY" not in k},
-        "worker_processes": workers,
+        "worker_processes": len(worker_sessions),
+        "stack_sizing": stack_sizing,
+        "worker_sessions": worker_sessions,
+        "sessions_capacity": sum(w["capacity"] for w in worker_sessions),
+        "workers_over_capacity": sum(1 for w in worker_sessions if w["peak_active"] > w["capacity"]),
         "jobs_per_worker": jobs_per_worker,
         "completed": finished.completed,
         "failed": finished.failed,
@@ -462,7 +497,9 @@ def machine() -> dict[str, Any]:
 def summary(r: dict[str, Any]) -> str:
     j, g, t = r["dispatch_to_join_s"], r["role_grant_s"], r["turn_total_s"]
     lines = [
-        f"{r['conversations']} conversations @ concurrency {r['concurrency']} ({r['executor']}, {r['worker_processes']} worker proc): "
+        f"{r['conversations']} conversations @ concurrency {r['concurrency']} ({r['executor']}, {r['worker_processes']} worker proc, "
+        f"{r['sessions_capacity']:.0f} sessions announced, peak per worker "
+        f"{[int(w['peak_active']) for w in r['worker_sessions']]}, over capacity {r['workers_over_capacity']}): "
         f"{r['completed']} completed, {r['failed']} failed {r['failure_reasons'] or ''} in {r['wall_s']} s "
         f"= {r['conversations_per_min']} conv/min",
         f"  dispatch->both joined p50/p95/p99 = {j['p50']}/{j['p95']}/{j['p99']} s; role grant p50/p99 = {g.get('p50')}/{g.get('p99')} s; "
@@ -508,6 +545,8 @@ def main() -> None:
                     help="extra environment for the stack (repeatable), e.g. CROSSTALK_MAX_JOINING=20")
     ap.add_argument("--lk-under-load", type=int, default=20, metavar="ROOMS",
                     help="also run lk perf for this many rooms while the batch runs (0 = skip)")
+    ap.add_argument("--stack-sizing", action="store_true",
+                    help="run on the stack's own worker sizing (what `./ct up` starts), not 2*concurrency sessions")
     ap.add_argument("--label", default="")
     ap.add_argument("--keep", action="store_true", help="keep each run's stack dir (logs, data)")
     ap.add_argument("--tmp", default=str(ROOT / "run" / "bench"))
@@ -526,7 +565,7 @@ def main() -> None:
             n, c = (int(x) for x in spec.lower().split("x"))
             lk_rooms = c if args.lk_rooms < 0 else args.lk_rooms
             r = run_one(n, c, args.turns, executor, args.jobs_per_worker, lk_rooms, Path(args.tmp), args.keep, env,
-                       args.lk_under_load)
+                       args.lk_under_load, args.stack_sizing)
             print(summary(r), flush=True)
             reports.append(r)
             # written after every run, so a long series keeps what it measured
@@ -539,7 +578,7 @@ def main() -> None:
            or r["misordered_conversations"]
            or r["rooms_with_two_agents_of_one_role"] or r["completed_rooms_without_one_of_each_role"]
            or r["agent_participants_without_a_grant"] or r["rooms_with_a_third_agent"]
-           or r["audit_unsettled_conversations"]]
+           or r["audit_unsettled_conversations"] or r["workers_over_capacity"]]
     if bad:
         raise SystemExit("lost or duplicated turns, or a room-audit violation (two of one role, agent without "
                          "a grant, third agent, room not one of each): see the report")
