@@ -7,54 +7,36 @@ stack never collides with a developer's `just up` or with another test. Use::
         ... stack.nats_url, stack.livekit_url, stack.data_dir ...
 
 ``CROSSTALK_SERVICES`` (e.g. ``"nats,livekit"``) narrows what starts. Whatever
-happens, the context manager leaves no process of the stack behind.
+happens, the context manager leaves no process of the stack behind. What the stack is
+(its ports, run dir, supervisord, tagged processes) comes from the stack package
+itself (``infra.stack``), never a second reading of it.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import socket
 import subprocess
 import sys
-import xmlrpc.client
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
+from support.servers import _ephemeral_range, free_ports
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
+from infra.stack import probes, supervisor
+from infra.stack.config import PORTS, ROOT, Config
 
-from servers import _ephemeral_range, free_ports  # noqa: E402  (tests/servers.py owns port picking)
+__all__ = ["ROOT", "Stack", "free_ports", "running_stack"]
 
 JUST = Path(sys.executable).parent / "just"
-TAG = "CROSSTALK_STACK"  # infra/stack.py tags every process of a stack with its run dir
 
 # Variables of the calling shell that would point the stack elsewhere.
 _INHERITED_OUT = ("NATS_URL", "LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
 
-PORT_VARS = (
-    "CROSSTALK_NATS_PORT", "CROSSTALK_NATS_MONITOR_PORT",
-    "CROSSTALK_LIVEKIT_PORT", "CROSSTALK_LIVEKIT_TCP_PORT", "CROSSTALK_LIVEKIT_METRICS_PORT",
-    "CROSSTALK_MODEL_PORT", "CROSSTALK_PROMETHEUS_PORT", "CROSSTALK_GRAFANA_PORT",
-    "CROSSTALK_DISPATCHER_METRICS_PORT", "CROSSTALK_ALLOCATOR_METRICS_PORT", "CROSSTALK_SINK_METRICS_PORT",
-    "CROSSTALK_MODEL_METRICS_PORT", "CROSSTALK_WORKER_METRICS_PORT",
-    "CROSSTALK_WEBHOOK_PORT", "CROSSTALK_WEBHOOK_METRICS_PORT",
-)
-
-
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+PORT_VARS = tuple(PORTS)  # every port the stack listens on, by its variable
 
 
 @dataclass
@@ -77,21 +59,25 @@ class Stack:
         env.update(overrides)
         return cls(tmp, env)
 
+    def config(self) -> Config:
+        """The stack's own reading of this environment (infra/stack/config.py)."""
+        return Config.from_env(self.env)
+
     @property
     def run_dir(self) -> Path:
-        return Path(self.env["CROSSTALK_RUN_DIR"])
+        return self.config().run_dir
 
     @property
     def data_dir(self) -> Path:
-        return Path(self.env["CROSSTALK_DATA_DIR"])
+        return self.config().data_dir
 
     @property
     def nats_url(self) -> str:
-        return self.env.get("NATS_URL") or f"nats://127.0.0.1:{self.env['CROSSTALK_NATS_PORT']}"
+        return self.config().nats_url
 
     @property
     def livekit_url(self) -> str:
-        return self.env.get("LIVEKIT_URL") or f"ws://127.0.0.1:{self.env['CROSSTALK_LIVEKIT_PORT']}"
+        return self.config().livekit_url
 
     def ports(self) -> list[int]:
         return [int(self.env[v]) for v in PORT_VARS]
@@ -106,27 +92,15 @@ class Stack:
             raise AssertionError(f"just up failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
         return res
 
-    def supervisor(self) -> Any:
-        from supervisor.xmlrpc import SupervisorTransport
-
-        transport = SupervisorTransport(None, None, f"unix://{self.run_dir / 'supervisor.sock'}")
-        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
-
     def pids(self) -> dict[str, int]:
         """supervisord's pid and each program's, by name."""
-        sup = self.supervisor()
-        return {"supervisord": int(sup.getPID()), **{i["name"]: int(i["pid"]) for i in sup.getAllProcessInfo()}}
+        cfg = self.config()
+        sup = supervisor.rpc(cfg).supervisor
+        return {"supervisord": int(sup.getPID()), **{i["name"]: int(i["pid"]) for i in supervisor.process_infos(cfg)}}
 
     def processes(self) -> list[psutil.Process]:
         """Live processes that belong to this stack."""
-        found = []
-        for proc in psutil.process_iter():
-            try:
-                if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(TAG) == str(self.run_dir):
-                    found.append(proc)
-            except psutil.Error:
-                continue
-        return found
+        return probes.tagged_processes(self.config())
 
     def dump_logs(self, lines: int = 40) -> None:
         """Print the end of every program's log (pytest shows it with the failure)."""

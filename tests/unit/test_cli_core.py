@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from shared import cli
+import cli
+from cli import app as cli_app
+from cli import progress, remote
 from shared.contracts import (
     BatchAccepted,
     BatchFinished,
@@ -48,7 +50,7 @@ def finished(status: str = "completed", completed: int = 3, failed: int = 0, end
 
 
 def test_progress_counts_retries_once_and_ignores_redeliveries() -> None:
-    p = cli.BatchProgress(BID)
+    p = progress.BatchProgress(BID)
     p.apply(BatchAccepted(spec=spec(3), at=T0))
     for c in ("c0", "c1", "c2"):
         p.apply(dispatched(c))
@@ -78,16 +80,16 @@ def test_progress_counts_retries_once_and_ignores_redeliveries() -> None:
 
 
 def test_progress_trusts_batch_finished_counts() -> None:
-    p = cli.BatchProgress(BID)
+    p = progress.BatchProgress(BID)
     p.apply(finished("completed", completed=5, failed=0))
     assert (p.requested, p.completed, p.failed, p.in_flight) == (5, 5, 0, 0)
     assert p.started_at == T0
 
 
 def test_progress_before_any_event_is_empty() -> None:
-    p = cli.BatchProgress(BID)
+    p = progress.BatchProgress(BID)
     assert (p.requested, p.done, p.in_flight, p.rate_per_min(T0)) == (None, 0, 0, 0.0)
-    assert cli.status_line(p, T0) == f"batch {BID}: 0/? settled (0 completed, 0 failed), 0 in flight, 0.0 conv/min"
+    assert progress.status_line(p, T0) == f"batch {BID}: 0/? settled (0 completed, 0 failed), 0 in flight, 0.0 conv/min"
 
 
 events = st.lists(
@@ -103,7 +105,7 @@ events = st.lists(
 @settings(max_examples=200, deadline=None)
 @given(events)
 def test_progress_never_counts_a_conversation_twice(seq: list[tuple[str, int, str]]) -> None:
-    p = cli.BatchProgress(BID)
+    p = progress.BatchProgress(BID)
     p.apply(BatchAccepted(spec=spec(4), at=T0))
     for conv, attempt, kind in seq:
         if kind == "dispatch":
@@ -117,14 +119,14 @@ def test_progress_never_counts_a_conversation_twice(seq: list[tuple[str, int, st
 
 
 def test_summary_names_counts_reasons_rate_and_results(tmp_path: Path) -> None:
-    p = cli.BatchProgress(BID)
+    p = progress.BatchProgress(BID)
     p.apply(BatchAccepted(spec=spec(4), at=T0))
     p.apply(settled("c0", "completed", "max_turns"))
     p.apply(settled("c1", "failed", "join_timeout: x"))
     p.apply(settled("c2", "failed", "join_timeout: y"))
     p.apply(settled("c3", "failed", "agent_error"))
     p.apply(finished("failed", completed=1, failed=3, end=T0 + 120))
-    lines = cli.summary_lines(p, tmp_path / "batches" / BID, T0 + 500)
+    lines = progress.summary_lines(p, tmp_path / "batches" / BID, T0 + 500)
     assert lines[0] == f"batch {BID} failed"
     assert "1 completed, 3 failed, of 4" in lines[1]
     assert "failures: join_timeout 2, agent_error 1" in lines[2]
@@ -133,13 +135,13 @@ def test_summary_names_counts_reasons_rate_and_results(tmp_path: Path) -> None:
 
 
 def test_format_duration() -> None:
-    assert cli.format_duration(3.25) == "3.2s"
-    assert cli.format_duration(83) == "1m23s"
-    assert cli.format_duration(3 * 3600 + 62) == "3h01m02s"
+    assert progress.format_duration(3.25) == "3.2s"
+    assert progress.format_duration(83) == "1m23s"
+    assert progress.format_duration(3 * 3600 + 62) == "3h01m02s"
 
 
 def test_start_body_sends_only_given_fields_and_names_bad_ones() -> None:
-    body = cli.start_body(batch_id="nightly-1", conversations=200, concurrency=None, scenario="hi-account-help",
+    body = cli_app.start_body(batch_id="nightly-1", conversations=200, concurrency=None, scenario="hi-account-help",
                           language="hi", max_turns=None, mode="text")
     assert json.loads(body) == {"batch_id": "nightly-1", "conversations": 200, "scenario": "hi-account-help",
                                 "language": "hi", "mode": "text"}
@@ -153,15 +155,15 @@ def test_start_body_sends_only_given_fields_and_names_bad_ones() -> None:
         ({"scenario": "../etc"}, "scenario"),
     ]:
         with pytest.raises(ContractError) as exc:
-            cli.start_body(**kwargs)
+            cli_app.start_body(**kwargs)
         assert exc.value.field == field
 
 
 def test_redact_url_hides_credentials() -> None:
-    assert cli.redact_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
-    red = cli.redact_url("nats://alice:s3cret@nats.example:4222")
+    assert remote.redact_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
+    red = remote.redact_url("nats://alice:s3cret@nats.example:4222")
     assert "s3cret" not in red and "alice" not in red and red.endswith("nats.example:4222")
-    assert "tok" not in cli.redact_url("tls://tok@10.0.0.1")
+    assert "tok" not in remote.redact_url("tls://tok@10.0.0.1")
 
 
 # --------------------------------------------------------------------------- commands, in process
@@ -177,22 +179,22 @@ def env(tmp_path: Path, **extra: str) -> dict[str, str]:
 @pytest.mark.parametrize("bad", ["Bad", "a.b", "a*", ">", "../x", "-x", "a b", "x" * 65])
 def test_watch_and_show_refuse_an_invalid_id(tmp_path: Path, bad: str) -> None:
     for cmd in (["batch", "watch", bad], ["batch", "show", bad]):
-        res = runner.invoke(cli.app, cmd, env=env(tmp_path))
+        res = runner.invoke(cli_app.app, cmd, env=env(tmp_path))
         assert res.exit_code == cli.EXIT_BAD_INPUT, res.output
         assert "batch_id" in res.output
 
 
 def test_start_rejects_a_bad_option_before_sending(tmp_path: Path) -> None:
-    res = runner.invoke(cli.app, ["batch", "start", "-n", "0"], env=env(tmp_path))
+    res = runner.invoke(cli_app.app, ["batch", "start", "-n", "0"], env=env(tmp_path))
     assert res.exit_code == cli.EXIT_BAD_INPUT
     assert "rejected: conversations:" in res.output
-    res = runner.invoke(cli.app, ["batch", "start", "--mode", "smoke-signals"], env=env(tmp_path))
+    res = runner.invoke(cli_app.app, ["batch", "start", "--mode", "smoke-signals"], env=env(tmp_path))
     assert res.exit_code == cli.EXIT_BAD_INPUT
     assert "rejected: mode:" in res.output
 
 
 def test_bad_configuration_names_the_variable(tmp_path: Path) -> None:
-    res = runner.invoke(cli.app, ["batch", "show", "b1"], env=env(tmp_path, CROSSTALK_METRICS_PORT="abc"))
+    res = runner.invoke(cli_app.app, ["batch", "show", "b1"], env=env(tmp_path, CROSSTALK_METRICS_PORT="abc"))
     assert res.exit_code == cli.EXIT_BAD_INPUT
     assert "CROSSTALK_METRICS_PORT" in res.output
 
@@ -212,7 +214,7 @@ def test_show_prints_the_batch_summary(tmp_path: Path) -> None:
         "batch_id": "b1", "status": "completed", "requested": 2, "completed": 2, "failed": 0,
         "started_at": T0, "finished_at": T0 + 83, "spec": {"scenario": "hi-account-help", "language": "hi"},
     })
-    res = runner.invoke(cli.app, ["batch", "show", "b1"], env=env(tmp_path, COLUMNS="200"))
+    res = runner.invoke(cli_app.app, ["batch", "show", "b1"], env=env(tmp_path, COLUMNS="200"))
     assert res.exit_code == 0, res.output
     for text in ("status", "completed", "2023-11-14T22:13:20+00:00", "1m23s", "spec.scenario", "hi-account-help",
                  "2 file(s)"):
@@ -231,9 +233,9 @@ def test_show_counts_the_room_audit_violations(tmp_path: Path) -> None:
             "b3-00002": {"attempts": 1, "participants": [], "violations": []},
         },
     })
-    assert cli.audit_counts(json.loads((tmp_path / "batches" / "b3" / "batch.json").read_text())) == {
+    assert progress.audit_counts(json.loads((tmp_path / "batches" / "b3" / "batch.json").read_text())) == {
         "two_of_one_role": 1, "no_grant": 1, "third_agent": 1, "unaudited": 1}
-    res = runner.invoke(cli.app, ["batch", "show", "b3"], env=env(tmp_path, COLUMNS="200"))
+    res = runner.invoke(cli_app.app, ["batch", "show", "b3"], env=env(tmp_path, COLUMNS="200"))
     assert res.exit_code == 0, res.output
     for text in ("two of one role", "participant without a grant", "third agent", "no webhook reported"):
         assert text in res.output
@@ -241,25 +243,25 @@ def test_show_counts_the_room_audit_violations(tmp_path: Path) -> None:
 
 def test_show_json_is_byte_exact_utf8(tmp_path: Path) -> None:
     path = write_batch(tmp_path, "b2", {"batch_id": "b2", "status": "running", "note": "खाता लॉक हो गया"})
-    res = runner.invoke(cli.app, ["batch", "show", "b2", "--json"], env=env(tmp_path))
+    res = runner.invoke(cli_app.app, ["batch", "show", "b2", "--json"], env=env(tmp_path))
     assert res.exit_code == 0, res.output
     assert res.stdout_bytes == path.read_bytes() + b"\n"
 
 
 def test_show_missing_or_broken_batch(tmp_path: Path) -> None:
-    res = runner.invoke(cli.app, ["batch", "show", "nope"], env=env(tmp_path))
+    res = runner.invoke(cli_app.app, ["batch", "show", "nope"], env=env(tmp_path))
     assert res.exit_code == cli.EXIT_UNAVAILABLE
     assert "no batch.json" in res.output
     folder = tmp_path / "batches" / "broken"
     folder.mkdir(parents=True)
     (folder / "batch.json").write_text("{not json")
-    res = runner.invoke(cli.app, ["batch", "show", "broken"], env=env(tmp_path))
+    res = runner.invoke(cli_app.app, ["batch", "show", "broken"], env=env(tmp_path))
     assert res.exit_code == cli.EXIT_UNAVAILABLE
     assert "batch.json" in res.output
 
 
 def test_scenarios_lists_the_library(tmp_path: Path) -> None:
-    res = runner.invoke(cli.app, ["scenarios"], env=env(tmp_path, COLUMNS="200"))
+    res = runner.invoke(cli_app.app, ["scenarios"], env=env(tmp_path, COLUMNS="200"))
     assert res.exit_code == 0, res.output
     for sid in ("en-account-help (default)", "hi-account-help", "hinglish-refund"):
         assert sid in res.output

@@ -21,7 +21,7 @@ from e2e.stack import ROOT, Stack
 from livekit import api
 from nats.js.api import ConsumerConfig, StreamConfig
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
 
 def one_line_error(res: subprocess.CompletedProcess[str]) -> str:

@@ -1,0 +1,250 @@
+"""The typer commands of ``crosstalk``: thin wiring of config, ``remote`` (NATS), ``progress`` and ``views``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cli import EXIT_BAD_INPUT, EXIT_BATCH_FAILED, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, CliExit
+from cli.progress import AUDIT_LABELS, audit_counts, format_duration, summary_lines
+from cli.remote import request_start, watch_batch
+from cli.views import view_factory
+from shared import config, contracts, scenarios, subjects
+from shared.contracts import BatchReply, ContractError, StartBatch
+
+REQUEST_TIMEOUT_S = 15.0
+
+app = typer.Typer(
+    name="crosstalk",
+    help="Run and follow batches of agent-to-agent conversations on LiveKit.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+batch_app = typer.Typer(help="Start, follow and inspect batches.", no_args_is_help=True)
+app.add_typer(batch_app, name="batch")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def start_body(**fields: Any) -> bytes:
+    """The ``batch.start`` JSON with only the options given; validated against the contract."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    body = msgspec.json.encode(given)
+    contracts.decode(body, StartBatch)  # raises ContractError naming the field
+    return body
+
+
+def results_dir(settings: config.Settings, batch_id: str) -> Path:
+    """``<data_dir>/batches/<batch_id>/``; the id must already be valid."""
+    if not contracts.is_id(batch_id):
+        raise CliExit(EXIT_BAD_INPUT, f"batch_id: {batch_id!r} must match [a-z0-9][a-z0-9-]{{0,63}}")
+    return (settings.data_dir / "batches" / batch_id).resolve()
+
+
+def _settings() -> config.Settings:
+    try:
+        return config.load()
+    except config.ConfigError as exc:
+        err.print(f"error: configuration: {exc.var}: {exc.reason}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+def _run(coro_fn: Callable[[], Any]) -> Any:
+    try:
+        return asyncio.run(coro_fn())
+    except CliExit as exc:
+        err.print(f"error: {exc.message}", markup=False)
+        raise typer.Exit(exc.code) from None
+
+
+def _follow(settings: config.Settings, batch_id: str, wait_s: float, timeout_s: float | None) -> None:
+    results = results_dir(settings, batch_id)
+    try:
+        progress = _run(lambda: watch_batch(
+            settings, batch_id, wait_s=wait_s, timeout_s=timeout_s, view_factory=view_factory(err)))
+    except KeyboardInterrupt:
+        err.print(f"stopped watching; the batch keeps running. Resume with: crosstalk batch watch {batch_id}")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    for line in summary_lines(progress, results, time.time()):
+        out.print(line, markup=False)
+    if progress.ignored:
+        err.print(f"note: {progress.ignored} event(s) of a kind this CLI does not know were skipped")
+    assert progress.finished is not None
+    if progress.finished.status != "completed":
+        raise typer.Exit(EXIT_BATCH_FAILED)
+
+
+WaitOpt = Annotated[
+    float, typer.Option("--wait", min=0.0, help="Seconds to wait for the batch's first event before giving up.")
+]
+TimeoutOpt = Annotated[
+    float | None, typer.Option("--timeout", min=0.0, help="Stop watching after this many seconds (exit 3).")
+]
+
+
+@batch_app.command("start")
+def batch_start(
+    conversations: Annotated[int | None, typer.Option("-n", "--conversations", help="Conversations in the batch.")] = None,
+    concurrency: Annotated[int | None, typer.Option("-c", "--concurrency", help="Conversations in flight at once.")] = None,
+    scenario: Annotated[str | None, typer.Option("--scenario", help="Scenario id (see `crosstalk scenarios`).")] = None,
+    language: Annotated[str | None, typer.Option("--language", help="Language, e.g. en, hi.")] = None,
+    max_turns: Annotated[int | None, typer.Option("--max-turns", help="Hard cap on turns per conversation.")] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="text or voice.")] = None,
+    batch_id: Annotated[str | None, typer.Option("--batch-id", help="Batch id; repeating one is idempotent.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Then watch the batch until it finishes.")] = False,
+    request_timeout: Annotated[
+        float, typer.Option("--request-timeout", min=0.1, help="Seconds to wait for the dispatcher's verdict.")
+    ] = REQUEST_TIMEOUT_S,
+    wait: WaitOpt = 30.0,
+    timeout: TimeoutOpt = None,
+) -> None:
+    """Send a batch.start request and print the verdict; --follow then watches the batch."""
+    settings = _settings()
+    try:
+        body = start_body(
+            batch_id=batch_id, conversations=conversations, concurrency=concurrency, scenario=scenario,
+            language=language, max_turns=max_turns, mode=mode,
+        )
+    except ContractError as exc:
+        err.print(f"rejected: {exc.field}: {exc.reason}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    send_start(settings, body, follow=follow, request_timeout=request_timeout, wait=wait, timeout=timeout)
+
+
+def send_start(settings: config.Settings, body: bytes, *, follow: bool, request_timeout: float = REQUEST_TIMEOUT_S,
+               wait: float = 30.0, timeout: float | None = None) -> None:
+    """Send a validated ``batch.start`` body, print the verdict, and with ``follow`` watch the batch.
+
+    Failures raise ``typer.Exit`` with the exit code. ``just batch`` (infra/stack) calls this too.
+    """
+    reply: BatchReply = _run(lambda: request_start(settings, body, request_timeout))
+    if not reply.accepted:
+        err.print(f"rejected: {reply.field or '$'}: {reply.reason or 'no reason given'}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    accepted_id = reply.batch_id or msgspec.json.decode(body).get("batch_id")
+    if not accepted_id or not contracts.is_id(accepted_id):
+        err.print(f"error: the dispatcher accepted the batch but replied with batch_id {accepted_id!r}")
+        raise typer.Exit(EXIT_UNAVAILABLE)
+    word = "already accepted (same id, nothing new started)" if reply.duplicate else "accepted"
+    out.print(f"batch {accepted_id} {word}", markup=False)
+    if follow:
+        _follow(settings, accepted_id, wait, timeout)
+    else:
+        out.print(f"follow it with: crosstalk batch watch {accepted_id}", markup=False)
+
+
+@batch_app.command("watch")
+def batch_watch(
+    batch_id: Annotated[str, typer.Argument(help="The batch id.")],
+    wait: WaitOpt = 30.0,
+    timeout: TimeoutOpt = None,
+) -> None:
+    """Show a batch's progress from its events (past and live) and a summary when it ends."""
+    settings = _settings()
+    try:
+        subjects.batch_events(batch_id)
+    except ContractError as exc:
+        err.print(f"error: {exc.field}: {batch_id!r} {exc.reason}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    _follow(settings, batch_id, wait, timeout)
+
+
+def _when(value: Any) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds")
+    return "-" if value is None else str(value)
+
+
+@batch_app.command("show")
+def batch_show(
+    batch_id: Annotated[str, typer.Argument(help="The batch id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print batch.json as it is.")] = False,
+) -> None:
+    """Print a batch's summary from <data_dir>/batches/<id>/batch.json."""
+    settings = _settings()
+    try:
+        folder = results_dir(settings, batch_id)
+    except CliExit as exc:
+        err.print(f"error: {exc.message}", markup=False)
+        raise typer.Exit(exc.code) from None
+    path = folder / "batch.json"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        err.print(f"error: no batch.json at {path} (CROSSTALK_DATA_DIR is {settings.data_dir})", markup=False)
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        err.print(f"error: {path}: {exc}", markup=False)
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
+    if as_json:
+        out.print(raw.decode("utf-8"), markup=False, end="" if raw.endswith(b"\n") else "\n")
+        return
+    table = Table(title=f"batch {batch_id}", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    first = ("batch_id", "status", "requested", "completed", "failed", "started_at", "finished_at")
+    for key in first:
+        value = doc.get(key)
+        table.add_row(key, _when(value) if key.endswith("_at") else ("-" if value is None else str(value)))
+    started, finished = doc.get("started_at"), doc.get("finished_at")
+    if isinstance(started, int | float) and isinstance(finished, int | float):
+        table.add_row("wall time", format_duration(finished - started))
+    for key, value in doc.items():
+        if key in first:
+            continue
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                if not isinstance(v, dict | list):
+                    table.add_row(f"{key}.{sub}", str(v))
+        elif not isinstance(value, list):
+            table.add_row(key, _when(value) if key.endswith("_at") else str(value))
+    counts = audit_counts(doc)
+    for kind, label in AUDIT_LABELS.items():
+        table.add_row(label, str(counts[kind]))
+    table.add_row("rooms audit: conversations no webhook reported", str(counts["unaudited"]))
+    convs = folder / "conversations"
+    files = sorted(convs.glob("*.jsonl")) if convs.is_dir() else []
+    table.add_row("transcripts", f"{len(files)} file(s) in {convs}")
+    out.print(table)
+
+
+@app.command("scenarios")
+def list_scenarios() -> None:
+    """List the scenario library (built-in plus CROSSTALK_SCENARIO_DIR)."""
+    try:
+        library = scenarios.library()
+    except (OSError, ValueError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+        err.print(f"error: scenario library: {exc}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    table = Table()
+    # Ids are what users type: never truncate or wrap them, even on a narrow CI log.
+    table.add_column("id", no_wrap=True, min_width=max((len(s) for s in library), default=2) + len(" (default)"))
+    table.add_column("language", no_wrap=True)
+    table.add_column("title", overflow="fold")
+    for col in ("customer", "support", "turns"):
+        table.add_column(col)
+    for sid, sc in sorted(library.items()):
+        name = f"{sid} (default)" if sid == scenarios.DEFAULT_SCENARIO else sid
+        table.add_row(name, sc.language, sc.title, sc.roles["customer"].name, sc.roles["support"].name,
+                      str(len(sc.script)))
+    out.print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,187 @@
+"""The stack's configuration, read once from the environment (``Config.from_env``).
+
+One config: what the crosstalk processes read themselves (model and webhook ports, the LiveKit
+key, the data dir, sessions per worker) comes from ``shared.config.load``, with its validation;
+the /metrics ports default to ``shared.metrics.DEFAULT_PORTS``, the NATS and LiveKit ports to
+the URLs every process uses by default. Only what the stack alone uses is read here: the ports
+of the servers it runs, its run dir and host, which programs to start, and how many workers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from infra.stack import sizing
+from shared import config as shared_config
+from shared.config import Settings
+from shared.metrics import DEFAULT_PORTS
+
+ROOT = Path(__file__).resolve().parents[2]
+INFRA = ROOT / "infra"
+TAG = "CROSSTALK_STACK"  # env var every process of one stack carries: its run dir
+
+# The crosstalk processes, in start order, and how to run them (python -m ...).
+CROSSTALK_PROGRAMS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("model", ("-m", "services.model")),
+    ("webhook", ("-m", "services.webhook")),
+    ("allocator", ("-m", "services.allocator")),
+    ("dispatcher", ("-m", "services.dispatcher")),
+    ("sink", ("-m", "services.sink")),
+    ("worker", ("-m", "worker", "start")),
+)
+ALL_NAMES = ("nats", "livekit", *(name for name, _ in CROSSTALK_PROGRAMS), "prometheus", "grafana")
+
+
+def metrics_port_var(name: str) -> str:
+    return f"CROSSTALK_{name.upper()}_METRICS_PORT"
+
+
+# Every TCP port a stack listens on: its variable and default. Ports the crosstalk processes read
+# themselves are shared's; the rest belong to the servers only the stack runs.
+PORTS: dict[str, int] = {
+    "CROSSTALK_NATS_PORT": urlsplit(Settings.nats_url).port or 4222,
+    "CROSSTALK_NATS_MONITOR_PORT": 8222,
+    "CROSSTALK_LIVEKIT_PORT": urlsplit(Settings.livekit_url).port or 7880,
+    "CROSSTALK_LIVEKIT_TCP_PORT": 7881,
+    "CROSSTALK_LIVEKIT_METRICS_PORT": 6789,
+    "CROSSTALK_MODEL_PORT": Settings.model_port,
+    "CROSSTALK_WEBHOOK_PORT": Settings.webhook_port,
+    "CROSSTALK_PROMETHEUS_PORT": 9090,
+    "CROSSTALK_GRAFANA_PORT": 3000,
+    **{metrics_port_var(name): port for name, port in DEFAULT_PORTS.items()},
+}
+LIVEKIT_UDP_PORTS = "50000-50200"
+
+
+class StackError(Exception):
+    """One line for the user: what is wrong and what to do."""
+
+
+def _port(env: dict[str, str], var: str) -> int:
+    raw = env.get(var, "").strip()
+    if not raw:
+        return PORTS[var]
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise StackError(f"{var}: must be a port number 1-65535, got {raw!r}")
+    return int(raw)
+
+
+@dataclass(frozen=True)
+class Config:
+    run_dir: Path
+    data_dir: Path
+    host: str
+    nats_port: int
+    nats_monitor_port: int
+    livekit_port: int
+    livekit_tcp_port: int
+    livekit_udp: tuple[int, int]
+    livekit_metrics_port: int
+    model_port: int
+    metrics_ports: dict[str, int]
+    webhook_port: int
+    prometheus_port: int
+    grafana_port: int
+    external_nats: str | None
+    external_livekit: str | None
+    livekit_key: str
+    only: frozenset[str] | None
+    up_timeout_s: float
+    workers: int = 1
+    workers_why: str = ""
+    settings: Settings = field(default_factory=Settings, repr=False)  # what the processes will read
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Config:
+        e = dict(os.environ if env is None else env)
+        try:
+            settings = shared_config.load(e)
+        except shared_config.ConfigError as exc:
+            raise StackError(str(exc)) from None
+        udp_raw = e.get("CROSSTALK_LIVEKIT_UDP_PORTS", "").strip() or LIVEKIT_UDP_PORTS
+        try:
+            lo, hi = (int(x) for x in udp_raw.split("-", 1))
+            if not 1024 <= lo < hi <= 65535:
+                raise ValueError
+        except ValueError:
+            raise StackError(f"CROSSTALK_LIVEKIT_UDP_PORTS: must be a range like 50000-50200, got {udp_raw!r}") from None
+        only_raw = e.get("CROSSTALK_SERVICES", "").strip()
+        only = frozenset(s.strip() for s in only_raw.split(",") if s.strip()) if only_raw else None
+        if only is not None and (unknown := sorted(only - set(ALL_NAMES))):
+            raise StackError(f"CROSSTALK_SERVICES: unknown {', '.join(unknown)} (known: {', '.join(ALL_NAMES)})")
+        try:
+            timeout = float(e.get("CROSSTALK_UP_TIMEOUT_S", "") or 180)
+        except ValueError:
+            raise StackError("CROSSTALK_UP_TIMEOUT_S: must be a number of seconds") from None
+        workers_raw = e.get("CROSSTALK_WORKERS", "").strip()
+        if workers_raw and (not workers_raw.isdigit() or not 1 <= int(workers_raw) <= sizing.MAX_WORKERS):
+            raise StackError(f"CROSSTALK_WORKERS: must be a whole number of worker processes 1-{sizing.MAX_WORKERS}, "
+                             f"got {workers_raw!r} (unset: sized to the machine)")
+        workers, workers_why = sizing.choose(workers_raw, settings.worker_max_jobs)
+        run_dir = e.get("CROSSTALK_RUN_DIR", "").strip()
+        return cls(
+            run_dir=Path(run_dir).expanduser().resolve() if run_dir else ROOT / "run",
+            data_dir=settings.data_dir.expanduser().resolve() if e.get("CROSSTALK_DATA_DIR", "").strip()
+            else ROOT / "data",
+            host=e.get("CROSSTALK_HOST", "").strip() or "127.0.0.1",
+            nats_port=_port(e, "CROSSTALK_NATS_PORT"),
+            nats_monitor_port=_port(e, "CROSSTALK_NATS_MONITOR_PORT"),
+            livekit_port=_port(e, "CROSSTALK_LIVEKIT_PORT"),
+            livekit_tcp_port=_port(e, "CROSSTALK_LIVEKIT_TCP_PORT"),
+            livekit_udp=(lo, hi),
+            livekit_metrics_port=_port(e, "CROSSTALK_LIVEKIT_METRICS_PORT"),
+            model_port=settings.model_port,
+            metrics_ports={name: _port(e, metrics_port_var(name)) for name in DEFAULT_PORTS},
+            webhook_port=settings.webhook_port,
+            prometheus_port=_port(e, "CROSSTALK_PROMETHEUS_PORT"),
+            grafana_port=_port(e, "CROSSTALK_GRAFANA_PORT"),
+            external_nats=e.get("NATS_URL", "").strip() or None,
+            external_livekit=e.get("LIVEKIT_URL", "").strip() or None,
+            livekit_key=settings.livekit_api_key,
+            only=only,
+            up_timeout_s=timeout,
+            workers=workers,
+            workers_why=workers_why,
+            settings=settings,
+        )
+
+    def worker_metrics_ports(self) -> list[int]:
+        """Consecutive from the worker's port, skipping the other programs' ports (many sized workers)."""
+        taken = {p for n, p in self.metrics_ports.items() if n != "worker"} | {self.webhook_port, self.model_port}
+        ports: list[int] = []
+        port = self.metrics_ports["worker"]
+        while len(ports) < self.workers:
+            if port not in taken:
+                ports.append(port)
+            port += 1
+        return ports
+
+    @property
+    def nats_url(self) -> str:
+        return self.external_nats or f"nats://{self.host}:{self.nats_port}"
+
+    @property
+    def livekit_url(self) -> str:
+        return self.external_livekit or f"ws://{self.host}:{self.livekit_port}"
+
+    @property
+    def sock(self) -> Path:
+        return self.run_dir / "supervisor.sock"
+
+    @property
+    def conf(self) -> Path:
+        return self.run_dir / "supervisord.conf"
+
+    @property
+    def logs(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / "stack.json"
+
+    def wanted(self, name: str) -> bool:
+        return self.only is None or name in self.only
