@@ -1,7 +1,8 @@
 # crosstalk recipes. `./ct <recipe>` sets everything up first (.venv, pinned tools)
 # and then runs `just <recipe>`; `./ct` alone lists them.
 #
-# Ports, dirs and external servers come from the environment (infra/stack.py):
+# Ports, dirs and external servers come from the environment (infra/stack/config.py; the
+# defaults the services share come from shared/config.py and shared/metrics.py):
 #   CROSSTALK_RUN_DIR (./run)  CROSSTALK_DATA_DIR (./data)  CROSSTALK_HOST (127.0.0.1)
 #   CROSSTALK_NATS_PORT (4222) CROSSTALK_NATS_MONITOR_PORT (8222)
 #   CROSSTALK_LIVEKIT_PORT (7880) CROSSTALK_LIVEKIT_TCP_PORT (7881)
@@ -17,7 +18,7 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 root := justfile_directory()
 export PATH := root / ".venv/bin" + ":" + root / ".tools/bin" + ":" + env_var("PATH")
 python := quote(root / ".venv/bin/python")
-stack := python + " " + quote(root / "infra/stack.py")
+stack := python + " -m infra.stack"
 
 # list the recipes
 default:
@@ -48,12 +49,12 @@ logs *args:
 check:
     @{{ stack }} check
 
-# publish batch.start: `just batch 10 5` (conversations, concurrency), `just batch 20 10 scenario=hi-account-help --follow`
+# publish batch.start with the crosstalk CLI: `just batch 10 5` (conversations, concurrency), `just batch 20 10 scenario=hi-account-help --follow`
 [no-exit-message, positional-arguments]
 batch *args:
     @{{ stack }} batch "$@"
 
-# bring the stack up, prove it healthy, and run a batch on the embedded defaults (once every piece exists)
+# bring the stack up, prove it healthy, and run a batch on the embedded defaults
 [no-exit-message]
 demo:
     @{{ stack }} demo

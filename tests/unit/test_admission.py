@@ -201,7 +201,7 @@ def test_join_overdue_lists_only_unjoined_attempts_past_the_deadline() -> None:
 
 
 def test_batch_watch_shows_the_conversations_queued_for_capacity() -> None:
-    from shared.cli import BatchProgress, status_line
+    from cli.progress import BatchProgress, status_line
 
     p = BatchProgress("b1")
     p.apply(BatchAccepted(spec=spec(10, 10), at=0.0))
