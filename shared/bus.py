@@ -1,8 +1,10 @@
-"""NATS plumbing shared by every process: connect, streams, publish, run.
+"""NATS plumbing shared by every process: connect, publish, fetch, ack/nak, replay, run.
 
 Connections retry with backoff (tenacity) and reconnect forever once up;
-JetStream publishes retry on timeouts. ``run`` installs uvloop and turns
-SIGTERM/SIGINT into a clean shutdown.
+JetStream publishes retry on timeouts. ``fetch`` bounds nats-py's pull from outside;
+``ack``/``nak`` settle messages quietly (a lost ack only means a redelivery);
+``read_subject``/``replay`` read what a stream stores on a subject, in order.
+``run`` installs uvloop and turns SIGTERM/SIGINT into a clean shutdown.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
+import nats.errors
 import uvloop
 from nats.aio.client import Client
-from nats.errors import NoRespondersError, NoServersError
+from nats.aio.msg import Msg
+from nats.errors import MsgAlreadyAckdError, NoRespondersError, NoServersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import PubAck
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 from nats.js.errors import APIError
 from tenacity import (
     AsyncRetrying,
@@ -119,17 +123,73 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]], *, use_uvloop: bool = 
         asyncio.run(_wrapper())
 
 
-async def replay(js: JetStreamContext, subject: str, union: Any, *, idle_s: float = 2.0) -> list[Any]:
-    """Every stored event on ``subject`` (an ordered consumer from the start), decoded as ``union``;
-    stops once no message has come for ``idle_s``."""
-    sub = await js.subscribe(subject, ordered_consumer=True)
-    events: list[Any] = []
+async def fetch(sub: JetStreamContext.PullSubscription, batch: int, timeout_s: float = 1.0) -> list[Msg]:
+    """Up to ``batch`` messages, ``[]`` when idle. nats-py's ``fetch`` can stall past its own
+    timeout, so it is bounded from outside too; a NATS error (a reconnect under way) is logged
+    and answered with ``[]`` after a short pause, for the caller's loop to try again."""
     try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=idle_s)
-            except NatsTimeoutError:
-                return events
-            events.append(contracts.decode_event(msg.data, union))
+        return await asyncio.wait_for(sub.fetch(batch, timeout=timeout_s), timeout=timeout_s + 5.0)
+    except TimeoutError:  # asyncio's, nats' TimeoutError and FetchTimeoutError alike
+        return []
+    except nats.errors.Error as exc:
+        log.warning("fetch failed", extra=kv(error=repr(exc)))
+        await asyncio.sleep(0.5)
+        return []
+
+
+async def ack(msgs: list[Msg]) -> None:
+    """Ack each message; one already acked, or an ack lost to NATS, only means a redelivery."""
+    for m in msgs:
+        try:
+            await m.ack()
+        except MsgAlreadyAckdError:
+            pass
+        except nats.errors.Error as exc:
+            log.debug("ack failed", extra=kv(error=repr(exc)))
+
+
+async def nak(msgs: list[Msg], delay: float = 1.0) -> None:
+    """Return each message for redelivery after ``delay`` seconds."""
+    for m in msgs:
+        try:
+            await m.nak(delay=delay)
+        except MsgAlreadyAckdError:
+            pass
+        except nats.errors.Error as exc:
+            log.debug("nak failed", extra=kv(error=repr(exc)))
+
+
+async def read_subject(js: JetStreamContext, subject: str, *, stream: str | None = None) -> list[Msg]:
+    """Every message stored on ``subject`` (wildcards allowed), in stream order, each with its
+    ``metadata.sequence.stream``. An ephemeral no-ack consumer reads until nothing is pending;
+    ``stream`` is looked up from the subject when not given."""
+    cfg = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
+                         filter_subject=subject, inactive_threshold=60.0, mem_storage=True)
+    sub = await js.pull_subscribe(subject, durable=None, stream=stream, config=cfg)
+    out: list[Msg] = []
+    try:
+        remaining = (await sub.consumer_info()).num_pending or 0
+        idle = 0
+        while remaining > 0:
+            msgs = await fetch(sub, min(remaining, 1000))
+            if not msgs:
+                idle += 1
+                if idle > 30:
+                    raise RuntimeError(f"reading {subject} stalled with {remaining} messages left")
+                continue
+            idle = 0
+            for m in msgs:
+                remaining = m.metadata.num_pending
+                out.append(m)
     finally:
-        await sub.unsubscribe()
+        try:
+            await sub.unsubscribe()
+        except Exception as exc:  # the ephemeral consumer goes away by itself (inactive_threshold)
+            log.debug("unsubscribe failed", extra=kv(error=repr(exc)))
+    return out
+
+
+async def replay(js: JetStreamContext, subject: str, union: Any, *, stream: str | None = None) -> list[Any]:
+    """Every stored event on ``subject``, in stream order, decoded as ``union`` (a bad one raises
+    :class:`~shared.contracts.ContractError`). For sequences too, use :func:`read_subject`."""
+    return [contracts.decode_event(m.data, union) for m in await read_subject(js, subject, stream=stream)]

@@ -42,6 +42,11 @@ def _num(env: dict[str, str], var: str, default: float, *, lo: float, hi: float,
     return value
 
 
+def _path(env: dict[str, str], var: str) -> Path | None:
+    raw = env.get(var, "").strip()
+    return Path(raw) if raw else None
+
+
 @dataclass(frozen=True)
 class Settings:
     nats_url: str = "nats://127.0.0.1:4222"
@@ -69,6 +74,10 @@ class Settings:
     worker_max_jobs: int = 16
     worker_executor: str = "thread"
     worker_hang_s: float = 60.0  # the watchdog kills a worker whose loop has not run for this long
+    worker_loop: str = "asyncio"  # "asyncio" | "uvloop": the worker process's event loop
+    watchdog_dump: Path | None = None  # the watchdog saves a frozen worker's stacks here before the kill
+    # scenarios: a folder of your own JSON scenarios, besides shared/scenarios/
+    scenario_dir: Path | None = None
     # model
     model_base_url: str = "http://127.0.0.1:8088/v1"
     model_api_key: str = field(default="crosstalk-offline", repr=False)
@@ -99,15 +108,18 @@ def load(env: dict[str, str] | None = None) -> Settings:
     executor = _str(e, "CROSSTALK_WORKER_EXECUTOR", "thread")
     if executor not in ("thread", "process"):
         raise ConfigError("CROSSTALK_WORKER_EXECUTOR", "must be 'thread' or 'process'")
+    worker_loop = _str(e, "CROSSTALK_WORKER_LOOP", "asyncio")
+    if worker_loop not in ("asyncio", "uvloop"):
+        raise ConfigError("CROSSTALK_WORKER_LOOP", "must be 'asyncio' or 'uvloop'")
     agent_name = _str(e, "CROSSTALK_AGENT_NAME", "crosstalk")
     sink_deliver = _str(e, "CROSSTALK_SINK_DELIVER", "all")
     if sink_deliver not in ("all", "new"):
         raise ConfigError("CROSSTALK_SINK_DELIVER", "must be 'all' or 'new'")
     sink_durable = _str(e, "CROSSTALK_SINK_DURABLE", "sink")
-    from shared.contracts import is_token
+    from shared.contracts import TOKEN_RULE, is_token
 
     if not is_token(agent_name):
-        raise ConfigError("CROSSTALK_AGENT_NAME", "must be 1-128 of [A-Za-z0-9_-]")
+        raise ConfigError("CROSSTALK_AGENT_NAME", TOKEN_RULE)
     if not is_token(sink_durable) or len(sink_durable) > 64:
         raise ConfigError("CROSSTALK_SINK_DURABLE", "must be 1-64 of [A-Za-z0-9_-]")
     return Settings(
@@ -132,6 +144,9 @@ def load(env: dict[str, str] | None = None) -> Settings:
         worker_max_jobs=_num(e, "CROSSTALK_WORKER_MAX_JOBS", 16, lo=1, hi=10_000, integer=True),
         worker_executor=executor,
         worker_hang_s=_num(e, "CROSSTALK_WORKER_HANG_S", 60.0, lo=5, hi=3600),
+        worker_loop=worker_loop,
+        watchdog_dump=_path(e, "CROSSTALK_WATCHDOG_DUMP"),
+        scenario_dir=_path(e, "CROSSTALK_SCENARIO_DIR"),
         model_base_url=(
             e.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
             if real_model
@@ -148,7 +163,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         metrics_host=_str(e, "CROSSTALK_METRICS_HOST", "127.0.0.1"),
         metrics_port=_num(e, "CROSSTALK_METRICS_PORT", 0, lo=0, hi=65535, integer=True),
         real_model=real_model,
-        model_served_log=Path(e["CROSSTALK_MODEL_SERVED_LOG"]) if e.get("CROSSTALK_MODEL_SERVED_LOG", "").strip() else None,
+        model_served_log=_path(e, "CROSSTALK_MODEL_SERVED_LOG"),
     )
 
 

@@ -12,45 +12,31 @@ Subjects live in :mod:`shared.subjects`, streams in :mod:`shared.streams`.
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Literal
 
 import msgspec
+
+# Re-exported: the codec, and the ids with their rules, are part of the contracts.
+from shared.codec import decode, decode_event, encode  # noqa: F401
+from shared.ids import (
+    ID_PATTERN,
+    ID_RULE,  # noqa: F401
+    TOKEN_PATTERN,  # noqa: F401
+    TOKEN_RULE,  # noqa: F401
+    BatchId,
+    ContractError,  # noqa: F401
+    ConversationId,
+    Identity,
+    RoomName,
+    Token,
+    id_problem,  # noqa: F401
+    is_id,  # noqa: F401
+    is_token,  # noqa: F401
+)
 
 Role = Literal["customer", "support"]
 Mode = Literal["text", "voice"]
 ROLES: tuple[Role, Role] = ("customer", "support")
-
-# Ids reach NATS subjects and file paths: one token, no dots, wildcards, separators.
-ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}\Z"
-# Rooms and job ids come from LiveKit; allow what LiveKit produces (AJ_xxx, RM_xxx)
-# but never a NATS token separator, wildcard, whitespace or path separator.
-TOKEN_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}\Z"
-_ID_RE = re.compile(ID_PATTERN)
-_TOKEN_RE = re.compile(TOKEN_PATTERN)
-
-BatchId = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
-Token = Annotated[str, msgspec.Meta(pattern=TOKEN_PATTERN)]
-Identity = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-
-
-class ContractError(ValueError):
-    """A message that does not match its contract. ``field`` names the culprit."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
-
-
-def is_id(value: str) -> bool:
-    # fullmatch: with match/search, "$" also matches before a trailing "\n".
-    return bool(_ID_RE.fullmatch(value))
-
-
-def is_token(value: str) -> bool:
-    return bool(_TOKEN_RE.fullmatch(value))
-
 
 class Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=False, omit_defaults=False):
     pass
@@ -60,7 +46,7 @@ class Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=False, omit_defa
 
 
 class StartBatch(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Public command on ``batch.start``. Every field optional; see ARCHITECTURE.md.
+    """Public command on ``batch.start``. Every field optional; see docs/ARCHITECTURE.md.
 
     Unknown fields are rejected, not ignored: a typo (``"conversation": 200``) must not
     silently run the default single conversation.
@@ -78,7 +64,7 @@ class StartBatch(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
 class BatchSpec(Struct, frozen=True, kw_only=True):
     """A validated, fully defaulted batch: what the dispatcher plans from."""
 
-    batch_id: str
+    batch_id: BatchId
     conversations: int
     concurrency: int
     scenario: str
@@ -110,18 +96,18 @@ class BatchRejected(Struct, frozen=True, kw_only=True, tag="batch_rejected"):
 
 
 class ConversationDispatched(Struct, frozen=True, kw_only=True, tag="conversation_dispatched"):
-    batch_id: str
-    conversation_id: str
+    batch_id: BatchId
+    conversation_id: ConversationId
     attempt: int
-    room: str
+    room: RoomName
     at: float
 
 
 class ConversationJoined(Struct, frozen=True, kw_only=True, tag="conversation_joined"):
     """Both roles granted and both agents in the room (dispatcher's confirmation)."""
 
-    batch_id: str
-    conversation_id: str
+    batch_id: BatchId
+    conversation_id: ConversationId
     attempt: int
     join_seconds: float
     at: float
@@ -130,8 +116,8 @@ class ConversationJoined(Struct, frozen=True, kw_only=True, tag="conversation_jo
 class ConversationSettled(Struct, frozen=True, kw_only=True, tag="conversation_settled"):
     """Final word on one attempt: completed, or failed (maybe to be retried)."""
 
-    batch_id: str
-    conversation_id: str
+    batch_id: BatchId
+    conversation_id: ConversationId
     attempt: int
     outcome: Literal["completed", "failed"]
     reason: str
@@ -141,7 +127,7 @@ class ConversationSettled(Struct, frozen=True, kw_only=True, tag="conversation_s
 
 
 class BatchFinished(Struct, frozen=True, kw_only=True, tag="batch_finished"):
-    batch_id: str
+    batch_id: BatchId
     status: Literal["completed", "failed"]
     requested: int
     completed: int
@@ -156,7 +142,7 @@ BatchEvent = BatchAccepted | ConversationDispatched | ConversationJoined | Conve
 
 
 class RoleRequest(Struct, frozen=True, kw_only=True):
-    room: Token
+    room: RoomName
     job_id: Token
     identity: Identity
     prefer: Role | None = None
@@ -174,7 +160,7 @@ class RoleReply(Struct, frozen=True, kw_only=True):
 class RoleRenew(Struct, frozen=True, kw_only=True):
     """``role.renew``: extend exactly the lease ``lease`` of ``role``; never grants a role."""
 
-    room: Token
+    room: RoomName
     job_id: Token
     role: Role
     lease: Annotated[int, msgspec.Meta(ge=1)]
@@ -188,7 +174,7 @@ class RenewReply(Struct, frozen=True, kw_only=True):
 
 
 class RoleRelease(Struct, frozen=True, kw_only=True):
-    room: Token
+    room: RoomName
     job_id: Token
 
 
@@ -207,9 +193,9 @@ class LeaseEvent(Struct, frozen=True, kw_only=True):
     """
 
     kind: Literal["granted", "renewed", "released"]
-    room: str
+    room: RoomName
     role: Role
-    job_id: str
+    job_id: Token
     identity: str
     expires_at: float
     at: float
@@ -230,7 +216,7 @@ class JobMetadata(Struct, frozen=True, kw_only=True):
     """Dispatch metadata the dispatcher hands each worker job."""
 
     batch_id: BatchId
-    conversation_id: Token
+    conversation_id: ConversationId
     attempt: Annotated[int, msgspec.Meta(ge=1)]
     scenario: Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
     language: str
@@ -239,19 +225,19 @@ class JobMetadata(Struct, frozen=True, kw_only=True):
 
 
 class AgentJoined(Struct, frozen=True, kw_only=True, tag="agent_joined"):
-    batch_id: str
-    conversation_id: str
+    batch_id: BatchId
+    conversation_id: ConversationId
     attempt: int
-    room: str
+    room: RoomName
     role: Role
-    job_id: str
+    job_id: Token
     identity: str
     at: float
 
 
 class TurnRecorded(Struct, frozen=True, kw_only=True, tag="turn"):
-    batch_id: str
-    conversation_id: str
+    batch_id: BatchId
+    conversation_id: ConversationId
     attempt: int
     turn: int
     role: Role
@@ -261,15 +247,15 @@ class TurnRecorded(Struct, frozen=True, kw_only=True, tag="turn"):
     first_token_s: float | None = None
     total_s: float | None = None
     language: str | None = None
-    room: str | None = None
+    room: RoomName | None = None
     lease: int | None = None  # the speaker's lease token; the sink stores only turns of a live lease
 
 
 class ConversationEnded(Struct, frozen=True, kw_only=True, tag="conversation_ended"):
-    batch_id: str
-    conversation_id: str
+    batch_id: BatchId
+    conversation_id: ConversationId
     attempt: int
-    room: str
+    room: RoomName
     reason: str  # "end_conversation:<role>", "max_turns", "peer_left", "error:<...>", "denied:<...>"
     ok: bool
     turns: int
@@ -296,7 +282,7 @@ class RoomWebhook(Struct, frozen=True, kw_only=True):
 
     event: RoomWebhookKind
     id: Identity
-    room: Token
+    room: RoomName
     room_sid: str = ""
     identity: str | None = None
     participant_sid: str | None = None
@@ -349,68 +335,3 @@ class DispatcherStatus(Struct, frozen=True, kw_only=True):
     queued: Count
     batches: dict[str, BatchQueue] = {}
     at: float
-
-
-# --------------------------------------------------------------------------- codec
-
-_encoder = msgspec.json.Encoder()
-T = TypeVar("T")
-
-
-def encode(msg: Any) -> bytes:
-    return _encoder.encode(msg)
-
-
-def _field_of(err: msgspec.ValidationError) -> str:
-    # msgspec messages look like "Expected `int`, got `str` - at `$.conversations`"
-    text = str(err)
-    if " - at `$." in text:
-        return text.rsplit(" - at `$.", 1)[1].rstrip("`").split("[")[0].split(".")[0]
-    if "missing required field" in text:
-        return text.split("`")[1] if "`" in text else "$"
-    if "unknown field" in text.lower():
-        return text.split("`")[1] if "`" in text else "$"
-    return "$"
-
-
-def _reason_of(err: msgspec.ValidationError) -> str:
-    return str(err).split(" - at `", 1)[0]
-
-
-_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
-
-
-def decode(data: bytes, typ: type[T], *, max_bytes: int = 64 * 1024) -> T:
-    """Decode and validate ``data`` as ``typ``; raise :class:`ContractError` naming the field."""
-    if len(data) > max_bytes:
-        raise ContractError("$", f"payload is {len(data)} bytes, limit {max_bytes}")
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ContractError("$", f"payload is not valid UTF-8 (byte {exc.start})") from None
-    dec = _decoders.get(typ)
-    if dec is None:
-        dec = _decoders[typ] = msgspec.json.Decoder(typ)
-    try:
-        return dec.decode(data)
-    except msgspec.ValidationError as exc:
-        return _raise(exc)
-    except msgspec.DecodeError as exc:
-        raise ContractError("$", f"not a JSON object: {exc}") from None
-
-
-def _raise(exc: msgspec.ValidationError) -> Any:
-    raise ContractError(_field_of(exc), _reason_of(exc)) from None
-
-
-def decode_event(data: bytes, union: Any) -> Any:
-    """Decode a tagged union (``BatchEvent``, ``ConversationEvent``)."""
-    dec = _decoders.get(union)
-    if dec is None:
-        dec = _decoders[union] = msgspec.json.Decoder(union)
-    try:
-        return dec.decode(data)
-    except msgspec.ValidationError as exc:
-        return _raise(exc)
-    except msgspec.DecodeError as exc:
-        raise ContractError("$", f"not JSON: {exc}") from None

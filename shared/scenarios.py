@@ -7,12 +7,12 @@ Scenarios are JSON files in ``shared/scenarios/`` (add one to add a scenario);
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 
 import msgspec
 
+from shared import config
 from shared.contracts import ID_PATTERN, Role
 
 DEFAULT_SCENARIO = "en-account-help"
@@ -63,9 +63,9 @@ def library() -> dict[str, Scenario]:
     import re
 
     folders = [_BUILTIN]
-    extra = os.environ.get("CROSSTALK_SCENARIO_DIR")
-    if extra:
-        folders.append(Path(extra))
+    extra = config.load().scenario_dir
+    if extra is not None:
+        folders.append(extra)
     out: dict[str, Scenario] = {}
     for folder in folders:
         for path in sorted(folder.glob("*.json")):

@@ -1,14 +1,17 @@
-"""JetStream streams and durable consumers, created idempotently at start-up.
+"""JetStream streams and every durable consumer on them, created idempotently at start-up.
 
-Whichever process starts first creates them; later ones find them. A stream
-that exists with other settings is updated to these (an existing durable
-consumer keeps its old config in nats-py, so consumers are created with
-``ensure_consumer``, which updates on mismatch).
+Whichever process starts first creates the streams; later ones find them. A stream
+that exists with other settings is updated to these. Each durable consumer is declared
+here, beside its stream, as a :class:`Durable`; its owner binds it with :func:`bind`
+(an existing durable keeps its old config in nats-py, so :func:`ensure_consumer`
+updates it on mismatch).
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
+from typing import NamedTuple
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -115,18 +118,95 @@ async def ensure_consumer(js: JetStreamContext, stream: str, cfg: ConsumerConfig
 
 def durable(
     name: str,
-    filter_subject: str,
+    filter_subject: str | list[str],
     *,
+    deliver: DeliverPolicy = DeliverPolicy.ALL,
     ack_wait: float = 30.0,
     max_ack_pending: int = 1000,
     max_deliver: int = -1,
 ) -> ConsumerConfig:
+    """An explicit-ack durable; a list of filters becomes ``filter_subjects``."""
+    many = isinstance(filter_subject, list)
     return ConsumerConfig(
         durable_name=name,
-        filter_subject=filter_subject,
+        filter_subject=None if many else filter_subject,  # type: ignore[arg-type]
+        filter_subjects=filter_subject if many else None,  # type: ignore[arg-type]
         ack_policy=AckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.ALL,
+        deliver_policy=deliver,
         ack_wait=ack_wait,
         max_ack_pending=max_ack_pending,
         max_deliver=max_deliver,
+    )
+
+
+class Durable(NamedTuple):
+    """A durable consumer declared beside its stream: the stream's name and the consumer's config."""
+
+    stream: str
+    config: ConsumerConfig
+
+    @property
+    def name(self) -> str:
+        return str(self.config.durable_name)
+
+
+async def bind(js: JetStreamContext, consumer: Durable) -> JetStreamContext.PullSubscription:
+    """Create or update ``consumer`` and pull from it."""
+    await ensure_consumer(js, consumer.stream, consumer.config)
+    return await js.pull_subscribe_bind(durable=consumer.name, stream=consumer.stream)
+
+
+# --------------------------------------------------------------------------- the consumers
+
+# The dispatcher's batch.start commands (BATCH_CMDS). Few in flight: each waits for its verdict.
+DISPATCHER_CMDS = Durable(
+    str(BATCH_CMDS.name), durable("dispatcher-cmds", subjects.BATCH_START, ack_wait=60.0, max_ack_pending=64)
+)
+
+
+def dispatcher_conv(start: float | None = None) -> Durable:
+    """The dispatcher's agent joins and conversation ends (CONVERSATIONS), ``dispatcher-conv``.
+
+    The dispatcher deletes and re-adds it at every start: from ``start`` (server time, epoch
+    seconds: the oldest attempt in flight, less a margin), or from new events when ``None``.
+    Its config therefore changes per start, so it is added, not :func:`ensure_consumer`-ed.
+    """
+    cfg = durable(
+        "dispatcher-conv",
+        [subjects.CONV_JOINED_ALL, subjects.CONV_ENDED_ALL],
+        deliver=DeliverPolicy.NEW if start is None else DeliverPolicy.BY_START_TIME,
+        ack_wait=30.0,
+        max_ack_pending=4000,
+    )
+    if start is not None:
+        cfg.opt_start_time = datetime.datetime.fromtimestamp(start, datetime.UTC)  # type: ignore[assignment]
+    return Durable(str(CONVERSATIONS.name), cfg)
+
+
+class SinkConsumers(NamedTuple):
+    """One transcript sink's four durables, all named ``<prefix>-<what>``."""
+
+    conv: Durable  # turns and conversation ends -> transcripts, batch.json
+    batch: Durable  # batch lifecycle events -> batch.json
+    lk: Durable  # the room audit: livekit-server's webhooks
+    roles: Durable  # the room audit: the allocator's grant log
+
+
+def sink_consumers(
+    prefix: str, *, deliver: str = "all", ack_wait_s: float = 30.0, max_ack_pending: int = 8192
+) -> SinkConsumers:
+    """``deliver``: "all" the whole stream history, "new" only what is published after the first start.
+    ``max_ack_pending``: held (out-of-order) turns count against it."""
+    policy = DeliverPolicy.NEW if deliver == "new" else DeliverPolicy.ALL
+
+    def one(stream: StreamConfig, what: str, filters: list[str]) -> Durable:
+        cfg = durable(f"{prefix}-{what}", filters, deliver=policy, ack_wait=ack_wait_s,
+                      max_ack_pending=max_ack_pending)
+        return Durable(str(stream.name), cfg)
+
+    return SinkConsumers(
+        conv=one(CONVERSATIONS, "conv", [subjects.conv_kind_filter("turn"), subjects.conv_kind_filter("ended")]),
+        batch=one(BATCH_EVENTS, "batch", [subjects.BATCH_EVENTS_ALL]),
+        lk=one(LIVEKIT_EVENTS, "lk", [subjects.LK_ROOM_ALL]),
+        roles=one(ROLES, "roles", [subjects.ROLES_ALL]),
     )

@@ -7,9 +7,9 @@ subscriber sees.
 
 from __future__ import annotations
 
-from shared.contracts import ROLES, ContractError, Role, is_id, is_token
+from shared.contracts import ID_RULE, ROLES, TOKEN_RULE, ContractError, Role, is_id, is_token
 
-# Public commands (ARCHITECTURE.md "Public contracts").
+# Public commands (docs/ARCHITECTURE.md "Public contracts").
 BATCH_START = "batch.start"
 ROLE_REQUEST = "role.request"
 ROLE_RELEASE = "role.release"
@@ -51,13 +51,13 @@ ALLOCATOR_QUEUE = "allocator"
 
 def _id(name: str, value: str) -> str:
     if not is_id(value):
-        raise ContractError(name, "must match [a-z0-9][a-z0-9-]{0,63}")
+        raise ContractError(name, ID_RULE)
     return value
 
 
 def _token(name: str, value: str) -> str:
     if not is_token(value):
-        raise ContractError(name, "must be 1-128 of [A-Za-z0-9_-] (no '.', '*', '>', whitespace)")
+        raise ContractError(name, TOKEN_RULE)
     return value
 
 

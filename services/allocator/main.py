@@ -68,7 +68,6 @@ MAX_ATTEMPTS = 32
 # Fields a bad request can name (bounded metric label).
 REQUEST_FIELDS = frozenset({"room", "job_id", "identity", "prefer", "role", "lease", "$"})
 BUSY = "busy: too many concurrent writes to this room, retry"
-TOKEN_RULE = "must be 1-128 of [A-Za-z0-9_-], starting with a letter, digit or '_' (no '.', '*', '>', whitespace)"
 
 
 class Busy(Exception):
@@ -171,7 +170,7 @@ class Allocator:
             self.metrics.bad_requests.labels(exc.field if exc.field in REQUEST_FIELDS else "$").inc()
             self.metrics.grants.labels("none", "error").inc()
             log.info("bad role request", extra=kv(field=exc.field, reason=exc.reason))
-            return RoleReply(granted=False, field=exc.field, reason=_explain(exc))
+            return RoleReply(granted=False, field=exc.field, reason=exc.reason)
         try:
             reply = await self.allocate(request)
         except Busy:
@@ -192,7 +191,7 @@ class Allocator:
             self.metrics.bad_requests.labels(exc.field if exc.field in REQUEST_FIELDS else "$").inc()
             self.metrics.releases.labels("error").inc()
             log.info("bad role release", extra=kv(field=exc.field, reason=exc.reason))
-            return ReleaseReply(released=False, field=exc.field, reason=_explain(exc))
+            return ReleaseReply(released=False, field=exc.field, reason=exc.reason)
         try:
             reply = await self.release(release)
         except Busy:
@@ -212,7 +211,7 @@ class Allocator:
             self.metrics.bad_requests.labels(exc.field if exc.field in REQUEST_FIELDS else "$").inc()
             self.metrics.renewals.labels("error").inc()
             log.info("bad role renew", extra=kv(field=exc.field, reason=exc.reason))
-            return RenewReply(renewed=False, field=exc.field, reason=_explain(exc))
+            return RenewReply(renewed=False, field=exc.field, reason=exc.reason)
         try:
             reply = await self.renew(renew)
         except Busy:
@@ -348,13 +347,6 @@ class Allocator:
             raise RuntimeError(f"direct get {subject}: {status} {headers.get('Description', '')}".strip())
         return Stored(headers["Nats-Subject"], int(headers["Nats-Sequence"]), msg.data,
                       parse_ts(headers["Nats-Time-Stamp"]))
-
-
-def _explain(exc: ContractError) -> str:
-    """The decoder's reason, with the token rule spelled out instead of a regex."""
-    if exc.field in ("room", "job_id") and "matching regex" in exc.reason:
-        return TOKEN_RULE
-    return exc.reason
 
 
 def _lease_event(stored: Stored) -> LeaseEvent | None:

@@ -18,16 +18,15 @@ from shared.log import kv, setup
 from shared.metrics import SinkMetrics, serve
 
 from .files import DataDir
-from .main import Sink, SinkConfig
+from .main import Sink
 
 
 def main() -> None:
     log = setup("sink")
     settings = load_or_exit(log)
-    config = SinkConfig.from_settings(settings)
     try:
-        DataDir(config.data_dir)
-        if not os.access(config.data_dir, os.W_OK):
+        DataDir(settings.data_dir)
+        if not os.access(settings.data_dir, os.W_OK):
             raise PermissionError("not writable")
     except OSError as exc:
         log.error("bad configuration", extra=kv(var="CROSSTALK_DATA_DIR", reason=str(exc)))
@@ -39,15 +38,15 @@ def main() -> None:
         nc = await bus.connect(settings.nats_url, "crosstalk-sink")
         try:
             js = await bus.jetstream(nc)
-            sink = Sink(js, config, metrics)
+            sink = Sink(js, settings, metrics)
             await sink.start()
             log.info(
                 "sink consuming",
                 extra=kv(
-                    data_dir=str(sink.dirs.root),
-                    consumers=[config.conv_consumer, config.batch_consumer],
-                    deliver=config.deliver,
-                    ack_wait_s=config.ack_wait_s,
+                    data_dir=str(sink.io.dirs.root),
+                    consumers=[c.name for c in sink.consumers],
+                    deliver=settings.sink_deliver,
+                    ack_wait_s=settings.sink_ack_wait_s,
                     metrics_port=metrics_port,
                 ),
             )

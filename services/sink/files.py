@@ -1,13 +1,13 @@
 """The sink's files: validated paths, durable appends, atomic replaces, recovery.
 
-Everything here is blocking file I/O, run by the entrypoint in worker threads.
+Everything here is blocking file I/O, run in the sink's I/O threads (:class:`Io`).
 A write returns only once the data is on disk (``fsync``), and a file that is
 rewritten is replaced atomically (temporary file, ``fsync``, ``os.replace``,
 ``fsync`` of the directory), so a reader or a restarted sink sees the old content
 or the new, never a mix. A SIGKILL in the middle of an append can leave a partial
 last line; :func:`recover_transcript` cuts it off.
 
-Layout (ARCHITECTURE.md, data directory)::
+Layout (docs/ARCHITECTURE.md, data directory)::
 
     <data_dir>/batches/<batch_id>/batch.json
     <data_dir>/batches/<batch_id>/conversations/<conversation_id>.jsonl
@@ -15,20 +15,25 @@ Layout (ARCHITECTURE.md, data directory)::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import msgspec
 
-from shared.contracts import ContractError, is_id, is_token
+from shared.contracts import ID_RULE, TOKEN_RULE, ContractError, is_id, is_token
 from shared.log import kv
 
 from .core import BatchDoc, TurnLine, decode_doc, decode_line
 
 log = logging.getLogger("sink.files")
+R = TypeVar("R")
 
 
 class DataDir:
@@ -53,13 +58,13 @@ class DataDir:
         if cached is not None:
             return cached
         if not is_id(batch_id):
-            raise ContractError("batch_id", "must match [a-z0-9][a-z0-9-]{0,63}")
+            raise ContractError("batch_id", ID_RULE)
         batch_dir = self.root / "batches" / batch_id
         if kind == "batch":
             path = batch_dir / "batch.json"
         else:
             if not is_token(conversation_id):
-                raise ContractError("conversation_id", "must be 1-128 of [A-Za-z0-9_-]")
+                raise ContractError("conversation_id", TOKEN_RULE)
             path = batch_dir / "conversations" / f"{conversation_id}.jsonl"
         resolved = path.resolve()
         if not resolved.is_relative_to(self.root):
@@ -83,6 +88,20 @@ class DataDir:
             d.mkdir(exist_ok=True)
             fsync_dir(d.parent)
         self._known_dirs.add(directory)
+
+
+class Io:
+    """The data directory and the threads its blocking I/O runs in."""
+
+    def __init__(self, root: Path, threads: int) -> None:
+        self.dirs = DataDir(root)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="sink-io")
+
+    async def run(self, fn: Callable[..., R], *args: Any) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -24,8 +24,9 @@ from servers import Server, start_nats
 from services.allocator import core
 from services.allocator.main import Allocator
 from services.sink import core as sink_core
-from services.sink.main import Sink, SinkConfig
+from services.sink.main import Sink, Tuning
 from shared import bus, contracts, subjects
+from shared.config import Settings
 from shared.contracts import RenewReply, RoleRenew, RoleReply, RoleRequest, TurnRecorded
 from shared.metrics import AllocatorMetrics, SinkMetrics
 from worker.lease import LeaseKeeper
@@ -47,9 +48,8 @@ async def stack(own_nats: Server, tmp_path: Path, unique: str) -> AsyncIterator[
     allocator = Allocator(anc, await bus.jetstream(anc), lease_s=LEASE_S, metrics=AllocatorMetrics(CollectorRegistry()))
     await allocator.start()
     snc = await nats.connect(own_nats.url)
-    sink = Sink(await bus.jetstream(snc), SinkConfig(data_dir=tmp_path, durable=f"fence-{unique}", deliver="new",
-                                                     ack_wait_s=3.0, flush_interval_s=0.05),
-                SinkMetrics(CollectorRegistry()))
+    settings = Settings(data_dir=tmp_path, sink_durable=f"fence-{unique}", sink_deliver="new", sink_ack_wait_s=3.0)
+    sink = Sink(await bus.jetstream(snc), settings, SinkMetrics(CollectorRegistry()), Tuning(flush_interval_s=0.05))
     await sink.start()
     stop = asyncio.Event()
     task = asyncio.create_task(sink.run(stop))
@@ -99,8 +99,8 @@ async def wait_for(check: Any, timeout: float = 20.0, what: str = "condition") -
 
 
 async def drained(sink: Sink) -> bool:
-    for stream, cfg in sink.cfg.consumer_configs():
-        info = await sink.js.consumer_info(stream, cfg.durable_name or "")
+    for consumer in sink.consumers:
+        info = await sink.js.consumer_info(consumer.stream, consumer.name)
         if info.num_pending or info.num_ack_pending:
             return False
     return True

@@ -17,8 +17,9 @@ from prometheus_client import CollectorRegistry
 from support.leases import Leases
 
 from services.sink import core
-from services.sink.main import Sink, SinkConfig
+from services.sink.main import Sink, Tuning
 from shared import bus, streams, subjects
+from shared.config import Settings
 from shared.contracts import (
     BatchAccepted,
     BatchFinished,
@@ -38,8 +39,9 @@ HINGLISH = "Haan ji, mera refund abhi tak नहीं आया hai 🙏"
 async def running_sink(nats_url: str, data_dir: Path, durable: str, **overrides: Any) -> AsyncIterator[Sink]:
     nc = await bus.connect(nats_url, f"test-{durable}")
     js = await bus.jetstream(nc)
-    options: dict[str, Any] = {"deliver": "new", "ack_wait_s": 3.0, "flush_interval_s": 0.05, **overrides}
-    sink = Sink(js, SinkConfig(data_dir=data_dir, durable=durable, **options), SinkMetrics(CollectorRegistry()))
+    settings = Settings(data_dir=data_dir, sink_durable=durable, sink_deliver="new", sink_ack_wait_s=3.0)
+    tuning = Tuning(**{"flush_interval_s": 0.05, **overrides})
+    sink = Sink(js, settings, SinkMetrics(CollectorRegistry()), tuning)
     await sink.start()
     stop = asyncio.Event()
     task = asyncio.create_task(sink.run(stop))
@@ -74,8 +76,8 @@ async def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str = 
 
 
 async def drained(sink: Sink) -> bool:
-    for stream, cfg in sink.cfg.consumer_configs():
-        info = await sink.js.consumer_info(stream, cfg.durable_name or "")
+    for consumer in sink.consumers:
+        info = await sink.js.consumer_info(consumer.stream, consumer.name)
         if info.num_pending or info.num_ack_pending:
             return False
     return True
@@ -386,7 +388,7 @@ async def test_a_batch_with_a_short_transcript_is_not_completed_and_names_the_co
         entry = doc["conversations"]["c1"]
         assert (entry["outcome"], entry["reason"]) == ("failed", "transcript_incomplete: 1 of 3 turns stored")
         assert sink.metrics.incomplete._value.get() == 1
-        info = await sink.js.consumer_info(streams.BATCH_EVENTS.name, sink.cfg.batch_consumer)
+        info = await sink.js.consumer_info(streams.BATCH_EVENTS.name, sink.consumers.batch.name)
         assert info.delivered.consumer_seq >= 2 + 3  # BatchFinished was held back 3 times first
         warned = [r for r in caplog.records
                   if r.getMessage() == "batch finished with transcripts still short: failing those conversations"]

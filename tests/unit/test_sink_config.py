@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from nats.js.api import DeliverPolicy
 
-from services.sink.main import SinkConfig
+from services.sink.main import consumers
 from shared.config import ConfigError, load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,20 +21,20 @@ def test_settings_become_filtered_durable_consumers(tmp_path: Path) -> None:
         "CROSSTALK_DATA_DIR": str(tmp_path), "CROSSTALK_SINK_DURABLE": "sink-a",
         "CROSSTALK_SINK_ACK_WAIT_S": "7.5", "CROSSTALK_SINK_DELIVER": "new",
     })
-    cfg = SinkConfig.from_settings(settings)
-    assert (cfg.data_dir, cfg.durable, cfg.ack_wait_s, cfg.deliver) == (tmp_path, "sink-a", 7.5, "new")
-    (conv_stream, conv), (batch_stream, batch), (lk_stream, lk), (roles_stream, roles) = cfg.consumer_configs()
-    assert (conv_stream, conv.durable_name, conv.filter_subjects) == (
+    assert (settings.data_dir, settings.sink_durable, settings.sink_ack_wait_s, settings.sink_deliver) == (
+        tmp_path, "sink-a", 7.5, "new")
+    conv, batch, lk, roles = ((c.stream, c.config) for c in consumers(settings))
+    assert (conv[0], conv[1].durable_name, conv[1].filter_subjects) == (
         "CONVERSATIONS", "sink-a-conv", ["conv.*.*.turn", "conv.*.*.ended"]
     )
-    assert (batch_stream, batch.durable_name, batch.filter_subjects) == ("BATCH_EVENTS", "sink-a-batch", ["batch.evt.*"])
+    assert (batch[0], batch[1].durable_name, batch[1].filter_subjects) == ("BATCH_EVENTS", "sink-a-batch", ["batch.evt.*"])
     # the room audit: livekit-server's webhooks and the allocator's grant log
-    assert (lk_stream, lk.durable_name, lk.filter_subjects) == ("LIVEKIT_EVENTS", "sink-a-lk", ["lk.room.>"])
-    assert (roles_stream, roles.durable_name, roles.filter_subjects) == ("ROLES", "sink-a-roles", ["roles.>"])
-    assert conv.deliver_policy == DeliverPolicy.NEW and conv.ack_wait == 7.5 and conv.max_deliver == -1
-    defaults = SinkConfig.from_settings(load({}))
-    assert (defaults.durable, defaults.ack_wait_s, defaults.deliver) == ("sink", 30.0, "all")
-    assert defaults.consumer_configs()[0][1].deliver_policy == DeliverPolicy.ALL
+    assert (lk[0], lk[1].durable_name, lk[1].filter_subjects) == ("LIVEKIT_EVENTS", "sink-a-lk", ["lk.room.>"])
+    assert (roles[0], roles[1].durable_name, roles[1].filter_subjects) == ("ROLES", "sink-a-roles", ["roles.>"])
+    assert conv[1].deliver_policy == DeliverPolicy.NEW and conv[1].ack_wait == 7.5 and conv[1].max_deliver == -1
+    defaults = load({})
+    assert (defaults.sink_durable, defaults.sink_ack_wait_s, defaults.sink_deliver) == ("sink", 30.0, "all")
+    assert consumers(defaults).conv.config.deliver_policy == DeliverPolicy.ALL
 
 
 @pytest.mark.parametrize(

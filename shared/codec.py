@@ -1,0 +1,81 @@
+"""JSON encoding and validated decoding of the contracts; every decode error names the field.
+
+Re-exported by :mod:`shared.contracts` (``contracts.decode`` and friends).
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+
+from shared.ids import TOKEN_PATTERN, TOKEN_RULE, ContractError
+
+_encoder = msgspec.json.Encoder()
+T = TypeVar("T")
+
+
+def encode(msg: Any) -> bytes:
+    return _encoder.encode(msg)
+
+
+def _field_of(err: msgspec.ValidationError) -> str:
+    # msgspec messages look like "Expected `int`, got `str` - at `$.conversations`"
+    text = str(err)
+    if " - at `$." in text:
+        return text.rsplit(" - at `$.", 1)[1].rstrip("`").split("[")[0].split(".")[0]
+    if "missing required field" in text:
+        return text.split("`")[1] if "`" in text else "$"
+    if "unknown field" in text.lower():
+        return text.split("`")[1] if "`" in text else "$"
+    return "$"
+
+
+_RULES = {TOKEN_PATTERN: TOKEN_RULE}
+
+
+def _reason_of(err: msgspec.ValidationError) -> str:
+    reason = str(err).split(" - at `", 1)[0]
+    for pattern, rule in _RULES.items():
+        if "matching regex" in reason and repr(pattern)[1:-1] in reason:
+            return rule  # the rule in words instead of a regex
+    return reason
+
+
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+def decode(data: bytes, typ: type[T], *, max_bytes: int = 64 * 1024) -> T:
+    """Decode and validate ``data`` as ``typ``; raise :class:`ContractError` naming the field."""
+    if len(data) > max_bytes:
+        raise ContractError("$", f"payload is {len(data)} bytes, limit {max_bytes}")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ContractError("$", f"payload is not valid UTF-8 (byte {exc.start})") from None
+    dec = _decoders.get(typ)
+    if dec is None:
+        dec = _decoders[typ] = msgspec.json.Decoder(typ)
+    try:
+        return dec.decode(data)
+    except msgspec.ValidationError as exc:
+        return _raise(exc)
+    except msgspec.DecodeError as exc:
+        raise ContractError("$", f"not a JSON object: {exc}") from None
+
+
+def _raise(exc: msgspec.ValidationError) -> Any:
+    raise ContractError(_field_of(exc), _reason_of(exc)) from None
+
+
+def decode_event(data: bytes, union: Any) -> Any:
+    """Decode a tagged union (``BatchEvent``, ``ConversationEvent``)."""
+    dec = _decoders.get(union)
+    if dec is None:
+        dec = _decoders[union] = msgspec.json.Decoder(union)
+    try:
+        return dec.decode(data)
+    except msgspec.ValidationError as exc:
+        return _raise(exc)
+    except msgspec.DecodeError as exc:
+        raise ContractError("$", f"not JSON: {exc}") from None
