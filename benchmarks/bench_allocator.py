@@ -1,6 +1,6 @@
 """Allocator throughput and latency, next to raw JetStream conditional publishes on the same server.
 
-    python benchmarks/bench_allocator.py [--requesters 200] [--seconds 10] [--instances 1]
+    PYTHONPATH=.:tests python benchmarks/bench_allocator.py [--requesters 200] [--seconds 10] [--instances 1]
 
 Starts its own nats-server (or uses --nats-url) and `python -m services.allocator`
 processes. Phase 1: N concurrent requesters, each asking for roles in fresh rooms (two
@@ -30,18 +30,16 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import nats
+import uvloop
+from nats.aio.client import Client
+from support.servers import free_port, start_nats
+
+from services.allocator.main import EXPECTED_SEQ
+from shared import bus, contracts, subjects
+from shared.contracts import RoleReply, RoleRequest
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import nats  # noqa: E402
-import uvloop  # noqa: E402
-from nats.aio.client import Client  # noqa: E402
-from servers import free_port, start_nats  # noqa: E402
-
-from services.allocator.main import EXPECTED_SEQ  # noqa: E402
-from shared import bus, contracts, subjects  # noqa: E402
-from shared.contracts import RoleReply, RoleRequest  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "allocator.json"
 CONNECTIONS = 4

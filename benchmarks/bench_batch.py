@@ -4,6 +4,9 @@
     python benchmarks/bench_batch.py --runs 20x10          # a small one
     python benchmarks/bench_batch.py --executors thread,process --runs 40x20   # executor comparison
 
+(from the repo root with ``PYTHONPATH=.:tests``, as ``./ct bench`` sets it: the stack helper is
+tests/e2e/stack.py).
+
 Each run brings up a fresh stack (``just up`` on free ports, tests/e2e/stack.py), sends one
 ``batch.start``, and measures from the real event log and the real processes: completed/failed,
 wall time, conversations/min, dispatch-to-both-joined p50/p95/p99 (ConversationJoined), room audit
@@ -24,7 +27,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -32,16 +34,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import nats
 import psutil
+from e2e.stack import running_stack
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e"), str(ROOT / "benchmarks")]
-
-import nats  # noqa: E402
-from stack import running_stack  # noqa: E402
-
-from shared import bus, subjects  # noqa: E402
-from shared.contracts import (  # noqa: E402
+from shared import bus, subjects
+from shared.contracts import (
     BatchEvent,
     BatchFinished,
     ConversationDispatched,
@@ -51,8 +49,9 @@ from shared.contracts import (  # noqa: E402
     TurnRecorded,
     decode_event,
 )
-from shared.rooms import room_name  # noqa: E402
+from shared.rooms import room_name
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -349,7 +348,7 @@ def scrape(port: str) -> str:
 
 def lk_run(stack: Any, rooms: int, agent_name: str, start_agent: bool = True) -> dict[str, Any]:
     try:
-        from lk_compare import run_lk_agent_load_test
+        from benchmarks.lk_compare import run_lk_agent_load_test
 
         return run_lk_agent_load_test(stack.livekit_url, "devkey", "secret", rooms=rooms, duration_s=None,
                                       agent_name=agent_name, start_agent=start_agent)
@@ -360,7 +359,7 @@ def lk_run(stack: Any, rooms: int, agent_name: str, start_agent: bool = True) ->
 def start_echo(stack: Any, agent_name: str) -> Any:
     """The echo agent for the lk run during the batch, registered before the batch loads the machine."""
     try:
-        from lk_compare import find_lk, start_echo_agent
+        from benchmarks.lk_compare import find_lk, start_echo_agent
 
         find_lk()
         return start_echo_agent(stack.livekit_url, "devkey", "secret", agent_name, announce=True,
@@ -422,7 +421,7 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
             if lk_thread is not None:
                 lk_thread.join()
             if echo is not None:
-                from lk_compare import stop_process
+                from benchmarks.lk_compare import stop_process
 
                 stop_process(echo)
         worker_sessions = sampler.worker_sessions()

@@ -1,7 +1,7 @@
 """A minimal livekit-agents worker for ``lk perf agent-load-test``: join the room, stay, leave.
 
     LIVEKIT_URL=ws://127.0.0.1:7880 LIVEKIT_API_KEY=devkey LIVEKIT_API_SECRET=secret \\
-        python benchmarks/echo_agent.py --agent-name lk-echo [--max-jobs 250] [--announce]
+        python -m benchmarks.echo_agent --agent-name lk-echo [--max-jobs 250] [--announce]
 
 ``lk perf agent-load-test --agent-name NAME`` (livekit-cli) joins each room as an
 ``echo-participant`` publishing an echo track, creates an explicit dispatch for NAME and
@@ -9,8 +9,8 @@ measures the time from the dispatch API call returning to an AGENT participant a
 in the room. This worker registers under NAME and does the least an agent can do there:
 connect (no subscriptions, nothing published), stay, and shut the job down once no
 non-agent participant is left, so it is the baseline for what a dispatch-to-join costs on
-this server and this machine. It uses the crosstalk worker's job executor (thread) and
-load shaping (worker/server.py) so the two are comparable.
+this server and this machine. Its ``AgentServer`` is the crosstalk worker's own
+(``worker.server.agent_server``: thread executor, load shaping, idle runners) so the two are comparable.
 
 ``--announce`` sets one participant attribute right after connecting, as an
 ``AgentSession`` does with ``lk.agent.state``. That matters for what lk measures:
@@ -33,17 +33,13 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from livekit import rtc
+from livekit.agents import AgentServer, AutoSubscribe, JobContext
 
-from livekit import rtc  # noqa: E402
-from livekit.agents import AgentServer, AutoSubscribe, JobContext, JobExecutorType, JobRequest  # noqa: E402
-
-from shared import bus  # noqa: E402
-from shared.log import kv, setup  # noqa: E402
-from worker.server import TARGET_LOAD, disable_loop_monitor, init_rtc, job_load  # noqa: E402
+from shared import bus
+from shared.log import kv, setup
+from worker.server import agent_server
 
 log = logging.getLogger("echo_agent")
 
@@ -84,33 +80,11 @@ async def entrypoint(ctx: JobContext, *, announce: bool) -> None:
 
 def build(agent_name: str, max_jobs: int, announce: bool,
           url: str, key: str, secret: str) -> AgentServer:
-    init_rtc()
-    disable_loop_monitor()  # the same conditions as the crosstalk worker (worker/server.py)
-
-    def load(server: AgentServer) -> float:
-        return job_load(len(server.active_jobs), max_jobs)
-
-    server = AgentServer(
-        job_executor_type=JobExecutorType.THREAD,
-        load_fnc=load,
-        load_threshold=TARGET_LOAD - 1e-6,
-        # see worker/server.py: lets a burst of requests be accepted up to real capacity
-        num_idle_processes=min(max_jobs, 8),
-        ws_url=url,
-        api_key=key,
-        api_secret=secret,
-        port=0,
-        shutdown_process_timeout=10.0,
-    )
-
-    async def on_request(req: JobRequest) -> None:
-        await req.accept()
-
     async def session(ctx: JobContext) -> None:
         await entrypoint(ctx, announce=announce)
 
-    server.rtc_session(session, agent_name=agent_name, on_request=on_request)
-    return server
+    return agent_server(session, agent_name=agent_name, max_jobs=max_jobs, ws_url=url, api_key=key,
+                        api_secret=secret, shutdown_process_timeout=10.0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

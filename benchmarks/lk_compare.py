@@ -1,8 +1,8 @@
 """LiveKit's own agent load test, run on our livekit-server, as the yardstick for our join times.
 
-    python benchmarks/lk_compare.py [--rooms 50] [--duration S] [--variants silent,announce]
+    PYTHONPATH=.:tests python benchmarks/lk_compare.py [--rooms 50] [--duration S] [--variants silent,announce]
 
-``run_lk_agent_load_test`` starts benchmarks/echo_agent.py under an agent name, runs
+``run_lk_agent_load_test`` starts benchmarks/echo_agent.py (``python -m benchmarks.echo_agent``) under an agent name, runs
 ``lk perf agent-load-test`` (livekit-cli, see infra/install-lk.sh) against the given server
 and returns lk's per-room join delays as quantiles. The ``__main__`` starts its own
 livekit-server and prints one JSON report per echo-agent variant.
@@ -48,9 +48,7 @@ from typing import Any
 import msgspec
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-ECHO_AGENT = ROOT / "benchmarks" / "echo_agent.py"
+ECHO_AGENT = "benchmarks.echo_agent"  # run as a module from ROOT
 INSTALL_HINT = "run infra/install-lk.sh (it says why when it cannot)"
 AGENT_REGISTER_TIMEOUT_S = 60.0
 
@@ -230,7 +228,7 @@ def start_echo_agent(livekit_url: str, api_key: str, api_secret: str, agent_name
                      announce: bool, log_path: Path) -> subprocess.Popen[str]:
     """Start benchmarks/echo_agent.py and return once livekit-server has registered it."""
     env = {**os.environ, "LIVEKIT_URL": livekit_url, "LIVEKIT_API_KEY": api_key, "LIVEKIT_API_SECRET": api_secret}
-    cmd = [sys.executable, str(ECHO_AGENT), "--agent-name", agent_name] + (["--announce"] if announce else [])
+    cmd = [sys.executable, "-m", ECHO_AGENT, "--agent-name", agent_name] + (["--announce"] if announce else [])
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)
     log.close()
@@ -340,9 +338,9 @@ def explain_no_joins(out: LkOutput, stderr: str) -> str:
 
 
 def start_livekit_autocreate(workdir: Path) -> Any:
-    """tests/servers.py's livekit-server with ``auto_create: true`` (lk needs it) and room for
+    """tests/support/servers.py's livekit-server with ``auto_create: true`` (lk needs it) and room for
     lk's ports: 2 participants x 2 peer connections a room, each its own UDP port."""
-    from servers import Server, find_binary, free_port, livekit_config, wait_port
+    from support.servers import Server, find_binary, free_port, livekit_config, wait_port
 
     port, tcp, prom = free_port(), free_port(), free_port()
     udp_start = 40000 + (os.getpid() * 7) % 20000

@@ -8,16 +8,12 @@ already run, set CROSSTALK_TEST_NATS_URL and/or CROSSTALK_TEST_LIVEKIT_URL
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from servers import Server, free_port, start_livekit, start_nats, start_webhook  # noqa: E402
+from support.servers import Server, free_port, start_livekit, start_nats, start_webhook
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,8 @@
-"""One job's role lease, kept alive with ``role.renew`` (ARCHITECTURE.md, public contracts).
+"""One job's role: asked with ``role.request``, kept alive with ``role.renew``, given back with ``role.release``.
+
+:func:`acquire` asks for the role (retrying while no allocator answers) and returns the
+:class:`LeaseKeeper` of a grant; ``async with keeper.kept():`` renews it for the job's life and
+releases it at the end.
 
 The grant's lease lives ``lease_s`` from its grant event's JetStream timestamp, which is
 after the job sent its request. So, on the job's own monotonic clock (no wall clock, no
@@ -18,20 +22,64 @@ allocator) until that deadline minus a small margin, and reports the lease lost
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from shared import contracts, subjects
-from shared.contracts import ContractError, RenewReply, Role, RoleRenew
+from shared.contracts import (
+    ContractError,
+    RenewReply,
+    Role,
+    RoleRelease,
+    RoleRenew,
+    RoleReply,
+    RoleRequest,
+)
 from shared.log import kv
 
 log = logging.getLogger("worker.lease")
 
 REFUSALS = frozenset({"superseded", "expired", "unknown"})
+
+
+async def request_role(nc: Client, req: RoleRequest, *, within_s: float = 20.0) -> RoleReply:
+    """``role.request`` with retry while no allocator answers (one may be restarting)."""
+    async for attempt in AsyncRetrying(
+        stop=stop_after_delay(within_s),
+        wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
+        retry=retry_if_exception_type((NatsTimeoutError, NoRespondersError, asyncio.TimeoutError)),
+        reraise=True,
+    ):
+        with attempt:
+            msg = await nc.request(subjects.ROLE_REQUEST, contracts.encode(req), timeout=3)
+            return contracts.decode(msg.data, RoleReply)
+    raise RuntimeError("unreachable")
+
+
+async def acquire(nc: Client, req: RoleRequest, default_lease_s: float) -> LeaseKeeper | str:
+    """The grant's keeper, or why there is none (denied; a grant without a token cannot be renewed)."""
+    asked_at = time.monotonic()  # the lease surely lives lease_s from here
+    reply = await request_role(nc, req)
+    if reply.granted and reply.lease is None:
+        log.error("grant without a lease token: cannot renew it, leaving", extra=kv(job_id=req.job_id, room=req.room))
+        return "grant without a lease token"
+    if not reply.granted or reply.role is None or reply.lease is None:
+        return str(reply.reason)
+    return LeaseKeeper(nc, room=req.room, job_id=req.job_id, role=reply.role, lease=reply.lease,
+                       lease_s=reply.lease_s or default_lease_s, sent_at=asked_at)
 
 
 class LeaseKeeper:
@@ -50,6 +98,7 @@ class LeaseKeeper:
     ) -> None:
         """``sent_at``: the ``clock()`` reading taken just before the granting request was sent."""
         self.nc = nc
+        self.role = role
         self.renew_msg = RoleRenew(room=room, job_id=job_id, role=role, lease=lease)
         self.lease = lease
         self.lease_s = lease_s
@@ -77,6 +126,20 @@ class LeaseKeeper:
                                                lease=self.lease, reason=reason))
             if self._on_lost is not None:
                 self._on_lost(reason)
+
+    @contextlib.asynccontextmanager
+    async def kept(self) -> AsyncIterator[LeaseKeeper]:
+        """Renew for the life of the block, then give the role back (else the lease expires)."""
+        renewing = asyncio.create_task(self.run())
+        try:
+            yield self
+        finally:
+            renewing.cancel()
+            try:
+                await self.nc.request(subjects.ROLE_RELEASE, contracts.encode(RoleRelease(
+                    room=self.renew_msg.room, job_id=self.renew_msg.job_id)), timeout=3)
+            except Exception as exc:
+                log.warning("role release failed (the lease will expire)", extra=kv(error=str(exc)))
 
     async def run(self) -> None:
         """Renew until cancelled or lost."""

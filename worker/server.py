@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Awaitable, Callable
 
 from livekit.agents import AgentServer, JobContext, JobExecutorType, JobRequest
 
@@ -66,16 +67,32 @@ def disable_loop_monitor() -> None:
                     "worker (CPython gh-106883)", LOOP_MONITOR_ENV)
 
 
-def build(settings: Settings, metrics: WorkerMetrics) -> AgentServer:
+def agent_server(
+    entrypoint: Callable[[JobContext], Awaitable[None]],
+    *,
+    agent_name: str,
+    max_jobs: int,
+    executor: JobExecutorType = JobExecutorType.THREAD,
+    on_load: Callable[[int, float], None] | None = None,
+    ws_url: str | None = None,
+    api_key: str | None = None,
+    api_secret: str | None = None,
+    shutdown_process_timeout: float = 15.0,
+) -> AgentServer:
+    """The one ``AgentServer`` of this project: the worker's, the tests' fake agent's, the benchmarks' echo agent's.
+
+    Accepts every job for ``agent_name`` and reports a load that reaches livekit-server's
+    target exactly at ``max_jobs`` jobs (``on_load(active, load)`` sees each report). The
+    LiveKit URL and keys default to ``LIVEKIT_URL`` / ``LIVEKIT_API_KEY`` / ``LIVEKIT_API_SECRET``.
+    """
     init_rtc()
     disable_loop_monitor()
-    executor = JobExecutorType.THREAD if settings.worker_executor == "thread" else JobExecutorType.PROCESS
 
     def load(server: AgentServer) -> float:
         active = len(server.active_jobs)
-        value = job_load(active, settings.worker_max_jobs)
-        metrics.active_jobs.set(active)
-        metrics.load.set(value)
+        value = job_load(active, max_jobs)
+        if on_load is not None:
+            on_load(active, value)
         return value
 
     server = AgentServer(
@@ -86,29 +103,42 @@ def build(settings: Settings, metrics: WorkerMetrics) -> AgentServer:
         # livekit-agents estimates a not-yet-launched job's load as load_threshold / num_idle_processes:
         # with 0 idle runners the second of two simultaneous job requests was refused (measured) and
         # livekit-server dropped that dispatch; 8 warm runners accept a burst of 8 at once.
-        num_idle_processes=min(settings.worker_max_jobs, 8),
-        ws_url=settings.livekit_url,
-        api_key=settings.livekit_api_key,
-        api_secret=settings.livekit_api_secret,
+        num_idle_processes=min(max_jobs, 8),
+        ws_url=ws_url,
+        api_key=api_key,
+        api_secret=api_secret,
         port=0,
-        shutdown_process_timeout=15.0,
+        shutdown_process_timeout=shutdown_process_timeout,
     )
+    server.rtc_session(entrypoint, agent_name=agent_name, on_request=accept)
+    return server
 
+
+async def accept(req: JobRequest) -> None:
+    await req.accept()
+
+
+def build(settings: Settings, metrics: WorkerMetrics) -> AgentServer:
+    """The crosstalk worker: :func:`agent_server` running :mod:`worker.job`, its load on /metrics."""
     global _metrics, _jobs
     _metrics = metrics
     _jobs = JobCounter(metrics)
-    server.rtc_session(entrypoint, agent_name=settings.agent_name, on_request=on_request)
-    return server
+
+    def on_load(active: int, value: float) -> None:
+        metrics.active_jobs.set(active)
+        metrics.load.set(value)
+
+    return agent_server(
+        entrypoint, agent_name=settings.agent_name, max_jobs=settings.worker_max_jobs, on_load=on_load,
+        executor=JobExecutorType.THREAD if settings.worker_executor == "thread" else JobExecutorType.PROCESS,
+        ws_url=settings.livekit_url, api_key=settings.livekit_api_key, api_secret=settings.livekit_api_secret,
+    )
 
 
 # Module-level (picklable) so the process executor can run jobs too; each job process loads the
 # settings from the same environment. Only the thread executor's jobs feed this process's /metrics.
 _metrics: WorkerMetrics | None = None
 _jobs = JobCounter()
-
-
-async def on_request(req: JobRequest) -> None:
-    await req.accept()
 
 
 async def entrypoint(ctx: JobContext) -> None:

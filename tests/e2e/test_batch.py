@@ -348,7 +348,7 @@ def total(samples: dict[Any, float], name: str, **labels: str) -> float:
 
 async def test_metrics_and_dashboard_queries_after_a_real_batch(stack: Any, js: Any) -> None:
     """Every /metrics endpoint shows what the batch implies; every dashboard panel returns data."""
-    from support_prom import Prometheus, dashboard_exprs, has_finite, wait_for
+    from support.prometheus import Prometheus, dashboard_exprs, has_finite, wait_for
 
     ports = {name: stack.env[f"CROSSTALK_{name.upper()}_METRICS_PORT"]
              for name in ("dispatcher", "allocator", "sink", "model", "worker")}

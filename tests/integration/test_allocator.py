@@ -13,13 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -28,8 +23,8 @@ import pytest
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from prometheus_client.parser import text_string_to_metric_families
-from servers import ROOT, Server, free_port, start_nats
+from support.harness import Proc, Procs
+from support.servers import Server, start_nats
 
 from services.allocator import core
 from shared import contracts, subjects
@@ -41,73 +36,23 @@ INSTANCES = 3
 CLIENTS = 4
 
 
-class AllocatorProcess:
-    """One `python -m services.allocator` process with its own /metrics port."""
-
-    def __init__(self, nats_url: str, logdir: Path, name: str, lease_s: float | None = None) -> None:
-        self.nats_url, self.name, self.lease_s = nats_url, name, lease_s
-        self.log_path = logdir / f"{name}.log"
-        self.metrics_port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 30.0) -> None:
-        env = dict(os.environ, NATS_URL=self.nats_url, CROSSTALK_METRICS_PORT=str(self.metrics_port))
-        if self.lease_s is not None:
-            env["CROSSTALK_LEASE_S"] = str(self.lease_s)
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.allocator"], cwd=ROOT, env=env,
-                                     stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if b'"msg": "ready"' in self.log_path.read_bytes()[offset:]:
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.name} not ready in {timeout}s")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        assert b"Traceback" not in self.log_path.read_bytes(), self.log_path.read_text()[-3000:]
-
-    def metric(self, name: str, **labels: str) -> float:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        total = 0.0
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    total += sample.value
-        return total
-
-
-def metric_sum(procs: list[AllocatorProcess], name: str, **labels: str) -> float:
+def metric_sum(procs: list[Proc], name: str, **labels: str) -> float:
     return sum(p.metric(name, **labels) for p in procs)
 
 
+def stop_all(procs: Procs) -> None:
+    procs.stop_all()
+    for p in procs.started:
+        assert b"Traceback" not in p.output(), p.log()[-3000:]
+
+
 @pytest.fixture(scope="module")
-def allocators(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[AllocatorProcess]]:
-    logdir = tmp_path_factory.mktemp("allocators")
-    procs = [AllocatorProcess(nats_url, logdir, f"allocator-{i}") for i in range(INSTANCES)]
+def allocators(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Proc]]:
+    procs = Procs(tmp_path_factory.mktemp("allocators"), nats_url)
     try:
-        for p in procs:
-            p.start()
-        yield procs
+        yield [procs.allocator() for _ in range(INSTANCES)]
     finally:
-        for p in procs:
-            p.stop()
+        stop_all(procs)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +124,7 @@ async def fire(
 
 @pytest.mark.parametrize("round_", range(5))
 async def test_200_rooms_4_jobs_3_instances(
-    allocators: list[AllocatorProcess], clients: list[Client], unique: str, round_: int
+    allocators: list[Proc], clients: list[Client], unique: str, round_: int
 ) -> None:
     rng = random.Random(round_)
     requests = room_requests(f"m{unique}", rng)
@@ -206,7 +151,7 @@ async def test_200_rooms_4_jobs_3_instances(
 
 
 async def test_sigkill_an_instance_mid_run_and_restart(
-    allocators: list[AllocatorProcess], clients: list[Client], unique: str
+    allocators: list[Proc], clients: list[Client], unique: str
 ) -> None:
     rng = random.Random(7)
     requests = room_requests(f"k{unique}", rng)
@@ -227,7 +172,7 @@ async def test_sigkill_an_instance_mid_run_and_restart(
     replies, answered_at_kill = await asyncio.gather(fire(clients, requests, spread_s=1.5, done=done), chaos())
     assert 0 < answered_at_kill < len(requests)  # killed mid-run
     first = check_rooms(requests, replies)
-    assert victim.proc is not None and victim.proc.poll() is None  # back up
+    assert victim.alive()  # back up
 
     grants_before = victim.metric("crosstalk_role_grants_total")
     again = list(requests)
@@ -261,7 +206,7 @@ BAD_REQUESTS: list[tuple[str, bytes, str]] = [
 
 
 async def test_bad_requests_name_the_field_and_the_service_keeps_serving(
-    allocators: list[AllocatorProcess], clients: list[Client], unique: str
+    allocators: list[Proc], clients: list[Client], unique: str
 ) -> None:
     nc = clients[0]
     bad_before = metric_sum(allocators, "crosstalk_role_bad_requests_total")
@@ -275,7 +220,7 @@ async def test_bad_requests_name_the_field_and_the_service_keeps_serving(
         rel = contracts.decode(msg.data, ReleaseReply)
         assert not rel.released and rel.field == field and rel.reason, (name, rel)
     assert metric_sum(allocators, "crosstalk_role_bad_requests_total") - bad_before == len(BAD_REQUESTS) + 6
-    assert all(p.proc is not None and p.proc.poll() is None for p in allocators)
+    assert all(p.alive() for p in allocators)
 
     # Still serving, on every instance; a Hindi identity is stored byte-exact.
     room = f"bad{unique}"
@@ -302,23 +247,20 @@ LEASE_S = 1.0
 
 
 @pytest.fixture(scope="module")
-def short_lease(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, list[AllocatorProcess]]]:
+def short_lease(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, list[Proc]]]:
     """A nats-server of its own, so only short-lease instances answer in this queue group."""
     workdir = tmp_path_factory.mktemp("lease")
     srv = start_nats(workdir / "nats")
-    procs = [AllocatorProcess(srv.url, workdir, f"lease-allocator-{i}", lease_s=LEASE_S) for i in range(2)]
+    procs = Procs(workdir, srv.url)
     try:
-        for p in procs:
-            p.start()
-        yield srv, procs
+        yield srv, [procs.allocator(CROSSTALK_LEASE_S=str(LEASE_S)) for _ in range(2)]
     finally:
-        for p in procs:
-            p.stop()
+        stop_all(procs)
         srv.stop()
 
 
 async def test_unrenewed_lease_expires_to_the_next_job_renewed_one_never(
-    short_lease: tuple[Server, list[AllocatorProcess]], unique: str
+    short_lease: tuple[Server, list[Proc]], unique: str
 ) -> None:
     srv, procs = short_lease
     nc = await nats.connect(srv.url)
@@ -401,9 +343,7 @@ async def test_unrenewed_lease_expires_to_the_next_job_renewed_one_never(
         await nc.drain()
 
 
-def test_bad_configuration_names_the_variable(nats_url: str) -> None:
-    env = dict(os.environ, NATS_URL=nats_url, CROSSTALK_LEASE_S="soon", CROSSTALK_METRICS_PORT=str(free_port()))
-    done = subprocess.run([sys.executable, "-m", "services.allocator"], cwd=ROOT, env=env,
-                          capture_output=True, timeout=60)
-    assert done.returncode == 2
-    assert b"CROSSTALK_LEASE_S" in done.stderr and b"must be a number" in done.stderr
+def test_bad_configuration_names_the_variable(nats_url: str, tmp_path: Path) -> None:
+    proc = Procs(tmp_path, nats_url).start("allocator", "services.allocator", {"CROSSTALK_LEASE_S": "soon"})
+    assert proc.popen is not None and proc.popen.wait(60) == 2
+    assert b"CROSSTALK_LEASE_S" in proc.output() and b"must be a number" in proc.output()

@@ -25,7 +25,7 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from prometheus_client import CollectorRegistry
-from servers import Server, start_nats
+from support.servers import Server, start_nats
 
 from services.allocator import core
 from services.allocator.main import Allocator

@@ -21,8 +21,8 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from servers import start_nats
 from support.harness import Procs, batch_events, has_allocator, wait_finished, wait_for
+from support.servers import start_nats
 
 from shared import capacity, contracts, streams, subjects
 from shared.contracts import (

@@ -22,7 +22,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from servers import Server, free_port, start_nats
+from support.servers import Server, free_port, start_nats
 
 from shared import bus, subjects
 from shared.contracts import (

@@ -19,7 +19,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 from prometheus_client import CollectorRegistry
-from servers import Server, start_nats
+from support.servers import Server, start_nats
 
 from services.allocator import core
 from services.allocator.main import Allocator

@@ -24,7 +24,7 @@ import openai as openai_sdk
 import pytest
 from livekit.agents import llm
 from livekit.plugins import openai as lk_openai
-from servers import free_port
+from support.servers import free_port
 
 from services.model.core import CLOSING_LINES, GENERIC_REPLY
 from services.model.main import serve_in_background

@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry, start_http_server
-from servers import Server, free_port
-from support_prom import (
+from support.prometheus import (
     DASHBOARD_DIR,
     PROMETHEUS_DIR,
     ROOT,
@@ -32,6 +31,7 @@ from support_prom import (
     rule_exprs,
     start_prometheus,
 )
+from support.servers import Server, free_port
 
 from shared import metrics
 

@@ -11,13 +11,10 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import signal
-import sys
-import urllib.request
 from pathlib import Path
 
 from nats.js.errors import NotFoundError
-from servers import ROOT, free_port
+from support.harness import Procs
 from support.leases import Leases
 
 from services.sink import core
@@ -80,18 +77,6 @@ def listing(conv_dir: Path) -> list[str]:
     return sorted(os.listdir(conv_dir))
 
 
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        return resp.read().decode()
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not exported")
-
-
 async def test_ten_thousand_turns_survive_duplicates_reordering_and_two_sigkills(
     nats_url: str, tmp_path: Path, unique: str
 ) -> None:
@@ -99,27 +84,13 @@ async def test_ten_thousand_turns_survive_duplicates_reordering_and_two_sigkills
     durable = f"sink-{unique}"
     data = tmp_path / "data"
     conv_dir = data / "batches" / batch / "conversations"
-    metrics_port = free_port()
+    procs = Procs(tmp_path, nats_url)
     env = {
-        **os.environ,
-        "NATS_URL": nats_url,
         "CROSSTALK_DATA_DIR": str(data),
         "CROSSTALK_SINK_DURABLE": durable,
         "CROSSTALK_SINK_DELIVER": "new",
         "CROSSTALK_SINK_ACK_WAIT_S": "3",
-        "CROSSTALK_METRICS_PORT": str(metrics_port),
-        "PYTHONPATH": str(ROOT),
     }
-    log_path = tmp_path / "sink.log"
-    procs: list[asyncio.subprocess.Process] = []
-
-    async def spawn() -> asyncio.subprocess.Process:
-        with open(log_path, "ab") as log:  # noqa: ASYNC230 - opening a log file is instant
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "services.sink", cwd=str(ROOT), env=env, stdout=log, stderr=log
-            )
-        procs.append(proc)
-        return proc
 
     convs = script(batch)
     order = publish_order(convs, random.Random(unique))
@@ -130,7 +101,7 @@ async def test_ten_thousand_turns_survive_duplicates_reordering_and_two_sigkills
     leases = Leases()  # every turn under a live lease of its role (the sink stores no other)
     order = [await leases.leased(js, t) for t in order]
     try:
-        sink = await spawn()
+        sink = procs.sink(**env)
         for _ in range(300):  # the sink creates its durable consumers (deliver: new) at start
             try:
                 await js.consumer_info(streams.CONVERSATIONS.name, f"{durable}-conv")
@@ -138,7 +109,7 @@ async def test_ten_thousand_turns_survive_duplicates_reordering_and_two_sigkills
             except NotFoundError:
                 await asyncio.sleep(0.1)
         else:
-            raise AssertionError("sink never created its consumer: " + log_path.read_text()[-2000:])
+            raise AssertionError("sink never created its consumer: " + sink.log()[-2000:])
 
         async def publish_all() -> None:
             # Paced, so that the kills below land while turns are still arriving.
@@ -156,14 +127,13 @@ async def test_ten_thousand_turns_survive_duplicates_reordering_and_two_sigkills
                 lines = await asyncio.to_thread(count_lines, conv_dir)
                 if lines >= threshold:
                     break
-                assert sink.returncode is None, "sink died: " + log_path.read_text()[-2000:]
+                assert sink.alive(), "sink died: " + sink.log()[-2000:]
                 await asyncio.sleep(0.02)
             else:
                 raise AssertionError(f"sink stuck below {threshold} lines")
-            sink.send_signal(signal.SIGKILL)
-            await sink.wait()
+            await asyncio.to_thread(sink.kill)
             kills.append(await asyncio.to_thread(count_lines, conv_dir))
-            sink = await spawn()
+            sink.start()
         await publishing
         assert all(n < CONVERSATIONS * TURNS for n in kills), kills  # killed while consuming
 
@@ -176,22 +146,18 @@ async def test_ten_thousand_turns_survive_duplicates_reordering_and_two_sigkills
         for _ in range(1200):
             if await done():
                 break
-            assert sink.returncode is None, "sink died: " + log_path.read_text()[-2000:]
+            assert sink.alive(), "sink died: " + sink.log()[-2000:]
             await asyncio.sleep(0.1)
         else:
-            raise AssertionError("sink never caught up: " + log_path.read_text()[-2000:])
+            raise AssertionError("sink never caught up: " + sink.log()[-2000:])
 
-        exported = await asyncio.to_thread(scrape, metrics_port)
-        assert metric(exported, "crosstalk_transcript_duplicates_total") > 0
-        assert metric(exported, "crosstalk_sink_held_turns") == 0
+        assert await asyncio.to_thread(sink.metric, "crosstalk_transcript_duplicates_total") > 0
+        assert await asyncio.to_thread(sink.metric, "crosstalk_sink_held_turns") == 0
 
-        sink.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(sink.wait(), 30) == 0
+        await asyncio.to_thread(sink.stop, 30)
+        assert sink.returncode == 0
     finally:
-        for p in procs:
-            if p.returncode is None:
-                p.kill()
-                await p.wait()
+        procs.stop_all()
         await nc.drain()
 
     assert listing(conv_dir) == sorted(f"{c}.jsonl" for c in convs)

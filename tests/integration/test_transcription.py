@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from livekit import api, rtc
-from servers import Server
+from support.servers import Server
 
 from worker.server import init_rtc
 from worker.transcription import ATTR_FINAL, ATTR_SEGMENT, TOPIC, CoalescedTranscription

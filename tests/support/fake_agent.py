@@ -15,8 +15,10 @@ Like the real worker it announces its capacity on NATS (``worker/capacity.py``, 
 ``CROSSTALK_WORKER_MAX_JOBS`` sessions (default 16), and its load says full at that many. Each
 job start logs ``jobs running=<n> peak=<m>`` (counted by the entrypoints, not sampled).
 
-Run: ``python tests/support/fake_agent.py`` with NATS_URL and LIVEKIT_* set. It prints
-``READY <worker id>`` on stdout once livekit-server has registered it.
+Its ``AgentServer`` is the worker's own (``worker.server.agent_server``). Run:
+``python -m support.fake_agent`` with ``PYTHONPATH=<repo>:<repo>/tests`` (``harness.Procs.fake_agent``
+does), NATS_URL and LIVEKIT_* set. It prints ``READY <livekit worker id> <worker id>`` once
+livekit-server has registered it.
 """
 
 from __future__ import annotations
@@ -28,17 +30,14 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import nats
+from livekit.agents import AutoSubscribe, JobContext
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 
-import nats  # noqa: E402
-from livekit.agents import AgentServer, AutoSubscribe, JobContext, JobExecutorType, JobRequest  # noqa: E402
-from nats.errors import NoRespondersError  # noqa: E402
-from nats.errors import TimeoutError as NatsTimeoutError  # noqa: E402
-
-from shared import contracts, subjects  # noqa: E402
-from shared.contracts import (  # noqa: E402
+from shared import contracts, subjects
+from shared.contracts import (
     AgentJoined,
     ConversationEnded,
     JobMetadata,
@@ -47,7 +46,8 @@ from shared.contracts import (  # noqa: E402
     RoleReply,
     RoleRequest,
 )
-from worker.capacity import Announcer, JobCounter  # noqa: E402
+from worker.capacity import Announcer, JobCounter
+from worker.server import agent_server
 
 log = logging.getLogger("fake_agent")
 
@@ -57,7 +57,6 @@ MODE = os.environ.get("FAKE_AGENT_MODE", "complete")
 TALK_S = float(os.environ.get("FAKE_AGENT_TALK_S", "1.0"))
 ROLE_WAIT_S = 10.0  # as long as the real worker keeps asking while an allocator restarts
 MAX_JOBS = int(os.environ.get("CROSSTALK_WORKER_MAX_JOBS", "16"))
-TARGET_LOAD = 0.7
 
 
 async def ask_role(nc: nats.NATS, ctx: JobContext) -> RoleReply | None:
@@ -132,33 +131,9 @@ async def _entrypoint(ctx: JobContext) -> None:
 JOBS = JobCounter()
 
 
-def build() -> AgentServer:
-    from worker.server import init_rtc
-
-    init_rtc()  # the FFI singleton is not thread-safe; see worker/server.py
-    def load(server: AgentServer) -> float:
-        return min(1.0, TARGET_LOAD * len(server.active_jobs) / MAX_JOBS)
-
-    server = AgentServer(
-        job_executor_type=JobExecutorType.THREAD,
-        load_fnc=load,
-        load_threshold=TARGET_LOAD - 1e-6,
-        # idle runners make livekit-agents accept simultaneous job requests (see worker/server.py)
-        num_idle_processes=4,
-        port=0,
-        shutdown_process_timeout=5.0,
-    )
-
-    async def on_request(req: JobRequest) -> None:
-        await req.accept()
-
-    server.rtc_session(entrypoint, agent_name=AGENT_NAME, on_request=on_request)
-    return server
-
-
 async def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    server = build()
+    server = agent_server(entrypoint, agent_name=AGENT_NAME, max_jobs=MAX_JOBS, shutdown_process_timeout=5.0)
     nc = await nats.connect(NATS_URL)
     announcer = Announcer(nc, server, agent_name=AGENT_NAME, max_jobs=MAX_JOBS)
 

@@ -1,7 +1,10 @@
-"""Test helpers for running crosstalk processes for real: the dispatcher, the allocator, a fake agent worker.
+"""Run crosstalk processes for real in tests: services, the fake agent worker. One starter, one readiness check.
 
-Each process is a separate OS process (``python -m services.<name>``) configured
-through the environment, with its log in a file that a failing test prints.
+Each process is a separate OS process (``python -m services.<name>``, ``python -m support.fake_agent``)
+configured through the environment, stdout and stderr in one log file that a failing test prints.
+A process is ready when its ready line appears in that log (written since its last start); one
+without a ready line is only started. A stopped or killed process can be started again, into the
+same log.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,36 +24,63 @@ from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared import contracts, streams, subjects
 from shared.contracts import BatchEvent, BatchFinished
+from support.servers import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
-FAKE_AGENT = Path(__file__).with_name("fake_agent.py")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# what a process's ``python -m`` finds: the project, and tests/ for ``support`` (as pytest's pythonpath)
+PYTHONPATH = os.pathsep.join((str(ROOT), str(ROOT / "tests")))
+ALLOCATOR_READY = b'"msg": "ready"'  # services/allocator logs it once it serves its subjects
+FAKE_AGENT_READY = b"READY "  # support/fake_agent.py prints it once livekit-server registered it
 
 
 @dataclass
 class Proc:
     name: str
-    popen: subprocess.Popen[bytes]
+    argv: list[str]
+    env: dict[str, str]
     log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
+    ready_line: bytes | None = None
+    popen: subprocess.Popen[bytes] | None = None
     info: dict[str, str] = field(default_factory=dict)  # fake agent: livekit_worker_id, worker_id
+    _offset: int = 0
+
+    def start(self, timeout: float = 60.0) -> Proc:
+        """Start (again) and, if it has a ready line, wait for it."""
+        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        if self.ready_line is not None:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> bytes:
+        """The ready line of this run; RuntimeError with the log if it exits or takes longer than ``timeout``."""
+        assert self.ready_line is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.output()
+            at = out.find(self.ready_line)
+            if at >= 0 and out.find(b"\n", at) >= 0:
+                return out[at:out.index(b"\n", at)]
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited with {self.returncode} before ready:\n{self.log()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} not ready in {timeout}s:\n{self.log()[-4000:]}")
+            time.sleep(0.05)
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.popen is None else self.popen.poll()
 
     def alive(self) -> bool:
-        return self.popen.poll() is None
+        return self.popen is not None and self.popen.poll() is None
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.alive():
+        if self.popen is not None and self.alive():
             self.popen.send_signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
@@ -59,9 +89,18 @@ class Proc:
                 self.popen.wait()
 
     def kill(self) -> None:
-        if self.alive():
+        if self.popen is not None and self.alive():
             self.popen.send_signal(signal.SIGKILL)
             self.popen.wait()
+
+    def output(self) -> bytes:
+        """What this run wrote so far (since its last start)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._offset)
+                return f.read()
+        except FileNotFoundError:
+            return b""
 
     def log(self) -> str:
         try:
@@ -69,61 +108,60 @@ class Proc:
         except FileNotFoundError:
             return ""
 
+    @property
+    def metrics_port(self) -> int:
+        return int(self.env["CROSSTALK_METRICS_PORT"])
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` with these labels on the process's /metrics."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
 
 class Procs:
     """Every process a test started; all are stopped at the end (and their logs kept for failures)."""
 
-    def __init__(self, workdir: Path, nats_url: str, livekit_env: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, nats_url: str, livekit_env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.nats_url = nats_url
-        self.livekit_env = livekit_env
+        self.livekit_env = livekit_env or {}
         self.started: list[Proc] = []
 
     def base_env(self, extra: dict[str, str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CROSSTALK_", "LIVEKIT_", "FAKE_AGENT_"))}
         env.update(self.livekit_env)
-        env.update({"NATS_URL": self.nats_url, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+        env.update({"NATS_URL": self.nats_url, "PYTHONPATH": PYTHONPATH, "PYTHONUNBUFFERED": "1"})
         env.update(extra)
         return env
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str], *, stdout_pipe: bool = False) -> Proc:
-        log_path = self.workdir / f"{name}-{len(self.started)}.log"
-        log_file = open(log_path, "wb")  # noqa: SIM115 - owned by the process
-        popen = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE if stdout_pipe else log_file,
-                                 stderr=log_file)
-        proc = Proc(name, popen, log_path, env)
+    def start(self, name: str, module: str, env: dict[str, str], *, ready_line: bytes | None = None,
+              timeout: float = 60.0) -> Proc:
+        """``python -m module`` with the base environment plus ``env`` (and a free metrics port)."""
+        full = self.base_env({"CROSSTALK_METRICS_PORT": str(free_port()), **env})
+        proc = Proc(name, [PYTHON, "-m", module], full, self.workdir / f"{name}-{len(self.started)}.log", ready_line)
         self.started.append(proc)
-        return proc
+        return proc.start(timeout)
 
     def dispatcher(self, **env: str) -> Proc:
-        full = self.base_env({"CROSSTALK_METRICS_PORT": str(free_port()), **env})
-        return self._spawn("dispatcher", [PYTHON, "-m", "services.dispatcher"], full)
+        return self.start("dispatcher", "services.dispatcher", env)
 
     def allocator(self, **env: str) -> Proc:
-        full = self.base_env({"CROSSTALK_METRICS_PORT": str(free_port()), **env})
-        return self._spawn("allocator", [PYTHON, "-m", "services.allocator"], full)
+        return self.start("allocator", "services.allocator", env, ready_line=ALLOCATOR_READY)
+
+    def sink(self, **env: str) -> Proc:
+        return self.start("sink", "services.sink", env)
 
     def fake_agent(self, agent_name: str, *, mode: str = "complete", talk_s: float = 1.0,
                    ready_timeout: float = 60.0, max_jobs: int | None = None) -> Proc:
-        full = self.base_env({"CROSSTALK_AGENT_NAME": agent_name, "FAKE_AGENT_MODE": mode,
-                              "FAKE_AGENT_TALK_S": str(talk_s),
-                              **({"CROSSTALK_WORKER_MAX_JOBS": str(max_jobs)} if max_jobs else {})})
-        proc = self._spawn("fake-agent", [PYTHON, str(FAKE_AGENT)], full, stdout_pipe=True)
-        ready = threading.Event()
-
-        def watch_stdout() -> None:
-            assert proc.popen.stdout is not None
-            for line in proc.popen.stdout:
-                if line.startswith(b"READY"):
-                    parts = line.decode().split()
-                    proc.info.update(zip(("livekit_worker_id", "worker_id"), parts[1:], strict=False))
-                    ready.set()
-
-        threading.Thread(target=watch_stdout, daemon=True).start()
-        deadline = time.monotonic() + ready_timeout
-        while not ready.wait(0.2):
-            if not proc.alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"fake agent did not register:\n{proc.log()[-4000:]}")
+        env = {"CROSSTALK_AGENT_NAME": agent_name, "FAKE_AGENT_MODE": mode, "FAKE_AGENT_TALK_S": str(talk_s),
+               **({"CROSSTALK_WORKER_MAX_JOBS": str(max_jobs)} if max_jobs else {})}
+        proc = self.start("fake-agent", "support.fake_agent", env, ready_line=FAKE_AGENT_READY,
+                          timeout=ready_timeout)
+        ready = proc.wait_ready(0).decode().split()
+        proc.info.update(zip(("livekit_worker_id", "worker_id"), ready[1:], strict=False))
         return proc
 
     def stop_all(self) -> None:

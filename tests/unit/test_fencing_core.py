@@ -219,13 +219,14 @@ async def test_a_turn_that_fails_ends_the_conversation_at_once_with_the_reason()
     from prometheus_client import CollectorRegistry
 
     from shared.metrics import WorkerMetrics
-    from worker.job import Conversation
+    from worker.conversation import Conversation
+    from worker.reports import Reports
 
     async def publish(*_: Any, **__: Any) -> None:
         raise RuntimeError("stream gone")
 
-    conv = Conversation(meta=meta(), role="customer", room="r1", bridge=Bridge(),  # type: ignore[arg-type]
-                        publish=publish, metrics=WorkerMetrics(CollectorRegistry()))
+    reports = Reports(publish, meta=meta(), room="r1", role="customer", metrics=WorkerMetrics(CollectorRegistry()))
+    conv = Conversation(reports=reports, bridge=Bridge())  # type: ignore[arg-type]
     conv.on_item(assistant("hello"))
     reason, ok, mine = await asyncio.wait_for(conv.done, 2)
     assert not ok and mine and reason.startswith("agent_error: customer: turn failed: RuntimeError: stream gone")
@@ -235,7 +236,8 @@ async def test_no_turn_is_published_on_a_lease_that_may_have_ended() -> None:
     from prometheus_client import CollectorRegistry
 
     from shared.metrics import WorkerMetrics
-    from worker.job import Conversation
+    from worker.conversation import Conversation
+    from worker.reports import Reports
 
     published: list[TurnRecorded] = []
 
@@ -244,8 +246,9 @@ async def test_no_turn_is_published_on_a_lease_that_may_have_ended() -> None:
 
     clock = FakeClock()
     k, _ = keeper(Replies(), clock)
-    conv = Conversation(meta=meta(), role="customer", room="r1", bridge=Bridge(),  # type: ignore[arg-type]
-                        publish=publish, metrics=WorkerMetrics(CollectorRegistry()), lease=k)
+    reports = Reports(publish, meta=meta(), room="r1", role="customer", metrics=WorkerMetrics(CollectorRegistry()),
+                      lease=k)
+    conv = Conversation(reports=reports, bridge=Bridge(), lease=k)  # type: ignore[arg-type]
     conv.on_item(assistant("hello"))
     await asyncio.sleep(0.05)
     assert [(t.lease, t.room, t.text) for t in published] == [(5, "r1", "hello")]  # turns carry the lease

@@ -7,15 +7,16 @@ benchmarks/echo_agent.py: a server with room.auto_create false (every join "not 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import lk_compare  # noqa: E402
-from lk_compare import LkOutputError, LkRoom, parse_go_duration, parse_output, parse_table  # noqa: E402
+from benchmarks import lk_compare
+from benchmarks.lk_compare import (
+    LkOutputError,
+    LkRoom,
+    parse_go_duration,
+    parse_output,
+    parse_table,
+)
 
 AUTO_CREATE_OFF_STDOUT = '\nTest Statistics:\n┌───┬──────┬──────────────────────┬──────────────┬──────────────────┬────────────────────────┬──────────────────────┐\n│ # │ Room │ Agent Dispatched At  │ Agent Joined │ Agent Join Delay │ Agent Track Subscribed │ Echo Track Published │\n├───┼──────┼──────────────────────┼──────────────┼──────────────────┼────────────────────────┼──────────────────────┤\n│ 1 │      │ 0001-01-01T00:00:00Z │ ✗            │ -                │ ✗                      │ ✗                    │\n└───┴──────┴──────────────────────┴──────────────┴──────────────────┴────────────────────────┴──────────────────────┘\n'
 AUTO_CREATE_OFF_STDERR = '2026-11-25T17:21:59.281Z\tINFO\tStarting agent load test with 2 rooms\n2026-11-25T17:21:59.285Z\tINFO\tFailed to join room room-0-bKm38z4Ew5P7 (attempt 1): not found\n2026-11-25T17:22:00.289Z\tINFO\tFailed to join room room-0-bKm38z4Ew5P7 (attempt 2): not found\n2026-11-25T17:22:01.293Z\tINFO\tFailed to join room room-0-bKm38z4Ew5P7 (attempt 3): not found\n2026-11-25T17:22:02.298Z\tINFO\tFailed to join room room-0-bKm38z4Ew5P7 (attempt 4): not found\n2026-11-25T17:22:03.301Z\tINFO\tFailed to join room room-0-bKm38z4Ew5P7 (attempt 5): not found\n2026-11-25T17:22:04.304Z\tINFO\tFailed to join room room-0-bKm38z4Ew5P7 (attempt 6): not found\n2026-11-25T17:22:05.307Z\tINFO\tFailed to join room room-0-bKm38z4Ew5P7 (attempt 7): not found\n2026-11-25T17:22:06.309Z\tINFO\tFailed to join room room-0-bKm38z4Ew5P7 (attempt 8): not found\n2026-11-25T17:22:07.312Z\tINFO\tFailed to join room room-0-bKm38z4Ew5P7 (attempt 9): not found\n2026-11-25T17:22:08.315Z\tINFO\tFailed to join room room-0-bKm38z4Ew5P7 (attempt 10): not found\n2026-11-25T17:22:09.310Z\tINFO\tTest completed or timed out\n'

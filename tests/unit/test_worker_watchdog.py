@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from servers import free_port
+from support.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,6 +1,7 @@
 """Start real nats-server and livekit-server processes for tests and benchmarks.
 
-Used by tests/conftest.py (once per test session, free ports, a temp dir).
+Used by tests/conftest.py (once per test session, free ports, a temp dir). Every free port a
+test or benchmark picks comes from :func:`free_ports` (outside the kernel's ephemeral range).
 Set CROSSTALK_TEST_NATS_URL / CROSSTALK_TEST_LIVEKIT_URL to use running servers instead.
 """
 
@@ -16,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _ephemeral_range() -> tuple[int, int]:

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from servers import free_port, wait_port
 
-ROOT = Path(__file__).resolve().parents[1]
+from support.servers import free_port, wait_port
+
+ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "infra" / "prometheus"
 DASHBOARD_DIR = ROOT / "infra" / "grafana" / "dashboards"
 

@@ -1,0 +1,8 @@
+"""Test helpers, one importable package (``tests`` is on the path: pytest's ``pythonpath``).
+
+- ``servers``: nats-server, livekit-server and the webhook receiver for a test session; free ports.
+- ``harness``: ``Procs``, the one way a test starts a crosstalk process and waits until it is ready.
+- ``fake_agent``: a real livekit-agents worker that joins, reports and leaves (run as a process).
+- ``leases``: grants written straight to the ROLES stream.
+- ``prometheus``: a real Prometheus and the dashboards' queries.
+"""

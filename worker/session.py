@@ -1,0 +1,101 @@
+"""The ``AgentSession`` of one job: its model client, its options, its room link to the peer agent.
+
+Text in, text out: no VAD, no turn detector, no audio, no barge-in between the agents. The
+session reads only the peer agent's ``lk.chat`` (AGENT participants accepted, that identity
+only); what the agent says goes out as a coalesced transcription (worker/transcription.py) and
+to the peer through the bridge (worker/conversation.py), not as the session's text output.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+import httpx2
+import openai
+from livekit import rtc
+from livekit.agents import AgentSession, JobContext
+from livekit.agents.voice import room_io
+from livekit.plugins import openai as lk_openai
+
+from shared.config import Settings
+from shared.contracts import JobMetadata, Role
+from shared.scenarios import Scenario
+from worker.agents import agent_for
+from worker.conversation import Conversation
+from worker.transcription import CoalescedTranscription
+
+# One TLS context per process: building one loads the CA store (0.1-0.2 s of CPU, measured in the
+# worker's loop-blocked warnings), which livekit-plugins-openai would otherwise do for every job.
+_TLS = ssl.create_default_context()
+
+
+def model_client(settings: Settings, conversation: str | None = None) -> openai.AsyncClient:
+    """The OpenAI-compatible client of one job (scripted model by default, a real one when configured).
+
+    ``conversation`` (``<batch>/<conversation>/<attempt>``) goes along as a header, so the scripted
+    model's served log can be compared with the transcripts (a real API ignores it).
+    """
+    return openai.AsyncClient(
+        api_key=settings.model_api_key,
+        base_url=settings.model_base_url,
+        max_retries=0,
+        default_headers={"X-Crosstalk-Conversation": conversation} if conversation else None,
+        http_client=httpx2.AsyncClient(
+            verify=_TLS,
+            timeout=httpx2.Timeout(connect=15.0, read=30.0, write=5.0, pool=5.0),
+            follow_redirects=True,
+            limits=httpx2.Limits(max_connections=8, max_keepalive_connections=8, keepalive_expiry=120),
+        ),
+    )
+
+
+@dataclass
+class Session:
+    agent: AgentSession
+    transcription: CoalescedTranscription
+    client: openai.AsyncClient
+
+    async def aclose(self) -> None:
+        await self.agent.aclose()
+        await self.transcription.aclose()
+        await self.client.close()
+
+
+async def start(ctx: JobContext, settings: Settings, meta: JobMetadata, role: Role, scenario: Scenario,
+                conv: Conversation, peer: rtc.RemoteParticipant) -> Session:
+    client = model_client(settings, f"{meta.batch_id}/{meta.conversation_id}/{meta.attempt}")
+    session: AgentSession = AgentSession(
+        llm=lk_openai.LLM(model=settings.model_name, client=client),
+        vad=None,
+        user_away_timeout=None,
+        # text in, text out: no VAD, no turn detector model, no barge-in between the agents
+        turn_handling={
+            "turn_detection": None,
+            "interruption": {"enabled": False},
+            "preemptive_generation": {"enabled": False},
+        },
+    )
+    session.on("conversation_item_added", conv.on_item)
+    # what the agent says, on lk.transcription for anyone watching the room, a few chunks per
+    # second instead of one data packet per token (worker/transcription.py)
+    transcription = CoalescedTranscription(ctx.room)
+    session.output.transcription = transcription
+    await session.start(
+        agent_for(role, scenario, meta.language, conv),
+        room=ctx.room,
+        record=False,
+        # not a session host: nobody drives these sessions from a frontend, and hosting streams
+        # every state change and chat item to the room (lk.agent.session), i.e. to the peer agent
+        session_host=False,
+        room_options=room_io.RoomOptions(
+            text_input=room_io.TextInputOptions(text_input_cb=conv.on_peer_text),
+            audio_input=False,
+            audio_output=False,
+            text_output=False,  # the transcription goes out through CoalescedTranscription (set above)
+            participant_kinds=[rtc.ParticipantKind.PARTICIPANT_KIND_AGENT],
+            participant_identity=peer.identity,
+            close_on_disconnect=False,
+        ),
+    )
+    return Session(session, transcription, client)
