@@ -69,6 +69,8 @@ test *args:
 bench *args:
     #!/usr/bin/env bash
     set -euo pipefail
+    # the project and tests/ (the `support` helpers, the e2e stack), as pytest's pythonpath
+    export PYTHONPATH={{ quote(root) }}:{{ quote(root / "tests") }}
     shopt -s nullglob
     files=(benchmarks/bench_*.py)
     [ ${#files[@]} -gt 0 ] || { echo "crosstalk: no benchmarks/bench_*.py yet" >&2; exit 1; }

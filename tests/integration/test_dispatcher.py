@@ -21,7 +21,6 @@ import pytest
 from livekit import api
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from servers import find_binary, start_nats
 from support.harness import (
     Procs,
     all_batch_events,
@@ -32,6 +31,7 @@ from support.harness import (
     wait_finished,
     wait_for,
 )
+from support.servers import find_binary, start_nats
 
 from services.dispatcher import core
 from shared import contracts, streams, subjects
