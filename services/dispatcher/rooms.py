@@ -3,11 +3,14 @@
 One :class:`livekit.api.LiveKitAPI` per process (its aiohttp session reuses
 connections); transient failures (transport errors, 5xx) are retried with
 tenacity; every call is timed and counted in :class:`DispatcherMetrics`.
+:class:`RoomEffects` runs these calls after the events that ask for them and
+reports a room it could not open as a :class:`~.core.DispatchFailed` message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -18,8 +21,13 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from shared import contracts
 from shared.config import Settings
-from shared.contracts import JobMetadata
+from shared.contracts import ConversationDispatched, JobMetadata
+from shared.log import kv
 from shared.metrics import DispatcherMetrics
+
+from .core import DispatchFailed
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -142,7 +150,6 @@ class Rooms:
         res = await self._call("list_rooms", lambda: self._api.room.list_rooms(api.ListRoomsRequest()))
         return [r.name for r in res.rooms]
 
-
     async def unplaced(self, room: str) -> bool:
         """True when livekit-server gave one of the room's dispatches to no worker at all.
 
@@ -153,3 +160,63 @@ class Rooms:
         existing = await self._call("list_dispatch", lambda: self._api.agent_dispatch.list_dispatch(room))
         ours = [d for d in existing if d.agent_name == self._settings.agent_name]
         return any(not d.state.jobs for d in ours)
+
+
+class RoomEffects:
+    """LiveKit calls that follow events already in the log, in the background, in order per room.
+
+    A delete never overtakes the create it follows. An open that fails decides nothing here: it
+    is reported as a :class:`DispatchFailed` message through ``report`` (the handler table).
+    """
+
+    def __init__(self, rooms: Rooms, report: Callable[[DispatchFailed], Awaitable[object]]) -> None:
+        self.rooms = rooms
+        self._report = report
+        self._chains: dict[str, asyncio.Task[None]] = {}
+
+    def open(self, ev: ConversationDispatched, meta: JobMetadata, *, resume: bool = False) -> None:
+        """Create the attempt's room and dispatches (``resume``: only what a crash left missing)."""
+        self._chain(ev.room, self._open(ev, meta, resume))
+
+    def delete(self, room: str) -> None:
+        self._chain(room, self._delete(room))
+
+    async def _open(self, ev: ConversationDispatched, meta: JobMetadata, resume: bool) -> None:
+        try:
+            await (self.rooms.ensure if resume else self.rooms.open)(ev.room, meta)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("could not open room", extra=kv(room=ev.room, error=error))
+            await self._report(DispatchFailed(batch_id=ev.batch_id, conversation_id=ev.conversation_id,
+                                              attempt=ev.attempt, error=error))
+
+    async def _delete(self, room: str) -> None:
+        try:
+            await self.rooms.delete(room)
+        except Exception as exc:
+            log.warning("could not delete room", extra=kv(room=room, error=f"{type(exc).__name__}: {exc}"))
+
+    def _chain(self, room: str, coro: Awaitable[None]) -> None:
+        prev = self._chains.get(room)
+
+        async def chained() -> None:
+            if prev is not None:
+                await asyncio.wait([prev])
+            await coro
+
+        task = asyncio.create_task(chained())
+        self._chains[room] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._chains.get(room) is t:
+                del self._chains[room]
+
+        task.add_done_callback(done)
+
+    async def close(self, timeout: float) -> None:
+        """Let pending calls finish for up to ``timeout`` seconds, then cancel the rest."""
+        pending = list(self._chains.values())
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        for task in list(self._chains.values()):
+            task.cancel()

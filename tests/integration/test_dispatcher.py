@@ -34,6 +34,7 @@ from support.harness import (
 from support.servers import find_binary, start_nats
 
 from services.dispatcher import core
+from services.dispatcher.state import conversation_id, job_metadata, parse_room, replay
 from shared import contracts, streams, subjects
 from shared.contracts import (
     AgentJoined,
@@ -220,7 +221,7 @@ async def test_bad_commands_are_rejected_naming_the_field_and_create_nothing(
     # Nothing else changed: no batch event, no room.
     assert await all_batch_events(js) == []
     rooms_after = {r.name for r in (await lk.room.list_rooms(api.ListRoomsRequest())).rooms}
-    assert not {r for r in rooms_after - rooms_before if core.parse_room(r)}
+    assert not {r for r in rooms_after - rooms_before if parse_room(r)}
     assert d.alive()
 
     # ...and the dispatcher keeps serving: a good command is accepted.
@@ -267,7 +268,7 @@ async def test_batch_published_while_dispatcher_is_down_runs_when_it_starts(
         accepted = [e for e in events if isinstance(e, BatchAccepted)]
         assert len(accepted) == 1
         joined = {e.conversation_id for e in events if isinstance(e, ConversationJoined)}
-        ids = {core.conversation_id(batch_id, i) for i in range(n)}
+        ids = {conversation_id(batch_id, i) for i in range(n)}
         assert joined == ids
         settled = settled_by_conversation(events)
         assert set(settled) == ids
@@ -456,9 +457,9 @@ async def test_sigkill_and_restart_mid_batch_neither_loses_nor_duplicates_conver
     assert (finished.status, finished.requested, finished.completed, finished.failed) == ("completed", n, n, 0)
 
     events = await batch_events(js, bid)
-    ids = [core.conversation_id(bid, i) for i in range(n)]
+    ids = [conversation_id(bid, i) for i in range(n)]
     # Replaying the log gives the same answer as the live dispatcher.
-    state = core.replay((e, i + 1) for i, e in enumerate(events))[bid]
+    state = replay((e, i + 1) for i, e in enumerate(events))[bid]
     assert (state.status, state.completed, state.failed) == ("completed", n, 0)
     # Every conversation dispatched, each attempt once, in order, never two attempts in flight at once;
     # never more than `concurrency` conversations in flight.
@@ -499,7 +500,7 @@ async def test_a_restart_completes_a_half_opened_attempt_and_deletes_rooms_left_
     spec = contracts.BatchSpec(batch_id=bid, conversations=2, concurrency=2, scenario="en-account-help",
                                language="en", max_turns=8, mode="text")
     now = time.time()
-    c0, c1 = core.conversation_id(bid, 0), core.conversation_id(bid, 1)
+    c0, c1 = conversation_id(bid, 0), conversation_id(bid, 1)
     log = [
         BatchAccepted(spec=spec, at=now - 5),
         ConversationDispatched(batch_id=bid, conversation_id=c0, attempt=1, room=f"{c0}-a1", at=now - 4),
@@ -509,7 +510,7 @@ async def test_a_restart_completes_a_half_opened_attempt_and_deletes_rooms_left_
     ]
     for ev in log:
         await js.publish(subjects.batch_events(bid), contracts.encode(ev))
-    meta = contracts.encode(core.job_metadata(spec, c0, 1)).decode()
+    meta = contracts.encode(job_metadata(spec, c0, 1)).decode()
     try:
         for room in (f"{c0}-a1", f"{c1}-a1"):
             await lk.room.create_room(api.CreateRoomRequest(name=room, empty_timeout=600, metadata=meta))

@@ -6,6 +6,7 @@ import msgspec
 import pytest
 
 from services.dispatcher import core
+from services.dispatcher.state import BatchState, conversation_id, evolve, room_name
 from shared import capacity, contracts, subjects
 from shared.capacity import Capacity, Fleet
 from shared.config import Settings
@@ -30,21 +31,21 @@ def spec(n: int, concurrency: int, bid: str = "b1") -> BatchSpec:
                      language="en", max_turns=8, mode="text")
 
 
-def accepted(n: int, concurrency: int, bid: str = "b1", at: float = 0.0) -> core.BatchState:
-    state = core.evolve(None, BatchAccepted(spec=spec(n, concurrency, bid), at=at), 1)
+def accepted(n: int, concurrency: int, bid: str = "b1", at: float = 0.0) -> BatchState:
+    state = evolve(None, BatchAccepted(spec=spec(n, concurrency, bid), at=at), 1)
     assert state is not None
     return state
 
 
-def apply(state: core.BatchState, *events: BatchEvent) -> core.BatchState:
+def apply(state: BatchState, *events: BatchEvent) -> BatchState:
     for ev in events:
-        new = core.evolve(state, ev, state.seq + 1)
+        new = evolve(state, ev, state.seq + 1)
         assert new is not None
         state = new
     return state
 
 
-def admit_all(states: list[core.BatchState], cap: Capacity, now: float = 1.0) -> list[core.BatchState]:
+def admit_all(states: list[BatchState], cap: Capacity, now: float = 1.0) -> list[BatchState]:
     """Dispatch as long as plan_dispatch admits (capacity unchanged: nothing placed yet)."""
     while (ev := core.plan_dispatch(states, 1000, now, None, capacity=cap)) is not None:
         states = [apply(s, ev) if s.spec.batch_id == ev.batch_id else s for s in states]
@@ -144,20 +145,20 @@ def test_the_heartbeat_is_a_valid_contract_and_its_subject_validates_the_worker_
 # --------------------------------------------------------------------------- no_capacity
 
 
-def _dispatched(state: core.BatchState, cid: str, attempt: int, at: float) -> ConversationDispatched:
+def _dispatched(state: BatchState, cid: str, attempt: int, at: float) -> ConversationDispatched:
     return ConversationDispatched(batch_id=state.spec.batch_id, conversation_id=cid, attempt=attempt,
-                                  room=core.room_name(cid, attempt), at=at)
+                                  room=room_name(cid, attempt), at=at)
 
 
 def test_an_unplaced_dispatch_is_no_capacity_and_does_not_use_an_attempt() -> None:
     assert "no_capacity" in REASONS
     state = accepted(1, 1)
-    cid = core.conversation_id("b1", 0)
+    cid = conversation_id("b1", 0)
     attempt, t = 1, 0.0
     # livekit-server placed neither dispatch, again and again: re-queued, no attempt used
     for _ in range(core.MAX_NO_CAPACITY_REQUEUES):
         state = apply(state, _dispatched(state, cid, attempt, t))
-        room = core.room_name(cid, attempt)
+        room = room_name(cid, attempt)
         assert core.on_tick(state, t + 5, SETTINGS, {room}) == []  # deadline counts from dispatch
         [ev] = core.on_tick(state, t + 11, SETTINGS, {room})
         assert isinstance(ev, ConversationSettled)
@@ -166,20 +167,20 @@ def test_an_unplaced_dispatch_is_no_capacity_and_does_not_use_an_attempt() -> No
         attempt, t = attempt + 1, t + 20
     # bounded: the batch never hangs on capacity that is announced but never there
     state = apply(state, _dispatched(state, cid, attempt, t))
-    [ev] = core.on_tick(state, t + 11, SETTINGS, {core.room_name(cid, attempt)})
+    [ev] = core.on_tick(state, t + 11, SETTINGS, {room_name(cid, attempt)})
     assert isinstance(ev, ConversationSettled) and not ev.retry
 
 
 def test_placed_but_never_joined_is_a_join_timeout_and_no_capacity_left_every_attempt() -> None:
     state = accepted(1, 1)
-    cid = core.conversation_id("b1", 0)
+    cid = conversation_id("b1", 0)
     state = apply(state, _dispatched(state, cid, 1, 0.0))
     [ev] = core.on_tick(state, 11.0, SETTINGS, {"some-other-room"})
     assert isinstance(ev, ConversationSettled) and ev.reason == "join_timeout" and ev.retry
     state = apply(state, ev)
     # a no_capacity attempt in between does not count: 3 real attempts still allowed
     state = apply(state, _dispatched(state, cid, 2, 20.0))
-    [ev] = core.on_tick(state, 31.0, SETTINGS, {core.room_name(cid, 2)})
+    [ev] = core.on_tick(state, 31.0, SETTINGS, {room_name(cid, 2)})
     assert reason_label(ev.reason) == "no_capacity" and ev.retry
     state = apply(state, ev)
     results = []
@@ -194,7 +195,7 @@ def test_placed_but_never_joined_is_a_join_timeout_and_no_capacity_left_every_at
 
 def test_join_overdue_lists_only_unjoined_attempts_past_the_deadline() -> None:
     state = accepted(3, 3)
-    c0, c1 = core.conversation_id("b1", 0), core.conversation_id("b1", 1)
+    c0, c1 = conversation_id("b1", 0), conversation_id("b1", 1)
     state = apply(state, _dispatched(state, c0, 1, 0.0), _dispatched(state, c1, 1, 5.0))
     assert [c.conversation_id for c in core.join_overdue(state, 12.0, SETTINGS)] == [c0]
     assert [c.conversation_id for c in core.join_overdue(state, 16.0, SETTINGS)] == [c0, c1]

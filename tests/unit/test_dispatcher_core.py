@@ -11,6 +11,16 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from services.dispatcher import core
+from services.dispatcher.inputs import decode_start
+from services.dispatcher.state import (
+    BatchState,
+    conversation_id,
+    evolve,
+    parse_room,
+    replay,
+    room_name,
+)
+from services.dispatcher.validate import Rejection, generated_batch_id, validate
 from shared import contracts
 from shared.config import Settings
 from shared.contracts import (
@@ -23,6 +33,7 @@ from shared.contracts import (
     ConversationEnded,
     ConversationJoined,
     ConversationSettled,
+    StartBatch,
 )
 from shared.metrics import REASONS, reason_label
 from shared.scenarios import DEFAULT_SCENARIO, library
@@ -33,8 +44,15 @@ SCENARIOS = library()
 MAX_BODY = 64 * 1024
 
 
-def check(body: bytes, settings: Settings = SETTINGS) -> BatchSpec | core.Rejection:
-    return core.validate(body, settings, SCENARIOS, received_at=1_795_000_000.0, seed="7:1", max_bytes=MAX_BODY)
+def check(body: bytes, settings: Settings = SETTINGS) -> BatchSpec | Rejection:
+    """The entrypoint decodes the body; the core validates the decoded command."""
+    cmd = decode_start(body)
+    return cmd if isinstance(cmd, Rejection) else validate(cmd, settings, SCENARIOS, received_at=1_795_000_000.0,
+                                                           seed="7:1")
+
+
+def count(cid: str, attempt: int, agents: int) -> core.RoomCount:
+    return core.RoomCount(batch_id=cid.rsplit("-", 1)[0], conversation_id=cid, attempt=attempt, agents=agents)
 
 
 def spec(n: int = 3, concurrency: int = 2, bid: str = "b1") -> BatchSpec:
@@ -42,18 +60,18 @@ def spec(n: int = 3, concurrency: int = 2, bid: str = "b1") -> BatchSpec:
                      language="en", max_turns=8, mode="text")
 
 
-def fold(events: list[BatchEvent]) -> core.BatchState:
-    states = core.replay((e, i + 1) for i, e in enumerate(events))
+def fold(events: list[BatchEvent]) -> BatchState:
+    states = replay((e, i + 1) for i, e in enumerate(events))
     assert len(states) == 1
     return next(iter(states.values()))
 
 
-def joined(state: core.BatchState, cid: str, attempt: int, role: str, at: float) -> AgentJoined:
+def joined(state: BatchState, cid: str, attempt: int, role: str, at: float) -> AgentJoined:
     return AgentJoined(batch_id=state.spec.batch_id, conversation_id=cid, attempt=attempt, room=f"{cid}-a{attempt}",
                        role=role, job_id=f"AJ_{role}", identity=role, at=at)
 
 
-def ended(state: core.BatchState, cid: str, attempt: int, *, ok: bool, reason: str, turns: int = 4) -> ConversationEnded:
+def ended(state: BatchState, cid: str, attempt: int, *, ok: bool, reason: str, turns: int = 4) -> ConversationEnded:
     return ConversationEnded(batch_id=state.spec.batch_id, conversation_id=cid, attempt=attempt,
                              room=f"{cid}-a{attempt}", reason=reason, ok=ok, turns=turns, at=0.0)
 
@@ -82,13 +100,13 @@ def test_defaults_follow_the_scenario_and_the_configured_maximum() -> None:
 def test_a_language_the_offline_script_cannot_speak_is_rejected_naming_both() -> None:
     """Never English while Hindi was asked: the scripted model plays one script per scenario."""
     got = check(b'{"language": "hi"}')
-    assert isinstance(got, core.Rejection) and got.field == "language"
+    assert isinstance(got, Rejection) and got.field == "language"
     assert "'en-account-help'" in got.reason and "'hi'" in got.reason and "hi-account-help" in got.reason
     none = check(b'{"language": "fr"}')
-    assert isinstance(none, core.Rejection) and "no scenario has an offline script in 'fr'" in none.reason
+    assert isinstance(none, Rejection) and "no scenario has an offline script in 'fr'" in none.reason
     # a real model is told the language in the persona prompt, so any language is served
-    real = core.validate(b'{"language": "hi"}', replace(SETTINGS, real_model=True), SCENARIOS,
-                         received_at=1_795_000_000.0, seed="1:1", max_bytes=MAX_BODY)
+    real = validate(StartBatch(language="hi"), replace(SETTINGS, real_model=True), SCENARIOS,
+                    received_at=1_795_000_000.0, seed="1:1")
     assert isinstance(real, BatchSpec) and (real.scenario, real.language) == (DEFAULT_SCENARIO, "hi")
 
 
@@ -101,14 +119,14 @@ def test_a_language_the_offline_script_cannot_speak_is_rejected_naming_both() ->
 ])
 def test_an_unknown_field_is_rejected_by_name_never_ignored(body: bytes, field: str, fragment: str) -> None:
     got = check(body)
-    assert isinstance(got, core.Rejection)
+    assert isinstance(got, Rejection)
     assert got.field == field and fragment in got.reason
 
 
 def test_a_generated_batch_id_is_deterministic_per_stored_command() -> None:
-    a = core.generated_batch_id(1_795_000_000.0, "7:1")
-    assert a == core.generated_batch_id(1_795_000_000.0, "7:1")
-    assert a != core.generated_batch_id(1_795_000_000.0, "8:1")
+    a = generated_batch_id(1_795_000_000.0, "7:1")
+    assert a == generated_batch_id(1_795_000_000.0, "7:1")
+    assert a != generated_batch_id(1_795_000_000.0, "8:1")
     assert contracts.is_id(a) and len(a) == len("b-20261125-165200-3fa2c1")
 
 
@@ -126,16 +144,16 @@ def test_a_generated_batch_id_is_deterministic_per_stored_command() -> None:
 ])
 def test_a_bad_command_names_the_field_and_the_reason(body: bytes, field: str, fragment: str) -> None:
     got = check(body)
-    assert isinstance(got, core.Rejection)
+    assert isinstance(got, Rejection)
     assert got.field == field and fragment in got.reason
 
 
 def test_a_rejection_echoes_only_a_valid_batch_id() -> None:
     named = check(b'{"batch_id": "ok-1", "conversations": -1}')
-    assert isinstance(named, core.Rejection) and named.batch_id == "ok-1"
+    assert isinstance(named, Rejection) and named.batch_id == "ok-1"
     for body in (b'{"batch_id": "../x", "conversations": -1}', b'{"batch_id": "a*", "mode": "voice"}', b"{"):
         got = check(body)
-        assert isinstance(got, core.Rejection) and got.batch_id is None
+        assert isinstance(got, Rejection) and got.batch_id is None
 
 
 @given(st.binary(max_size=300) | st.dictionaries(
@@ -145,7 +163,7 @@ def test_a_rejection_echoes_only_a_valid_batch_id() -> None:
 @hsettings(max_examples=300, deadline=None)
 def test_validation_never_raises_and_never_lets_a_bad_value_through(body: bytes) -> None:
     got = check(body)
-    if isinstance(got, core.Rejection):
+    if isinstance(got, Rejection):
         assert got.field in {"$", "batch_id", "conversations", "concurrency", "scenario", "language",
                              "max_turns", "mode", "x"}
         assert got.reason
@@ -162,11 +180,11 @@ def test_validation_never_raises_and_never_lets_a_bad_value_through(body: bytes)
 
 
 def test_names_round_trip() -> None:
-    cid = core.conversation_id("batch-7", 42)
+    cid = conversation_id("batch-7", 42)
     assert cid == "batch-7-00042"
-    assert core.parse_room(core.room_name(cid, 3)) == (cid, 3)
-    assert core.parse_room("some-other-room") is None
-    assert contracts.is_token(core.room_name(core.conversation_id("x" * 64, 999_999), 20))
+    assert parse_room(room_name(cid, 3)) == (cid, 3)
+    assert parse_room("some-other-room") is None
+    assert contracts.is_token(room_name(conversation_id("x" * 64, 999_999), 20))
 
 
 @pytest.mark.parametrize(("raw", "label"), [
@@ -226,8 +244,8 @@ def test_the_fold_follows_a_conversation_through_its_life() -> None:
 def test_a_dispatch_out_of_order_or_after_the_end_is_ignored() -> None:
     state = fold([BatchAccepted(spec=spec(n=2), at=1.0)])
     skip = ConversationDispatched(batch_id="b1", conversation_id="b1-00001", attempt=1, room="b1-00001-a1", at=2.0)
-    assert core.evolve(state, skip, 2).next_index == 0  # type: ignore[union-attr]
-    assert core.evolve(None, skip) is None
+    assert evolve(state, skip, 2).next_index == 0  # type: ignore[union-attr]
+    assert evolve(None, skip) is None
 
 
 # --------------------------------------------------------------------------- decisions
@@ -238,15 +256,15 @@ def test_dispatch_respects_batch_concurrency_the_global_cap_and_retries_first() 
     first = core.plan_dispatch([a], global_cap=10, now=2.0)
     assert first == ConversationDispatched(batch_id="a", conversation_id="a-00000", attempt=1, room="a-00000-a1",
                                            at=2.0)
-    a = core.evolve(a, first, 2)
-    a = core.evolve(a, core.plan_dispatch([a], 10, 3.0), 3)
+    a = evolve(a, first, 2)
+    a = evolve(a, core.plan_dispatch([a], 10, 3.0), 3)
     assert a is not None and len(a.in_flight) == 2
     assert core.plan_dispatch([a], 10, 4.0) is None  # batch concurrency
     b = fold([BatchAccepted(spec=spec(n=5, concurrency=5, bid="b"), at=2.0)])
     assert core.plan_dispatch([a, b], global_cap=2, now=4.0) is None  # global cap
     assert core.plan_dispatch([a, b], global_cap=3, now=4.0).batch_id == "b"  # type: ignore[union-attr]
     # a failed attempt to be retried goes before the next new conversation
-    a = core.evolve(a, ConversationSettled(batch_id="a", conversation_id="a-00001", attempt=1, outcome="failed",
+    a = evolve(a, ConversationSettled(batch_id="a", conversation_id="a-00001", attempt=1, outcome="failed",
                                            reason="join_timeout", retry=True, at=5.0), 4)
     nxt = core.plan_dispatch([a], 10, 6.0)
     assert nxt is not None and (nxt.conversation_id, nxt.attempt, nxt.room) == ("a-00001", 2, "a-00001-a2")
@@ -255,11 +273,11 @@ def test_dispatch_respects_batch_concurrency_the_global_cap_and_retries_first() 
 def test_admission_waits_while_max_joining_conversations_wait_for_agents() -> None:
     a = fold([BatchAccepted(spec=spec(n=10, concurrency=10, bid="a"), at=1.0)])
     for t in (2.0, 3.0):
-        a = core.evolve(a, core.plan_dispatch([a], 100, t, max_joining=2), int(t))
+        a = evolve(a, core.plan_dispatch([a], 100, t, max_joining=2), int(t))
     assert a is not None and core.joining(a) == 2
     assert core.plan_dispatch([a], 100, 4.0, max_joining=2) is None  # two still joining
     assert core.plan_dispatch([a], 100, 4.0) is not None  # no window: concurrency alone decides
-    a = core.evolve(a, ConversationJoined(batch_id="a", conversation_id="a-00000", attempt=1, join_seconds=1.0,
+    a = evolve(a, ConversationJoined(batch_id="a", conversation_id="a-00000", attempt=1, join_seconds=1.0,
                                           at=4.5), 5)
     assert a is not None and core.joining(a) == 1
     nxt = core.plan_dispatch([a], 100, 5.0, max_joining=2)
@@ -320,17 +338,17 @@ def test_an_agent_missing_on_two_consecutive_checks_has_left() -> None:
         ConversationDispatched(batch_id="b1", conversation_id="b1-00000", attempt=1, room="r0", at=100.0),
         ConversationJoined(batch_id="b1", conversation_id="b1-00000", attempt=1, join_seconds=1.0, at=101.0),
     ])
-    w, events = core.on_liveness(state, "b1-00000", 1, 1, core.Watch(), 110.0, SETTINGS)
+    w, events = core.on_liveness(state, count("b1-00000", 1, 1), core.Watch(), 110.0, SETTINGS)
     assert events == [] and w.misses == 1
-    w, events = core.on_liveness(state, "b1-00000", 1, 2, w, 113.0, SETTINGS)
+    w, events = core.on_liveness(state, count("b1-00000", 1, 2), w, 113.0, SETTINGS)
     assert events == [] and w.misses == 0  # a blip is forgiven
-    w, _ = core.on_liveness(state, "b1-00000", 1, 0, w, 116.0, SETTINGS)
-    w, [left] = core.on_liveness(state, "b1-00000", 1, 1, w, 119.0, SETTINGS)
+    w, _ = core.on_liveness(state, count("b1-00000", 1, 0), w, 116.0, SETTINGS)
+    w, [left] = core.on_liveness(state, count("b1-00000", 1, 1), w, 119.0, SETTINGS)
     assert (left.outcome, left.reason, left.retry) == ("failed", "agent_left: 1 of 2 agents in the room", True)
     # not joined yet: the join deadline, not liveness, decides
     fresh = fold([BatchAccepted(spec=spec(), at=1.0),
                   ConversationDispatched(batch_id="b1", conversation_id="b1-00000", attempt=1, room="r", at=1.0)])
-    assert core.on_liveness(fresh, "b1-00000", 1, 0, core.Watch(misses=5), 2.0, SETTINGS)[1] == []
+    assert core.on_liveness(fresh, count("b1-00000", 1, 0), core.Watch(misses=5), 2.0, SETTINGS)[1] == []
 
 
 def test_the_token_bucket_ramps_without_bursts() -> None:
@@ -371,7 +389,7 @@ def test_a_simulated_batch_always_finishes_with_every_conversation_accounted_for
         nonlocal state
         for ev in events:
             log.append(ev)
-            new = core.evolve(state, ev, len(log))
+            new = evolve(state, ev, len(log))
             assert new is not None
             state = new
             assert len(state.in_flight) <= min(concurrency, cap)
@@ -398,7 +416,8 @@ def test_a_simulated_batch_always_finishes_with_every_conversation_accounted_for
                                                              reason="end_conversation: support"), now, cfg))
             elif roll < 0.6 and conv.joined_at is not None:
                 key = (cid, conv.attempt)
-                w, events = core.on_liveness(state, cid, conv.attempt, 1, watches.get(key, core.Watch()), now, cfg)
+                w, events = core.on_liveness(state, count(cid, conv.attempt, 1), watches.get(key, core.Watch()),
+                                             now, cfg)
                 watches[key] = w
                 emit(events)
             # else: silence; the deadlines will decide
@@ -408,7 +427,7 @@ def test_a_simulated_batch_always_finishes_with_every_conversation_accounted_for
     assert state.completed + state.failed == n
     settled = [e for e in log if isinstance(e, ConversationSettled)]
     finals = [e for e in settled if not e.retry]
-    assert sorted(e.conversation_id for e in finals) == [core.conversation_id("b1", i) for i in range(n)]
+    assert sorted(e.conversation_id for e in finals) == [conversation_id("b1", i) for i in range(n)]
     assert all(e.attempt <= max_attempts for e in settled)
     assert all(e.reason.split(":", 1)[0] in REASONS for e in settled)
     live: dict[str, int] = {}

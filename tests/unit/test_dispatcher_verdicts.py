@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.dispatcher.main import Verdicts
+from services.dispatcher.verdicts import Verdicts
 from shared.contracts import BatchReply
 
 
@@ -37,10 +37,3 @@ async def test_a_request_that_times_out_does_not_swallow_the_next_verdict() -> N
     v.settle(b"{}", BatchReply(accepted=True, batch_id="x"))
     assert (await waiting) == BatchReply(accepted=True, batch_id="x")
 
-
-def test_the_stream_names_the_dispatcher_binds_to_are_the_shared_ones() -> None:
-    from services.dispatcher import main
-    from shared import streams
-
-    assert (main.CMDS_STREAM, main.EVENTS_STREAM, main.CONV_STREAM) == (
-        streams.BATCH_CMDS.name, streams.BATCH_EVENTS.name, streams.CONVERSATIONS.name)
