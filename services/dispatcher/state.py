@@ -1,0 +1,184 @@
+"""A batch's state as a pure fold of its events (``batch.evt.<batch_id>``), and the names it uses.
+
+The dispatcher appends an event, then folds it in with :func:`evolve`, so its
+in-memory state is always a fold of what is in the stream, and a restarted
+dispatcher that replays the stream continues where the last one stopped.
+Events that do not fit the state (a stale attempt, a repeat) change nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import msgspec
+from msgspec.structs import replace
+
+from shared import rooms
+from shared.contracts import (
+    BatchAccepted,
+    BatchEvent,
+    BatchFinished,
+    BatchSpec,
+    ConversationDispatched,
+    ConversationJoined,
+    ConversationSettled,
+    JobMetadata,
+)
+from shared.metrics import reason_label
+
+# --------------------------------------------------------------------------- naming
+
+
+def conversation_id(batch_id: str, index: int) -> str:
+    return f"{batch_id}-{index:05d}"
+
+
+# Room names live in shared.rooms (the sink's room audit parses them too).
+room_name = rooms.room_name
+parse_room = rooms.parse_room
+
+
+def batch_of(event: BatchEvent) -> str:
+    return event.spec.batch_id if isinstance(event, BatchAccepted) else event.batch_id
+
+
+def job_metadata(spec: BatchSpec, conv_id: str, attempt: int) -> JobMetadata:
+    """What an attempt's room and agent dispatches carry to the worker."""
+    return JobMetadata(
+        batch_id=spec.batch_id,
+        conversation_id=conv_id,
+        attempt=attempt,
+        scenario=spec.scenario,
+        language=spec.language,
+        mode=spec.mode,
+        max_turns=spec.max_turns,
+    )
+
+
+# --------------------------------------------------------------------------- state
+
+ConvStatus = Literal["in_flight", "retry", "completed", "failed"]
+BatchStatus = Literal["running", "completed", "failed"]
+
+
+class Conversation(msgspec.Struct, frozen=True, kw_only=True):
+    """A conversation that has been dispatched at least once; ``attempt`` is its latest."""
+
+    conversation_id: str
+    attempt: int
+    status: ConvStatus
+    room: str
+    dispatched_at: float
+    joined_at: float | None = None
+    reason: str = ""
+    turns: int = 0
+    requeues: int = 0  # earlier attempts that ended no_capacity: they do not count against max_attempts
+
+
+class BatchState(msgspec.Struct, frozen=True, kw_only=True):
+    spec: BatchSpec
+    started_at: float
+    seq: int  # stream sequence of the last event folded in (for Nats-Expected-Last-Subject-Sequence)
+    convs: dict[str, Conversation]  # only conversations dispatched at least once; never mutated
+    next_index: int = 0  # the next never-dispatched conversation
+    retry_queue: tuple[str, ...] = ()  # conversations waiting for their next attempt, FIFO
+    in_flight: frozenset[str] = frozenset()
+    completed: int = 0
+    failed: int = 0
+    status: BatchStatus = "running"
+    finished_at: float | None = None
+
+    @property
+    def pending(self) -> int:
+        return self.spec.conversations - self.next_index + len(self.retry_queue)
+
+    @property
+    def settled(self) -> int:
+        return self.completed + self.failed
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+
+# --------------------------------------------------------------------------- the fold
+
+
+def evolve(state: BatchState | None, event: BatchEvent, seq: int = 0) -> BatchState | None:
+    """Fold one event into a batch's state. Events that do not fit (stale attempts, repeats) change nothing but ``seq``."""
+    if isinstance(event, BatchAccepted):
+        if state is not None:
+            return replace(state, seq=max(state.seq, seq))
+        return BatchState(spec=event.spec, started_at=event.at, seq=seq, convs={})
+    if state is None:
+        return None
+    state = replace(state, seq=max(state.seq, seq))
+    if isinstance(event, ConversationDispatched):
+        return _on_dispatched(state, event)
+    if isinstance(event, ConversationJoined):
+        conv = state.convs.get(event.conversation_id)
+        if conv is None or conv.attempt != event.attempt or conv.status != "in_flight" or conv.joined_at:
+            return state
+        return _put(state, replace(conv, joined_at=event.at))
+    if isinstance(event, ConversationSettled):
+        return _on_settled(state, event)
+    if isinstance(event, BatchFinished):
+        if not state.running:
+            return state
+        # A finished batch only needs its summary (duplicate ids, counts): drop per-conversation state.
+        return replace(state, status=event.status, finished_at=event.finished_at, convs={},
+                       in_flight=frozenset(), retry_queue=())
+    return state
+
+
+def _put(state: BatchState, conv: Conversation, **changes: object) -> BatchState:
+    convs = dict(state.convs)
+    convs[conv.conversation_id] = conv
+    return replace(state, convs=convs, **changes)
+
+
+def _on_dispatched(state: BatchState, ev: ConversationDispatched) -> BatchState:
+    if not state.running:
+        return state
+    cid = ev.conversation_id
+    prev = state.convs.get(cid)
+    next_index, retry_queue = state.next_index, state.retry_queue
+    if prev is None:
+        if cid != conversation_id(state.spec.batch_id, state.next_index):
+            return state
+        next_index += 1
+    elif prev.status == "retry" and ev.attempt == prev.attempt + 1:
+        retry_queue = tuple(c for c in retry_queue if c != cid)
+    else:
+        return state
+    conv = Conversation(conversation_id=cid, attempt=ev.attempt, status="in_flight", room=ev.room,
+                        dispatched_at=ev.at, requeues=prev.requeues if prev is not None else 0)
+    return _put(state, conv, next_index=next_index, retry_queue=retry_queue,
+                in_flight=state.in_flight | {cid})
+
+
+def _on_settled(state: BatchState, ev: ConversationSettled) -> BatchState:
+    conv = state.convs.get(ev.conversation_id)
+    if conv is None or conv.attempt != ev.attempt or conv.status != "in_flight":
+        return state
+    in_flight = state.in_flight - {conv.conversation_id}
+    if ev.outcome == "failed" and ev.retry:
+        requeues = conv.requeues + (reason_label(ev.reason) == "no_capacity")
+        return _put(state, replace(conv, status="retry", reason=ev.reason, requeues=requeues), in_flight=in_flight,
+                    retry_queue=(*state.retry_queue, conv.conversation_id))
+    settled = replace(conv, status=ev.outcome, reason=ev.reason, turns=ev.turns)
+    if ev.outcome == "completed":
+        return _put(state, settled, in_flight=in_flight, completed=state.completed + 1)
+    return _put(state, settled, in_flight=in_flight, failed=state.failed + 1)
+
+
+def replay(events: Iterable[tuple[BatchEvent, int]]) -> dict[str, BatchState]:
+    """Fold a stream of ``(event, seq)`` for many batches into their states."""
+    states: dict[str, BatchState] = {}
+    for event, seq in events:
+        bid = batch_of(event)
+        new = evolve(states.get(bid), event, seq)
+        if new is not None:
+            states[bid] = new
+    return states

@@ -1,0 +1,103 @@
+"""Validate a decoded ``batch.start`` command: a fully defaulted :class:`BatchSpec`, or the field and why not.
+
+The entrypoint decodes the body (``contracts.decode`` to :class:`StartBatch`);
+a body that does not decode becomes a :class:`Rejection` through
+:func:`undecodable`, so every refusal names a field and a reason.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import time
+from collections.abc import Mapping
+
+import msgspec
+
+from shared.config import Settings
+from shared.contracts import BatchSpec, ContractError, StartBatch
+from shared.scenarios import DEFAULT_SCENARIO, Scenario
+
+VOICE_UNAVAILABLE = "voice mode is not available in this build"
+# Public batch.start fields that this version does not implement yet: refused by name.
+PLANNED_FIELDS = frozenset({"target_agent", "target_metadata", "scenarios", "trials"})
+
+
+class Rejection(msgspec.Struct, frozen=True, kw_only=True):
+    """A command that never becomes a batch: which field, and why."""
+
+    field: str
+    reason: str
+    batch_id: str | None = None
+
+
+def generated_batch_id(received_at: float, seed: str) -> str:
+    """``b-20261125-165200-3fa2c1``: deterministic per stored command, so a redelivery maps to one batch."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(received_at))
+    return f"b-{stamp}-{hashlib.sha256(seed.encode()).hexdigest()[:6]}"
+
+
+def undecodable(exc: ContractError, claimed_batch_id: str | None) -> Rejection:
+    """A body that is not a :class:`StartBatch`; ``claimed_batch_id`` only if it is a valid id."""
+    reason = unknown_field_reason(exc.field) if "unknown field" in exc.reason else exc.reason
+    return Rejection(field=exc.field, reason=reason, batch_id=claimed_batch_id)
+
+
+def validate(
+    cmd: StartBatch,
+    settings: Settings,
+    scenarios: Mapping[str, Scenario],
+    *,
+    received_at: float,
+    seed: str,
+) -> BatchSpec | Rejection:
+    """Check a decoded command against this deployment's limits and scenarios, and fill in the defaults."""
+    bid = cmd.batch_id
+
+    def reject(field: str, reason: str) -> Rejection:
+        return Rejection(field=field, reason=reason, batch_id=bid)
+
+    if cmd.conversations > settings.max_conversations:
+        return reject("conversations", f"must be at most {settings.max_conversations}, got {cmd.conversations}")
+    if cmd.concurrency is not None and cmd.concurrency > settings.max_concurrency:
+        return reject("concurrency", f"must be at most {settings.max_concurrency}, got {cmd.concurrency}")
+    scenario_id = cmd.scenario or DEFAULT_SCENARIO
+    scenario = scenarios.get(scenario_id)
+    if scenario is None:
+        known = ", ".join(sorted(scenarios))
+        return reject("scenario", f"unknown scenario {scenario_id!r}; known: {known}")
+    if cmd.mode == "voice":
+        return reject("mode", VOICE_UNAVAILABLE)
+    language = cmd.language or scenario.language
+    if language != scenario.language and not settings.real_model:
+        return reject("language", language_mismatch(scenario, language, scenarios))
+    requested_concurrency = cmd.concurrency or settings.max_concurrency
+    return BatchSpec(
+        batch_id=bid or generated_batch_id(received_at, seed),
+        conversations=cmd.conversations,
+        concurrency=min(requested_concurrency, cmd.conversations),
+        scenario=scenario_id,
+        language=language,
+        max_turns=cmd.max_turns,
+        mode=cmd.mode,
+    )
+
+
+def unknown_field_reason(name: str) -> str:
+    """Why an unknown ``batch.start`` field is refused, with the field the user probably meant."""
+    if name in PLANNED_FIELDS:
+        return f"{name!r} is not supported by this version of crosstalk; nothing was started"
+    known = StartBatch.__struct_fields__
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown field {name!r}; {hint}known fields: {', '.join(known)}"
+
+
+def language_mismatch(scenario: Scenario, language: str, scenarios: Mapping[str, Scenario]) -> str:
+    """The scripted model plays one script per scenario: never English while Hindi was asked."""
+    variants = sorted(s.id for s in scenarios.values() if s.language == language)
+    hint = (f"scenarios scripted in {language!r}: {', '.join(variants)}" if variants
+            else f"no scenario has an offline script in {language!r}")
+    return (f"scenario {scenario.id!r} is scripted in {scenario.language!r}, not {language!r}, and the offline "
+            f"model plays the script as written; {hint} (with a real model, OPENAI_API_KEY/OPENAI_BASE_URL, "
+            f"any language is served)")
