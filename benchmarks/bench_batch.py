@@ -421,9 +421,11 @@ def run_one(conversations: int, concurrency: int, turns: int, executor: str, job
             if lk_thread is not None:
                 lk_thread.join()
             if echo is not None:
-                from benchmarks.lk_compare import stop_process
+                from support.servers import terminate
 
-                stop_process(echo)
+                from benchmarks.lk_compare import STOP_TIMEOUT_S
+
+                terminate(echo, STOP_TIMEOUT_S)
         worker_sessions = sampler.worker_sessions()
         events = asyncio.run(collect(stack.nats_url, batch_id))
         alloc_metrics = scrape(stack.env["CROSSTALK_ALLOCATOR_METRICS_PORT"])

@@ -39,7 +39,7 @@ from livekit.agents import AgentServer, AutoSubscribe, JobContext
 
 from shared import bus
 from shared.log import kv, setup
-from worker.server import agent_server
+from worker.server import agent_server, serve
 
 log = logging.getLogger("echo_agent")
 
@@ -117,13 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"event": "registered", "worker_id": worker_id, "agent_name": args.agent_name}), flush=True)
 
     async def run(stop: asyncio.Event) -> None:
-        task = asyncio.create_task(server.run(devmode=False))
-        stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            task.result()
-            return
-        await server.aclose()
+        if await serve(server, stop):
+            await server.aclose()
 
     bus.run(run)
 

@@ -46,11 +46,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from support.servers import terminate
 
 ROOT = Path(__file__).resolve().parents[1]
 ECHO_AGENT = "benchmarks.echo_agent"  # run as a module from ROOT
 INSTALL_HINT = "run infra/install-lk.sh (it says why when it cannot)"
 AGENT_REGISTER_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 20.0  # a stopped echo agent gets this long before SIGKILL
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
@@ -242,19 +244,9 @@ def start_echo_agent(livekit_url: str, api_key: str, api_secret: str, agent_name
                 return proc
         if proc.poll() is not None:
             raise LkFailed(f"echo agent exited with {proc.returncode} before registering: {_tail(log_path)}")
-    stop_process(proc)
+    terminate(proc, STOP_TIMEOUT_S)
     raise LkFailed(f"echo agent did not register with {livekit_url} in {AGENT_REGISTER_TIMEOUT_S:.0f}s: "
                    f"{_tail(log_path)}")
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 20.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def default_duration_s(rooms: int) -> float:
@@ -306,7 +298,7 @@ def run_lk_agent_load_test(
             wall = time.monotonic() - t0
         finally:
             if agent is not None:
-                stop_process(agent)
+                terminate(agent, STOP_TIMEOUT_S)
     if done.returncode != 0:
         raise LkFailed(f"lk exited with {done.returncode}: {done.stderr.strip()[-500:]}")
     out = parse_output(done.stdout, done.stderr)

@@ -32,11 +32,29 @@ from tenacity import (
     stop_after_delay,
     wait_exponential_jitter,
 )
+from tenacity.stop import StopBaseT
 
 from shared import contracts, streams
 from shared.log import kv
 
 log = logging.getLogger(__name__)
+
+# No answer (yet): a timeout, or nobody subscribed to a request subject.
+NO_ANSWER: tuple[type[BaseException], ...] = (NatsTimeoutError, NoRespondersError, asyncio.TimeoutError)
+
+
+def retrying(
+    stop: StopBaseT, retry_on: tuple[type[BaseException], ...], *, multiplier: float = 0.1
+) -> AsyncRetrying:
+    """Retry ``retry_on`` errors with jittered exponential backoff (capped at 2 s) until ``stop``,
+    then re-raise the last one. Use as ``async for attempt in retrying(...): with attempt: ...``."""
+    return AsyncRetrying(
+        stop=stop,
+        wait=wait_exponential_jitter(multiplier=multiplier, max=2.0),
+        retry=retry_if_exception_type(retry_on),
+        reraise=True,
+    )
+
 
 # Largest payload the services accept (the server's max_payload is 1 MiB by default).
 MAX_BODY = 64 * 1024
@@ -48,11 +66,8 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 30.0) -> Cl
     async def _cb_err(e: Exception) -> None:
         log.warning("nats error", extra=kv(error=str(e)))
 
-    async for attempt in AsyncRetrying(
-        stop=stop_after_delay(connect_timeout_s),
-        wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
-        retry=retry_if_exception_type((OSError, NoServersError, asyncio.TimeoutError)),
-        reraise=True,
+    async for attempt in retrying(
+        stop_after_delay(connect_timeout_s), (OSError, NoServersError, asyncio.TimeoutError)
     ):
         with attempt:
             # nats-py retries a failed *first* connect forever when reconnects are unbounded,
@@ -92,12 +107,7 @@ async def publish(
     hdrs = dict(headers or {})
     if msg_id:
         hdrs["Nats-Msg-Id"] = msg_id
-    async for attempt in AsyncRetrying(
-        stop=stop_after_attempt(attempts),
-        wait=wait_exponential_jitter(multiplier=0.05, max=2.0),
-        retry=retry_if_exception_type((NatsTimeoutError, NoRespondersError, asyncio.TimeoutError)),
-        reraise=True,
-    ):
+    async for attempt in retrying(stop_after_attempt(attempts), NO_ANSWER, multiplier=0.05):
         with attempt:
             return await js.publish(subject, body, headers=hdrs or None)
     raise RuntimeError("unreachable")

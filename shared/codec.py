@@ -45,6 +45,18 @@ def _reason_of(err: msgspec.ValidationError) -> str:
 _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
 
 
+def _decode_as(data: bytes, typ: Any, not_json: str) -> Any:
+    dec = _decoders.get(typ)
+    if dec is None:
+        dec = _decoders[typ] = msgspec.json.Decoder(typ)
+    try:
+        return dec.decode(data)
+    except msgspec.ValidationError as exc:
+        raise ContractError(_field_of(exc), _reason_of(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise ContractError("$", f"{not_json}: {exc}") from None
+
+
 def decode(data: bytes, typ: type[T], *, max_bytes: int = 64 * 1024) -> T:
     """Decode and validate ``data`` as ``typ``; raise :class:`ContractError` naming the field."""
     if len(data) > max_bytes:
@@ -53,29 +65,9 @@ def decode(data: bytes, typ: type[T], *, max_bytes: int = 64 * 1024) -> T:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ContractError("$", f"payload is not valid UTF-8 (byte {exc.start})") from None
-    dec = _decoders.get(typ)
-    if dec is None:
-        dec = _decoders[typ] = msgspec.json.Decoder(typ)
-    try:
-        return dec.decode(data)
-    except msgspec.ValidationError as exc:
-        return _raise(exc)
-    except msgspec.DecodeError as exc:
-        raise ContractError("$", f"not a JSON object: {exc}") from None
-
-
-def _raise(exc: msgspec.ValidationError) -> Any:
-    raise ContractError(_field_of(exc), _reason_of(exc)) from None
+    return _decode_as(data, typ, "not a JSON object")
 
 
 def decode_event(data: bytes, union: Any) -> Any:
     """Decode a tagged union (``BatchEvent``, ``ConversationEvent``)."""
-    dec = _decoders.get(union)
-    if dec is None:
-        dec = _decoders[union] = msgspec.json.Decoder(union)
-    try:
-        return dec.decode(data)
-    except msgspec.ValidationError as exc:
-        return _raise(exc)
-    except msgspec.DecodeError as exc:
-        raise ContractError("$", f"not JSON: {exc}") from None
+    return _decode_as(data, union, "not JSON")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -29,56 +29,48 @@ from shared import subjects
 
 log = logging.getLogger(__name__)
 
-BATCH_CMDS = StreamConfig(
-    name="BATCH_CMDS",
+DAY = 24 * 3600
+
+
+def _stream(
+    name: str, subject_list: list[str], *, max_age: int, description: str, duplicate_window: int = 120, **more: Any
+) -> StreamConfig:
+    """A file-backed stream with limits retention; ``more`` are further :class:`StreamConfig` fields."""
+    return StreamConfig(
+        name=name,
+        description=description,
+        subjects=subject_list,
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=max_age,
+        duplicate_window=duplicate_window,
+        **more,
+    )
+
+
+BATCH_CMDS = _stream(
+    "BATCH_CMDS", [subjects.BATCH_START], max_age=7 * DAY,
     description="batch.start commands, captured so a core `nats pub` is never lost",
-    subjects=[subjects.BATCH_START],
     # no_ack: JetStream must not answer a `nats request batch.start`; the dispatcher
     # replies with its verdict (accepted/rejected) once it has processed the command.
     no_ack=True,
-    retention=RetentionPolicy.LIMITS,
-    storage=StorageType.FILE,
-    max_age=7 * 24 * 3600,
-    duplicate_window=120,
 )
-BATCH_EVENTS = StreamConfig(
-    name="BATCH_EVENTS",
+BATCH_EVENTS = _stream(
+    "BATCH_EVENTS", [subjects.BATCH_EVENTS_ALL, subjects.BATCH_REJECTED], max_age=30 * DAY,
     description="batch lifecycle events; the dispatcher's state is a fold of them",
-    subjects=[subjects.BATCH_EVENTS_ALL, subjects.BATCH_REJECTED],
-    retention=RetentionPolicy.LIMITS,
-    storage=StorageType.FILE,
-    max_age=30 * 24 * 3600,
-    duplicate_window=120,
 )
-CONVERSATIONS = StreamConfig(
-    name="CONVERSATIONS",
+CONVERSATIONS = _stream(
+    "CONVERSATIONS", [subjects.CONV_ALL], max_age=30 * DAY,
     description="agent joins, turns and conversation ends from worker jobs",
-    subjects=[subjects.CONV_ALL],
-    retention=RetentionPolicy.LIMITS,
-    storage=StorageType.FILE,
-    max_age=30 * 24 * 3600,
-    duplicate_window=120,
 )
-ROLES = StreamConfig(
-    name="ROLES",
+ROLES = _stream(
+    "ROLES", [subjects.ROLES_ALL], max_age=2 * DAY,
     description="role lease log, one subject per room and role; the allocator's only state",
-    subjects=[subjects.ROLES_ALL],
-    retention=RetentionPolicy.LIMITS,
-    storage=StorageType.FILE,
-    max_age=2 * 24 * 3600,
-    max_msgs_per_subject=16,
-    allow_direct=True,
-    discard=DiscardPolicy.OLD,
-    duplicate_window=120,
+    max_msgs_per_subject=16, discard=DiscardPolicy.OLD, allow_direct=True,
 )
-
-LIVEKIT_EVENTS = StreamConfig(
-    name="LIVEKIT_EVENTS",
+LIVEKIT_EVENTS = _stream(
+    "LIVEKIT_EVENTS", [subjects.LK_ROOM_ALL], max_age=30 * DAY,
     description="livekit-server's webhooks (participants joined/left, rooms started/finished), verified",
-    subjects=[subjects.LK_ROOM_ALL],
-    retention=RetentionPolicy.LIMITS,
-    storage=StorageType.FILE,
-    max_age=30 * 24 * 3600,
     # livekit-server retries a failed webhook for up to ~2 minutes with the same event id
     duplicate_window=600,
 )

@@ -12,8 +12,14 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import nats
 import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from support.harness import Procs
 from support.servers import Server, free_port, start_livekit, start_nats, start_webhook
+
+from shared import streams
 
 
 @pytest.fixture(scope="session")
@@ -69,11 +75,36 @@ def livekit_env(livekit_server: Server) -> dict[str, str]:
 
 @pytest.fixture
 async def nc(nats_url: str) -> AsyncIterator[object]:
-    import nats
-
     conn = await nats.connect(nats_url)
     yield conn
     await conn.drain()
+
+
+@pytest.fixture
+def fresh_nats(tmp_path: Path) -> Iterator[str]:
+    """A nats-server of the test's own, for a service that must not see other tests' streams."""
+    srv = start_nats(tmp_path / "nats")
+    yield srv.url
+    srv.stop()
+
+
+@pytest.fixture
+def procs(tmp_path: Path, fresh_nats: str, livekit_env: dict[str, str]) -> Iterator[Procs]:
+    """Service processes on ``fresh_nats`` and the session's livekit-server, stopped after the test."""
+    p = Procs(tmp_path, fresh_nats, livekit_env)
+    yield p
+    p.stop_all()
+    print(p.logs())  # shown by pytest when the test failed
+
+
+@pytest.fixture
+async def bus_conn(fresh_nats: str) -> AsyncIterator[tuple[Client, JetStreamContext]]:
+    """A connection to ``fresh_nats`` and its JetStream, the streams created."""
+    conn = await nats.connect(fresh_nats)
+    js = conn.jetstream(timeout=10)
+    await streams.ensure_streams(js)
+    yield conn, js
+    await conn.close()
 
 
 @pytest.fixture

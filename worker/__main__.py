@@ -19,7 +19,7 @@ def main() -> None:
     setup("worker")
     settings = config.load_or_exit(log)
     from worker.capacity import Announcer
-    from worker.server import build
+    from worker.server import build, serve
 
     wm = metrics.WorkerMetrics()
     port = metrics.serve("worker", settings.metrics_host, settings.metrics_port)
@@ -44,11 +44,7 @@ def main() -> None:
         announcer = Announcer(nc, server, agent_name=settings.agent_name, max_jobs=settings.worker_max_jobs,
                               metrics=wm)
         server.on("worker_registered", lambda *_: announcer.start() if announcer.idle else None)
-        task = asyncio.create_task(server.run(devmode=False))
-        stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            task.result()
+        if not await serve(server, stop):
             return
         log.info("worker draining")
         await announcer.close()

@@ -29,25 +29,9 @@ from collections.abc import AsyncIterator, Callable
 
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
+from tenacity import stop_after_delay
 
-from shared import contracts, subjects
-from shared.contracts import (
-    ContractError,
-    RenewReply,
-    Role,
-    RoleRelease,
-    RoleRenew,
-    RoleReply,
-    RoleRequest,
-)
+from shared import bus, contracts, subjects
 from shared.log import kv
 
 log = logging.getLogger("worker.lease")
@@ -55,21 +39,16 @@ log = logging.getLogger("worker.lease")
 REFUSALS = frozenset({"superseded", "expired", "unknown"})
 
 
-async def request_role(nc: Client, req: RoleRequest, *, within_s: float = 20.0) -> RoleReply:
+async def request_role(nc: Client, req: contracts.RoleRequest, *, within_s: float = 20.0) -> contracts.RoleReply:
     """``role.request`` with retry while no allocator answers (one may be restarting)."""
-    async for attempt in AsyncRetrying(
-        stop=stop_after_delay(within_s),
-        wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
-        retry=retry_if_exception_type((NatsTimeoutError, NoRespondersError, asyncio.TimeoutError)),
-        reraise=True,
-    ):
+    async for attempt in bus.retrying(stop_after_delay(within_s), bus.NO_ANSWER):
         with attempt:
             msg = await nc.request(subjects.ROLE_REQUEST, contracts.encode(req), timeout=3)
-            return contracts.decode(msg.data, RoleReply)
+            return contracts.decode(msg.data, contracts.RoleReply)
     raise RuntimeError("unreachable")
 
 
-async def acquire(nc: Client, req: RoleRequest, default_lease_s: float) -> LeaseKeeper | str:
+async def acquire(nc: Client, req: contracts.RoleRequest, default_lease_s: float) -> LeaseKeeper | str:
     """The grant's keeper, or why there is none (denied; a grant without a token cannot be renewed)."""
     asked_at = time.monotonic()  # the lease surely lives lease_s from here
     reply = await request_role(nc, req)
@@ -89,7 +68,7 @@ class LeaseKeeper:
         *,
         room: str,
         job_id: str,
-        role: Role,
+        role: contracts.Role,
         lease: int,
         lease_s: float,
         sent_at: float,
@@ -99,7 +78,7 @@ class LeaseKeeper:
         """``sent_at``: the ``clock()`` reading taken just before the granting request was sent."""
         self.nc = nc
         self.role = role
-        self.renew_msg = RoleRenew(room=room, job_id=job_id, role=role, lease=lease)
+        self.renew_msg = contracts.RoleRenew(room=room, job_id=job_id, role=role, lease=lease)
         self.lease = lease
         self.lease_s = lease_s
         self.clock = clock
@@ -136,7 +115,7 @@ class LeaseKeeper:
         finally:
             renewing.cancel()
             try:
-                await self.nc.request(subjects.ROLE_RELEASE, contracts.encode(RoleRelease(
+                await self.nc.request(subjects.ROLE_RELEASE, contracts.encode(contracts.RoleRelease(
                     room=self.renew_msg.room, job_id=self.renew_msg.job_id)), timeout=3)
             except Exception as exc:
                 log.warning("role release failed (the lease will expire)", extra=kv(error=str(exc)))
@@ -160,8 +139,8 @@ class LeaseKeeper:
             try:
                 msg = await self.nc.request(subjects.ROLE_RENEW, contracts.encode(self.renew_msg),
                                             timeout=min(3.0, left))
-                reply = contracts.decode(msg.data, RenewReply)
-            except (NatsError, TimeoutError, ContractError) as exc:  # nats' timeouts and no responders included
+                reply = contracts.decode(msg.data, contracts.RenewReply)
+            except (NatsError, TimeoutError, contracts.ContractError) as exc:  # nats' timeouts and no responders included
                 last_error = f"{type(exc).__name__}: {exc}".strip(": ")
             else:
                 if reply.renewed:

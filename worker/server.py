@@ -9,6 +9,7 @@ instead of failing them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -112,6 +113,18 @@ def agent_server(
     )
     server.rtc_session(entrypoint, agent_name=agent_name, on_request=accept)
     return server
+
+
+async def serve(server: AgentServer, stop: asyncio.Event) -> bool:
+    """Run ``server`` until it ends on its own (False; its error raised) or ``stop`` is set
+    (True; it still runs, for the caller to drain and close)."""
+    task = asyncio.create_task(server.run(devmode=False))
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+        return False
+    return True
 
 
 async def accept(req: JobRequest) -> None:

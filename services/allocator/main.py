@@ -25,9 +25,9 @@ import asyncio
 import json
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple
+from functools import partial
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 from nats.aio.client import Client
@@ -35,28 +35,20 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.errors import APIError
+from prometheus_client import Counter
 
 from services.allocator import core
 from shared import bus, contracts, subjects
 from shared.config import Settings
-from shared.contracts import (
-    ROLES,
-    ContractError,
-    LeaseEvent,
-    ReleaseReply,
-    RenewReply,
-    Role,
-    RoleRelease,
-    RoleRenew,
-    RoleReply,
-    RoleRequest,
-)
 from shared.log import kv
 from shared.metrics import AllocatorMetrics
 from shared.servertime import ServerClock, parse_ts
 from shared.streams import ROLES as ROLES_STREAM
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", contracts.RoleRequest, contracts.RoleRelease, contracts.RoleRenew)
+R = TypeVar("R", contracts.RoleReply, contracts.ReleaseReply, contracts.RenewReply)
 
 EXPECTED_SEQ = "Nats-Expected-Last-Subject-Sequence"
 EXPECTED_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
@@ -77,8 +69,8 @@ class Busy(Exception):
 class Snapshot(NamedTuple):
     """Both roles' last events as of one instant, and the room's last sequence then."""
 
-    customer: LeaseEvent | None
-    support: LeaseEvent | None
+    customer: contracts.LeaseEvent | None
+    support: contracts.LeaseEvent | None
     seq: int
 
 
@@ -162,71 +154,62 @@ class Allocator:
 
     # ------------------------------------------------------------------ handlers
 
-    async def handle_request(self, data: bytes) -> RoleReply:
-        started = time.perf_counter()
-        try:
-            request = contracts.decode(data, RoleRequest, max_bytes=bus.MAX_BODY)
-        except ContractError as exc:
-            self.metrics.bad_requests.labels(exc.field if exc.field in REQUEST_FIELDS else "$").inc()
-            self.metrics.grants.labels("none", "error").inc()
-            log.info("bad role request", extra=kv(field=exc.field, reason=exc.reason))
-            return RoleReply(granted=False, field=exc.field, reason=exc.reason)
-        try:
-            reply = await self.allocate(request)
-        except Busy:
-            self.metrics.grants.labels("none", "error").inc()
-            return RoleReply(granted=False, reason=BUSY)
-        except Exception as exc:
-            self.metrics.grants.labels("none", "error").inc()
-            log.exception("role request failed", extra=kv(room=request.room, job_id=request.job_id))
-            return RoleReply(granted=False, reason=f"allocator error: {type(exc).__name__}")
-        finally:
-            self.metrics.request_seconds.observe(time.perf_counter() - started)
-        return reply
+    async def handle_request(self, data: bytes) -> contracts.RoleReply:
+        refuse = partial(contracts.RoleReply, granted=False)
+        errors = self.metrics.grants.labels("none", "error")
+        return await self._handle(data, contracts.RoleRequest, "request", self._timed_allocate, refuse, errors)
 
-    async def handle_release(self, data: bytes) -> ReleaseReply:
+    async def handle_release(self, data: bytes) -> contracts.ReleaseReply:
+        refuse = partial(contracts.ReleaseReply, released=False)
+        errors = self.metrics.releases.labels("error")
+        return await self._handle(data, contracts.RoleRelease, "release", self._counted_release, refuse, errors)
+
+    async def handle_renew(self, data: bytes) -> contracts.RenewReply:
+        refuse = partial(contracts.RenewReply, renewed=False)
+        errors = self.metrics.renewals.labels("error")
+        return await self._handle(data, contracts.RoleRenew, "renew", self.renew, refuse, errors)
+
+    async def _handle(
+        self,
+        data: bytes,
+        typ: type[M],
+        what: str,
+        act: Callable[[M], Awaitable[R]],
+        refuse: Callable[..., R],
+        errors: Counter,
+    ) -> R:
+        """Decode ``data`` as ``typ`` and ``act`` on it; a bad body, a busy room or a failure is
+        refused (``refuse``), counted in ``errors`` and logged as "bad role <what>" / "role <what> failed"."""
         try:
-            release = contracts.decode(data, RoleRelease, max_bytes=bus.MAX_BODY)
-        except ContractError as exc:
+            msg = contracts.decode(data, typ, max_bytes=bus.MAX_BODY)
+        except contracts.ContractError as exc:
             self.metrics.bad_requests.labels(exc.field if exc.field in REQUEST_FIELDS else "$").inc()
-            self.metrics.releases.labels("error").inc()
-            log.info("bad role release", extra=kv(field=exc.field, reason=exc.reason))
-            return ReleaseReply(released=False, field=exc.field, reason=exc.reason)
+            errors.inc()
+            log.info(f"bad role {what}", extra=kv(field=exc.field, reason=exc.reason))
+            return refuse(field=exc.field, reason=exc.reason)
         try:
-            reply = await self.release(release)
+            return await act(msg)
         except Busy:
-            self.metrics.releases.labels("error").inc()
-            return ReleaseReply(released=False, reason=BUSY)
+            errors.inc()
+            return refuse(reason=BUSY)
         except Exception as exc:
-            self.metrics.releases.labels("error").inc()
-            log.exception("role release failed", extra=kv(room=release.room, job_id=release.job_id))
-            return ReleaseReply(released=False, reason=f"allocator error: {type(exc).__name__}")
+            errors.inc()
+            log.exception(f"role {what} failed", extra=kv(room=msg.room, job_id=msg.job_id))
+            return refuse(reason=f"allocator error: {type(exc).__name__}")
+
+    async def _timed_allocate(self, request: contracts.RoleRequest) -> contracts.RoleReply:
+        with self.metrics.request_seconds.time():
+            return await self.allocate(request)
+
+    async def _counted_release(self, release: contracts.RoleRelease) -> contracts.ReleaseReply:
+        reply = await self.release(release)
         self.metrics.releases.labels("released" if reply.released else "not_held").inc()
-        return reply
-
-    async def handle_renew(self, data: bytes) -> RenewReply:
-        try:
-            renew = contracts.decode(data, RoleRenew, max_bytes=bus.MAX_BODY)
-        except ContractError as exc:
-            self.metrics.bad_requests.labels(exc.field if exc.field in REQUEST_FIELDS else "$").inc()
-            self.metrics.renewals.labels("error").inc()
-            log.info("bad role renew", extra=kv(field=exc.field, reason=exc.reason))
-            return RenewReply(renewed=False, field=exc.field, reason=exc.reason)
-        try:
-            reply = await self.renew(renew)
-        except Busy:
-            self.metrics.renewals.labels("error").inc()
-            return RenewReply(renewed=False, reason=BUSY)
-        except Exception as exc:
-            self.metrics.renewals.labels("error").inc()
-            log.exception("role renew failed", extra=kv(room=renew.room, job_id=renew.job_id))
-            return RenewReply(renewed=False, reason=f"allocator error: {type(exc).__name__}")
         return reply
 
     async def server_now(self) -> float:
         return await self.server_clock.now()
 
-    async def renew(self, renew: RoleRenew) -> RenewReply:
+    async def renew(self, renew: contracts.RoleRenew) -> contracts.RenewReply:
         def rule(c: core.RoleState, s: core.RoleState, now: float) -> core.RenewDecision:
             return core.decide_renew(renew, c, s, now, self.lease_s)
 
@@ -238,7 +221,7 @@ class Allocator:
                                                lease=renew.lease, reason=decision.outcome))
         return decision.reply
 
-    async def allocate(self, request: RoleRequest) -> RoleReply:
+    async def allocate(self, request: contracts.RoleRequest) -> contracts.RoleReply:
         def rule(c: core.RoleState, s: core.RoleState, now: float) -> core.Decision:
             return core.decide(request, c, s, now, self.lease_s)
 
@@ -259,7 +242,7 @@ class Allocator:
             )
         return decision.reply
 
-    async def release(self, release: RoleRelease) -> ReleaseReply:
+    async def release(self, release: contracts.RoleRelease) -> contracts.ReleaseReply:
         def rule(c: core.RoleState, s: core.RoleState, now: float) -> core.ReleaseDecision:
             return core.decide_release(release, c, s, now)
 
@@ -308,8 +291,8 @@ class Allocator:
         last = await self._direct_last(subjects.role_room(room))
         if last is None:
             return Snapshot(None, None, 0)
-        events: dict[Role, LeaseEvent | None] = {}
-        for role in ROLES:
+        events: dict[contracts.Role, contracts.LeaseEvent | None] = {}
+        for role in contracts.ROLES:
             subject = subjects.role_lease(room, role)
             stored = last if last.subject == subject else await self._direct_last(subject)
             if stored is not None and stored.seq > last.seq:
@@ -319,7 +302,7 @@ class Allocator:
                 self.server_clock.observe(stored.ts)
         return Snapshot(events["customer"], events["support"], last.seq)
 
-    async def _append(self, room: str, event: LeaseEvent, expected_seq: int) -> int | None:
+    async def _append(self, room: str, event: contracts.LeaseEvent, expected_seq: int) -> int | None:
         """The event's stream sequence, or None if the room moved since ``expected_seq``."""
         try:
             ack = await bus.publish(
@@ -349,12 +332,12 @@ class Allocator:
                       parse_ts(headers["Nats-Time-Stamp"]))
 
 
-def _lease_event(stored: Stored) -> LeaseEvent | None:
+def _lease_event(stored: Stored) -> contracts.LeaseEvent | None:
     """Decode a stored lease, stamped with its token and server-time expiry (core.stamp);
     anything else on a role subject is treated as no lease."""
     try:
-        event = contracts.decode(stored.data, LeaseEvent)
-    except ContractError as exc:
+        event = contracts.decode(stored.data, contracts.LeaseEvent)
+    except contracts.ContractError as exc:
         log.warning("unreadable lease event ignored",
                     extra=kv(subject=stored.subject, seq=stored.seq, field=exc.field, reason=exc.reason))
         return None

@@ -19,8 +19,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client
@@ -44,6 +44,7 @@ from .validate import Rejection, undecodable
 from .verdicts import Verdicts
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REPLY_TIMEOUT_S = 10.0
 BUSY = "dispatcher busy, the command is queued"
@@ -152,35 +153,16 @@ class Inputs:
     async def _unplaced(self, rooms: list[str]) -> frozenset[str]:
         """The rooms among ``rooms`` with a dispatch livekit-server placed on no worker (no_capacity).
         A room that cannot be checked counts as placed (its attempt becomes a join_timeout)."""
-        limit = asyncio.Semaphore(8)
-
-        async def check(room: str) -> bool:
-            async with limit:
-                try:
-                    return await self.rooms.unplaced(room)
-                except Exception as exc:
-                    log.warning("placement check failed", extra=kv(room=room, error=str(exc)))
-                    return False
-
-        found = await asyncio.gather(*(check(r) for r in rooms))
+        found = await _ask_each(rooms, self.rooms.unplaced, at_once=8, what="placement check")
         return frozenset(r for r, bad in zip(rooms, found, strict=True) if bad)
 
     async def liveness(self, stop: asyncio.Event) -> None:
-        limit = asyncio.Semaphore(16)
-
-        async def count(room: str) -> int | None:
-            async with limit:
-                try:
-                    return await self.rooms.agent_count(room)
-                except Exception as exc:
-                    log.warning("liveness check failed", extra=kv(room=room, error=str(exc)))
-                    return None
-
         while not stop.is_set():
             await asyncio.sleep(LIVENESS_INTERVAL_S)
             joined = [(s.spec.batch_id, c) for s in self.d.log.running() for c in (s.convs[i] for i in s.in_flight)
                       if c.joined_at is not None]
-            counts = await asyncio.gather(*(count(c.room) for _, c in joined))
+            counts = await _ask_each([c.room for _, c in joined], self.rooms.agent_count, at_once=16,
+                                     what="liveness check")
             for (bid, conv), agents in zip(joined, counts, strict=True):
                 if agents is not None:
                     await self.d.handle(RoomCount(batch_id=bid, conversation_id=conv.conversation_id,
@@ -236,3 +218,21 @@ async def _guard(fn: Loop, stop: asyncio.Event) -> None:
         except Exception:
             log.exception("loop failed, restarting", extra=kv(loop=fn.__name__))
             await asyncio.sleep(1.0)
+
+
+async def _ask_each(
+    rooms: list[str], ask: Callable[[str], Awaitable[T]], *, at_once: int, what: str
+) -> list[T | None]:
+    """``ask`` about every room, ``at_once`` at a time; a room whose question failed is logged
+    ("<what> failed") and answered with None."""
+    limit = asyncio.Semaphore(at_once)
+
+    async def one(room: str) -> T | None:
+        async with limit:
+            try:
+                return await ask(room)
+            except Exception as exc:
+                log.warning(f"{what} failed", extra=kv(room=room, error=str(exc)))
+                return None
+
+    return await asyncio.gather(*(one(r) for r in rooms))

@@ -27,7 +27,7 @@ from support.harness import Proc, Procs
 from support.servers import Server, start_nats
 
 from services.allocator import core
-from shared import contracts, subjects
+from shared import bus, contracts, subjects
 from shared.contracts import LeaseEvent, ReleaseReply, Role, RoleRelease, RoleReply, RoleRequest
 
 ROOMS = 200
@@ -312,18 +312,7 @@ async def test_unrenewed_lease_expires_to_the_next_job_renewed_one_never(
         a_lease = await last_event(nc, room, "customer")
         assert (a_lease.job_id, a_lease.kind) == ("AJ_a", "renewed")
         # the whole customer log is a's: granted once, then renewals, never anyone else
-        js = nc.jetstream()
-        sub = await js.subscribe(subjects.role_lease(room, "customer"), ordered_consumer=True)
-        seen = []
-        while True:
-            try:
-                m = await sub.next_msg(timeout=1)
-            except NatsTimeoutError:
-                break
-            seen.append(contracts.decode(m.data, LeaseEvent))
-            if m.metadata.num_pending == 0:
-                break
-        await sub.unsubscribe()
+        seen = await bus.replay(nc.jetstream(), subjects.role_lease(room, "customer"), LeaseEvent)
         assert seen and {e.job_id for e in seen} == {"AJ_a"}
         assert metric_sum(procs, "crosstalk_role_lease_expiries_total", role="support") == 1
         assert metric_sum(procs, "crosstalk_role_lease_expiries_total", role="customer") == 0

@@ -111,20 +111,7 @@ async def release(nc: Client, room: str, job_id: str) -> ReleaseReply:
 
 async def room_log(nc: Client, room: str) -> list[LeaseEvent]:
     """Both role logs of a room, merged in stream order."""
-    js = nc.jetstream()
-    sub = await js.subscribe(subjects.role_room(room), ordered_consumer=True)
-    events: list[LeaseEvent] = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1)
-            except NatsTimeoutError:
-                break
-            events.append(contracts.decode(msg.data, LeaseEvent))
-            if msg.metadata.num_pending == 0:
-                break
-    finally:
-        await sub.unsubscribe()
+    events: list[LeaseEvent] = await bus.replay(nc.jetstream(), subjects.role_room(room), LeaseEvent)
     for role in ROLES:
         n = sum(1 for e in events if e.role == role)
         assert n < ROLE_LOG_CAPACITY, f"scenario wrote {n} events to {room}/{role}: log truncated, shrink it"

@@ -12,19 +12,24 @@ import re
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import aiohttp
-import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from support.harness import Procs, batch_events, has_allocator, wait_finished, wait_for
-from support.servers import start_nats
+from support.harness import (
+    Proc,
+    Procs,
+    agent_name,
+    batch_events,
+    dispatcher_started,
+    has_allocator,
+    wait_finished,
+    wait_for,
+)
 
-from shared import capacity, contracts, streams, subjects
+from shared import capacity, contracts, subjects
 from shared.contracts import (
     ConversationDispatched,
     ConversationSettled,
@@ -33,30 +38,6 @@ from shared.contracts import (
 )
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-def fresh_nats(tmp_path: Path) -> Iterator[str]:
-    srv = start_nats(tmp_path / "nats")
-    yield srv.url
-    srv.stop()
-
-
-@pytest.fixture
-def procs(tmp_path: Path, fresh_nats: str, livekit_env: dict[str, str]) -> Iterator[Procs]:
-    p = Procs(tmp_path, fresh_nats, livekit_env)
-    yield p
-    p.stop_all()
-    print(p.logs())  # shown by pytest when the test failed
-
-
-@pytest.fixture
-async def bus_conn(fresh_nats: str) -> AsyncIterator[tuple[Client, JetStreamContext]]:
-    nc = await nats.connect(fresh_nats)
-    js = nc.jetstream(timeout=10)
-    await streams.ensure_streams(js)
-    yield nc, js
-    await nc.close()
 
 
 class Observed:
@@ -85,12 +66,19 @@ def peak_running(log: str) -> int:
     return max((int(m) for m in re.findall(r"jobs running=(\d+)", log)), default=0)
 
 
-async def ready(js: JetStreamContext) -> bool:
-    try:
-        await js.consumer_info(streams.CONVERSATIONS.name, "dispatcher-conv")
-        return True
-    except Exception:
-        return False
+async def watch_and_allocate(procs: Procs, nc: Client) -> tuple[Observed, str]:
+    """Start observing the bus and the allocator (when it exists); a fresh agent name."""
+    seen = Observed()
+    await seen.start(nc)
+    if has_allocator():
+        procs.allocator()
+    return seen, agent_name()
+
+
+async def start_dispatcher(procs: Procs, js: JetStreamContext, name: str) -> Proc:
+    d = procs.dispatcher(CROSSTALK_AGENT_NAME=name, CROSSTALK_DISPATCH_RATE="20", CROSSTALK_JOIN_DEADLINE_S="30")
+    await dispatcher_started(js)
+    return d
 
 
 async def request(nc: Client, body: dict[str, object]) -> None:
@@ -98,21 +86,12 @@ async def request(nc: Client, body: dict[str, object]) -> None:
     assert contracts.decode(msg.data, contracts.BatchReply).accepted
 
 
-def agent_name() -> str:
-    return f"agent-{uuid.uuid4().hex[:8]}"
-
-
 async def test_concurrency_above_capacity_waits_and_never_fails(
         procs: Procs, bus_conn: tuple[Client, JetStreamContext]) -> None:
     nc, js = bus_conn
-    seen = Observed()
-    await seen.start(nc)
-    name = agent_name()
-    if has_allocator():
-        procs.allocator()
+    seen, name = await watch_and_allocate(procs, nc)
     worker = procs.fake_agent(name, talk_s=1.5, max_jobs=4)  # 4 sessions: 2 conversations at once
-    d = procs.dispatcher(CROSSTALK_AGENT_NAME=name, CROSSTALK_DISPATCH_RATE="20", CROSSTALK_JOIN_DEADLINE_S="30")
-    await wait_for(lambda: ready(js), 30, "dispatcher to start")
+    d = await start_dispatcher(procs, js, name)
     bid = f"cap-{uuid.uuid4().hex[:6]}"
     n = 10
     await request(nc, {"batch_id": bid, "conversations": n, "concurrency": n})
@@ -157,15 +136,10 @@ async def test_concurrency_above_capacity_waits_and_never_fails(
 async def test_a_killed_workers_slots_vanish_and_the_batch_completes_on_the_rest(
         procs: Procs, bus_conn: tuple[Client, JetStreamContext]) -> None:
     nc, js = bus_conn
-    seen = Observed()
-    await seen.start(nc)
-    name = agent_name()
-    if has_allocator():
-        procs.allocator()
+    seen, name = await watch_and_allocate(procs, nc)
     doomed = procs.fake_agent(name, talk_s=3.0, max_jobs=4)
     survivor = procs.fake_agent(name, talk_s=3.0, max_jobs=4)
-    procs.dispatcher(CROSSTALK_AGENT_NAME=name, CROSSTALK_DISPATCH_RATE="20", CROSSTALK_JOIN_DEADLINE_S="30")
-    await wait_for(lambda: ready(js), 30, "dispatcher to start")
+    await start_dispatcher(procs, js, name)
 
     def announced() -> int | None:
         return seen.status[-1][1].capacity if seen.status else None

@@ -12,26 +12,26 @@ import asyncio
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import aiohttp
-import nats
 import pytest
 from livekit import api
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from support.harness import (
     Procs,
+    agent_name,
     all_batch_events,
     batch_events,
+    dispatcher_started,
     has_allocator,
     phantom_capacity,
     read_subject,
     wait_finished,
     wait_for,
 )
-from support.servers import find_binary, start_nats
+from support.servers import find_binary
 
 from services.dispatcher import core
 from services.dispatcher.state import conversation_id, job_metadata, parse_room, replay
@@ -49,30 +49,6 @@ from shared.contracts import (
 )
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture
-def fresh_nats(tmp_path: Path) -> Iterator[str]:
-    srv = start_nats(tmp_path / "nats")
-    yield srv.url
-    srv.stop()
-
-
-@pytest.fixture
-def procs(tmp_path: Path, fresh_nats: str, livekit_env: dict[str, str]) -> Iterator[Procs]:
-    p = Procs(tmp_path, fresh_nats, livekit_env)
-    yield p
-    p.stop_all()
-    print(p.logs())  # shown by pytest when the test failed
-
-
-@pytest.fixture
-async def bus_conn(fresh_nats: str) -> AsyncIterator[tuple[Client, JetStreamContext]]:
-    nc = await nats.connect(fresh_nats)
-    js = nc.jetstream(timeout=10)
-    await streams.ensure_streams(js)
-    yield nc, js
-    await nc.close()
 
 
 @pytest.fixture
@@ -96,10 +72,6 @@ def start_agents(procs: Procs, name: str, *, talk_s: float, workers: int = 2) ->
         procs.fake_agent(name, talk_s=talk_s)
 
 
-def agent_name() -> str:
-    return f"agent-{uuid.uuid4().hex[:8]}"
-
-
 async def rooms_of(lk: api.LiveKitAPI, batch_id: str) -> list[api.Room]:
     res = await lk.room.list_rooms(api.ListRoomsRequest())
     return [r for r in res.rooms if r.name.startswith(f"{batch_id}-")]
@@ -113,14 +85,6 @@ async def delete_rooms(lk: api.LiveKitAPI, batch_id: str) -> None:
 async def request(nc: Client, body: bytes) -> BatchReply:
     msg = await nc.request(subjects.BATCH_START, body, timeout=20)
     return contracts.decode(msg.data, BatchReply)
-
-
-async def consumer_ready(js: JetStreamContext) -> bool:
-    try:
-        await js.consumer_info(streams.CONVERSATIONS.name, "dispatcher-conv")
-        return True
-    except Exception:
-        return False
 
 
 def settled_by_conversation(events: list[object]) -> dict[str, list[ConversationSettled]]:
@@ -192,7 +156,7 @@ async def test_bad_commands_are_rejected_naming_the_field_and_create_nothing(
     d = procs.dispatcher(CROSSTALK_AGENT_NAME=agent_name(), CROSSTALK_MAX_CONVERSATIONS="5000",
                          CROSSTALK_MAX_CONCURRENCY="50")
     metrics_port = d.env["CROSSTALK_METRICS_PORT"]
-    await wait_for(lambda: consumer_ready(js), 30, "dispatcher to start")
+    await dispatcher_started(js)
     rooms_before = {r.name for r in (await lk.room.list_rooms(api.ListRoomsRequest())).rooms}
 
     for body, field in CORPUS:
@@ -243,7 +207,7 @@ async def test_batch_published_while_dispatcher_is_down_runs_when_it_starts(
     name = agent_name()
     # The dispatcher has run before (streams and its consumer exist), and is now stopped.
     first = procs.dispatcher(CROSSTALK_AGENT_NAME=name)
-    await wait_for(lambda: consumer_ready(js), 30, "dispatcher to start")
+    await dispatcher_started(js)
     first.stop()
     assert first.popen.returncode == 0
 
@@ -291,7 +255,7 @@ async def test_rooms_and_dispatches_appear_in_livekit(
     nc, js = bus_conn
     name = agent_name()  # no worker has this name: the rooms wait for agents that never come
     procs.dispatcher(CROSSTALK_AGENT_NAME=name, CROSSTALK_JOIN_DEADLINE_S="120", CROSSTALK_ROOM_EMPTY_TIMEOUT_S="700")
-    await wait_for(lambda: consumer_ready(js), 30, "dispatcher to start")
+    await dispatcher_started(js)
     bid = f"lk-{uuid.uuid4().hex[:6]}"
     async with phantom_capacity(nc, name):  # capacity announced: admitted, though no worker takes the jobs
         await _rooms_and_dispatches(nc, js, lk, name, bid)
@@ -338,7 +302,7 @@ async def test_a_repeated_batch_id_is_idempotent(
     nc, js = bus_conn
     name = agent_name()
     procs.dispatcher(CROSSTALK_AGENT_NAME=name, CROSSTALK_JOIN_DEADLINE_S="120")
-    await wait_for(lambda: consumer_ready(js), 30, "dispatcher to start")
+    await dispatcher_started(js)
     bid = f"dup-{uuid.uuid4().hex[:6]}"
     body = contracts.encode({"batch_id": bid, "conversations": 1})
     async with phantom_capacity(nc, name):
@@ -376,7 +340,7 @@ async def test_join_timeout_is_retried_then_failed_with_a_reason(
     # livekit-server records the job on its dispatch a few seconds after placing it (~5 s measured), so
     # the deadline, where placement is checked, is longer than that
     procs.dispatcher(CROSSTALK_AGENT_NAME=name, CROSSTALK_JOIN_DEADLINE_S="15", CROSSTALK_MAX_ATTEMPTS="2")
-    await wait_for(lambda: consumer_ready(js), 30, "dispatcher to start")
+    await dispatcher_started(js)
     bid = f"jt-{uuid.uuid4().hex[:6]}"
     assert (await request(nc, contracts.encode({"batch_id": bid, "conversations": 2}))).accepted
     finished = await wait_finished(js, bid, 60)
@@ -400,7 +364,7 @@ async def test_a_dispatch_no_worker_takes_is_no_capacity_and_uses_no_attempt(
     nc, js = bus_conn
     name = agent_name()
     procs.dispatcher(CROSSTALK_AGENT_NAME=name, CROSSTALK_JOIN_DEADLINE_S="1", CROSSTALK_MAX_ATTEMPTS="1")
-    await wait_for(lambda: consumer_ready(js), 30, "dispatcher to start")
+    await dispatcher_started(js)
     bid = f"nocap-{uuid.uuid4().hex[:6]}"
     async with phantom_capacity(nc, name):
         assert (await request(nc, contracts.encode({"batch_id": bid, "conversations": 1}))).accepted
@@ -421,7 +385,7 @@ async def test_an_agent_that_leaves_fails_the_conversation_with_agent_left(
         procs.allocator()
     procs.fake_agent(name, mode="leave")
     procs.dispatcher(CROSSTALK_AGENT_NAME=name, CROSSTALK_MAX_ATTEMPTS="1")
-    await wait_for(lambda: consumer_ready(js), 30, "dispatcher to start")
+    await dispatcher_started(js)
     bid = f"left-{uuid.uuid4().hex[:6]}"
     assert (await request(nc, contracts.encode({"batch_id": bid, "conversations": 1}))).accepted
     finished = await wait_finished(js, bid, 90)
@@ -437,7 +401,7 @@ async def test_sigkill_and_restart_mid_batch_neither_loses_nor_duplicates_conver
     start_agents(procs, name, talk_s=1.5)
     env = {"CROSSTALK_AGENT_NAME": name, "CROSSTALK_DISPATCH_RATE": "4", "CROSSTALK_JOIN_DEADLINE_S": "15"}
     dispatcher = procs.dispatcher(**env)
-    await wait_for(lambda: consumer_ready(js), 30, "dispatcher to start")
+    await dispatcher_started(js)
     bid = f"kill-{uuid.uuid4().hex[:6]}"
     n, concurrency = 10, 3
     assert (await request(nc, contracts.encode({"batch_id": bid, "conversations": n,

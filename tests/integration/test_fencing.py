@@ -13,22 +13,22 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import nats
 import pytest
 from nats.aio.client import Client
 from prometheus_client import CollectorRegistry
+from support.harness import wait_for
 from support.servers import Server, start_nats
+from support.sink import drained, running_sink
 
 from services.allocator import core
 from services.allocator.main import Allocator
 from services.sink import core as sink_core
-from services.sink.main import Sink, Tuning
+from services.sink.main import Sink
 from shared import bus, contracts, subjects
-from shared.config import Settings
 from shared.contracts import RenewReply, RoleRenew, RoleReply, RoleRequest, TurnRecorded
-from shared.metrics import AllocatorMetrics, SinkMetrics
+from shared.metrics import AllocatorMetrics
 from worker.lease import LeaseKeeper
 
 LEASE_S = 1.0
@@ -47,20 +47,13 @@ async def stack(own_nats: Server, tmp_path: Path, unique: str) -> AsyncIterator[
     anc = await nats.connect(own_nats.url)
     allocator = Allocator(anc, await bus.jetstream(anc), lease_s=LEASE_S, metrics=AllocatorMetrics(CollectorRegistry()))
     await allocator.start()
-    snc = await nats.connect(own_nats.url)
-    settings = Settings(data_dir=tmp_path, sink_durable=f"fence-{unique}", sink_deliver="new", sink_ack_wait_s=3.0)
-    sink = Sink(await bus.jetstream(snc), settings, SinkMetrics(CollectorRegistry()), Tuning(flush_interval_s=0.05))
-    await sink.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(sink.run(stop))
     client = await nats.connect(own_nats.url)
     try:
-        yield client, allocator, sink
+        async with running_sink(own_nats.url, tmp_path, f"fence-{unique}") as sink:
+            yield client, allocator, sink
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
         await allocator.stop()
-        for c in (client, snc, anc):
+        for c in (client, anc):
             await c.drain()
 
 
@@ -83,27 +76,6 @@ def turn(batch: str, n: int, text: str, room: str, lease: int | None) -> TurnRec
 
 async def publish(nc: Client, t: TurnRecorded) -> None:
     await bus.publish(nc.jetstream(), subjects.conv_event(t.batch_id, t.conversation_id, "turn"), t)
-
-
-async def wait_for(check: Any, timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-async def drained(sink: Sink) -> bool:
-    for consumer in sink.consumers:
-        info = await sink.js.consumer_info(consumer.stream, consumer.name)
-        if info.num_pending or info.num_ack_pending:
-            return False
-    return True
 
 
 def transcript(data: Path, batch: str) -> list[tuple[int, str]]:

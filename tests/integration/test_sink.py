@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -13,13 +13,12 @@ from typing import Any
 import msgspec
 import pytest
 from nats.js import JetStreamContext
-from prometheus_client import CollectorRegistry
+from support.harness import wait_for
 from support.leases import Leases
+from support.sink import drained, running_sink
 
 from services.sink import core
-from services.sink.main import Sink, Tuning
 from shared import bus, streams, subjects
-from shared.config import Settings
 from shared.contracts import (
     BatchAccepted,
     BatchFinished,
@@ -29,28 +28,9 @@ from shared.contracts import (
     ConversationSettled,
     TurnRecorded,
 )
-from shared.metrics import SinkMetrics
 
 HINDI = "नमस्ते! मैं आपके खाते में लॉग-इन की समस्या में मदद करूँगा।"
 HINGLISH = "Haan ji, mera refund abhi tak नहीं आया hai 🙏"
-
-
-@asynccontextmanager
-async def running_sink(nats_url: str, data_dir: Path, durable: str, **overrides: Any) -> AsyncIterator[Sink]:
-    nc = await bus.connect(nats_url, f"test-{durable}")
-    js = await bus.jetstream(nc)
-    settings = Settings(data_dir=data_dir, sink_durable=durable, sink_deliver="new", sink_ack_wait_s=3.0)
-    tuning = Tuning(**{"flush_interval_s": 0.05, **overrides})
-    sink = Sink(js, settings, SinkMetrics(CollectorRegistry()), tuning)
-    await sink.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(sink.run(stop))
-    try:
-        yield sink
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-        await nc.drain()
 
 
 @asynccontextmanager
@@ -60,27 +40,6 @@ async def publisher(nats_url: str) -> AsyncIterator[JetStreamContext]:
         yield await bus.jetstream(nc)
     finally:
         await nc.drain()
-
-
-async def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-async def drained(sink: Sink) -> bool:
-    for consumer in sink.consumers:
-        info = await sink.js.consumer_info(consumer.stream, consumer.name)
-        if info.num_pending or info.num_ack_pending:
-            return False
-    return True
 
 
 def turn(batch: str, conv: str, n: int, attempt: int = 1, text: str | None = None) -> TurnRecorded:

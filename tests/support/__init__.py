@@ -3,6 +3,7 @@
 - ``servers``: nats-server, livekit-server and the webhook receiver for a test session; free ports.
 - ``harness``: ``Procs``, the one way a test starts a crosstalk process and waits until it is ready.
 - ``fake_agent``: a real livekit-agents worker that joins, reports and leaves (run as a process).
+- ``sink``: the transcript sink run in the test's own process, and whether it has drained.
 - ``leases``: grants written straight to the ROLES stream.
 - ``prometheus``: a real Prometheus and the dashboards' queries.
 """

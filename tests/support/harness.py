@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared import contracts, streams, subjects
 from shared.contracts import BatchEvent, BatchFinished
-from support.servers import ROOT, free_port
+from support.servers import ROOT, free_port, terminate
 
 PYTHON = sys.executable
 # what a process's ``python -m`` finds: the project, and tests/ for ``support`` (as pytest's pythonpath)
@@ -80,13 +81,7 @@ class Proc:
         return self.popen is not None and self.popen.poll() is None
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.popen is not None and self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        terminate(self.popen, timeout)
 
     def kill(self) -> None:
         if self.popen is not None and self.alive():
@@ -230,7 +225,9 @@ async def phantom_capacity(nc: Any, agent_name: str, capacity: int = 16,
             await task
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
+async def wait_for(
+    predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition", interval: float = 0.25
+) -> Any:
     """Poll an async or sync predicate until it returns something truthy."""
     deadline = time.monotonic() + timeout
     while True:
@@ -242,6 +239,25 @@ async def wait_for(predicate: Callable[[], Any], timeout: float, what: str, inte
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+async def dispatcher_started(js: JetStreamContext, timeout: float = 30.0) -> None:
+    """Wait until the dispatcher has added its conversation consumer, which it does once it serves."""
+    conv = streams.dispatcher_conv()
+
+    async def added() -> bool:
+        try:
+            await js.consumer_info(conv.stream, conv.name)
+            return True
+        except Exception:
+            return False
+
+    await wait_for(added, timeout, "dispatcher to start")
+
+
+def agent_name() -> str:
+    """A fresh agent name, so a test's dispatches reach only the workers it started."""
+    return f"agent-{uuid.uuid4().hex[:8]}"
 
 
 async def wait_finished(js: JetStreamContext, batch_id: str, timeout: float) -> BatchFinished:

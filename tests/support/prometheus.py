@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from support.servers import free_port, wait_port
+from support.servers import free_port, terminate, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "infra" / "prometheus"
@@ -103,13 +103,7 @@ class Prometheus:
                         lambda: f"{expr!r} returned {self.query(expr)!r}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     def log(self) -> str:
         return (self.workdir / "prometheus.log").read_text(errors="replace")[-4000:]

@@ -16,6 +16,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,6 +80,17 @@ def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | 
     raise TimeoutError(f"port {port} did not open in {timeout}s")
 
 
+def terminate(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
+    """SIGTERM ``proc`` if it runs, and SIGKILL it if it has not exited ``timeout`` seconds later."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @dataclass
 class Server:
     proc: subprocess.Popen[bytes] | None
@@ -86,13 +98,7 @@ class Server:
     extra: dict[str, object] = field(default_factory=dict)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
 
 def start_nats(workdir: Path) -> Server:

@@ -10,7 +10,7 @@ events it already reflects. The document format (:class:`BatchDoc`) is a public 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -101,29 +101,14 @@ def batch_of(event: BatchDocEvent) -> str:
 def evolve(doc: BatchDoc, event: BatchDocEvent) -> BatchDoc:
     """The document after ``event``; the same object when the event changes nothing."""
     if isinstance(event, BatchAccepted):
-        s = event.spec
-        new = msgspec.structs.replace(
-            doc,
-            requested=s.conversations if doc.status == "running" else doc.requested,
+        spec = event.spec
+        return _copied(
+            doc, spec, ("concurrency", "scenario", "language", "max_turns", "mode"),
+            requested=spec.conversations if doc.status == "running" else doc.requested,
             started_at=doc.started_at if doc.started_at is not None else event.at,
-            concurrency=s.concurrency,
-            scenario=s.scenario,
-            language=s.language,
-            max_turns=s.max_turns,
-            mode=s.mode,
         )
-        return doc if new == doc else new
     if isinstance(event, BatchFinished):
-        new = msgspec.structs.replace(
-            doc,
-            status=event.status,
-            requested=event.requested,
-            completed=event.completed,
-            failed=event.failed,
-            started_at=event.started_at,
-            finished_at=event.finished_at,
-        )
-        return doc if new == doc else new
+        return _copied(doc, event, ("status", "requested", "completed", "failed", "started_at", "finished_at"))
     if isinstance(event, ConversationJoined):
         return doc
     old = doc.conversations.get(event.conversation_id, ConversationEntry())
@@ -137,6 +122,13 @@ def evolve(doc: BatchDoc, event: BatchDocEvent) -> BatchDoc:
         completed += (entry.outcome == "completed") - (old.outcome == "completed")
         failed += (entry.outcome == "failed") - (old.outcome == "failed")
     return msgspec.structs.replace(doc, conversations=conversations, completed=completed, failed=failed)
+
+
+def _copied(doc: BatchDoc, source: object, fields: tuple[str, ...], **more: Any) -> BatchDoc:
+    """``doc`` with ``fields`` taken from ``source`` (same names) and ``more``; the same object
+    when that changes nothing."""
+    new = msgspec.structs.replace(doc, **{f: getattr(source, f) for f in fields}, **more)
+    return doc if new == doc else new
 
 
 def _entry(

@@ -53,19 +53,7 @@ _line_decoder = msgspec.json.Decoder(TurnLine)
 
 def encode_line(turn: TurnRecorded) -> bytes:
     """The turn as one JSON line: UTF-8 as is (Devanagari stays the same bytes), ``\\n`` ended."""
-    line = TurnLine(
-        conversation_id=turn.conversation_id,
-        turn=turn.turn,
-        role=turn.role,
-        text=turn.text,
-        started_at=turn.started_at,
-        ended_at=turn.ended_at,
-        attempt=turn.attempt,
-        batch_id=turn.batch_id,
-        first_token_s=turn.first_token_s,
-        total_s=turn.total_s,
-        language=turn.language,
-    )
+    line = TurnLine(**{f: getattr(turn, f) for f in TurnLine.__struct_fields__})
     return _line_encoder.encode(line) + b"\n"
 
 
