@@ -39,6 +39,9 @@ _INHERITED_OUT = ("NATS_URL", "LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SEC
 PORT_VARS = tuple(PORTS)  # every port the stack listens on, by its variable
 
 
+UDP_PORTS = 1000
+
+
 @dataclass
 class Stack:
     tmp: Path
@@ -48,9 +51,11 @@ class Stack:
     def create(cls, tmp: Path, **overrides: str) -> Stack:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CROSSTALK_") and k not in _INHERITED_OUT}
         lo, hi = _ephemeral_range()
-        udp = random.choice([p for p in range(15000, 64900, 100) if p + 99 < lo or p > hi])
-        env["CROSSTALK_LIVEKIT_UDP_PORTS"] = f"{udp}-{udp + 99}"
-        ports = free_ports(len(PORT_VARS), avoid=set(range(udp, udp + 100)))
+        # 1000 UDP ports: each peer connection takes one (measured: with 100, lk's load test stalled at
+        # its 34th room every time; with 2000 it ran all 40; benchmarks/README.md, "UDP ports")
+        udp = random.choice([p for p in range(15000, 64000, 1000) if p + UDP_PORTS - 1 < lo or p > hi])
+        env["CROSSTALK_LIVEKIT_UDP_PORTS"] = f"{udp}-{udp + UDP_PORTS - 1}"
+        ports = free_ports(len(PORT_VARS), avoid=set(range(udp, udp + UDP_PORTS)))
         env.update(zip(PORT_VARS, map(str, ports), strict=True))
         env["CROSSTALK_RUN_DIR"] = str(tmp / "run")
         env["CROSSTALK_DATA_DIR"] = str(tmp / "data")
