@@ -24,7 +24,6 @@ from support.harness import (
     agent_name,
     batch_events,
     dispatcher_started,
-    has_allocator,
     wait_finished,
     wait_for,
 )
@@ -67,11 +66,10 @@ def peak_running(log: str) -> int:
 
 
 async def watch_and_allocate(procs: Procs, nc: Client) -> tuple[Observed, str]:
-    """Start observing the bus and the allocator (when it exists); a fresh agent name."""
+    """Start observing the bus and the allocator; a fresh agent name."""
     seen = Observed()
     await seen.start(nc)
-    if has_allocator():
-        procs.allocator()
+    procs.allocator()
     return seen, agent_name()
 
 

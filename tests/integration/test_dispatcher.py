@@ -25,7 +25,6 @@ from support.harness import (
     all_batch_events,
     batch_events,
     dispatcher_started,
-    has_allocator,
     phantom_capacity,
     read_subject,
     wait_finished,
@@ -60,14 +59,13 @@ async def lk(livekit_env: dict[str, str]) -> AsyncIterator[api.LiveKitAPI]:
 
 
 def start_agents(procs: Procs, name: str, *, talk_s: float, workers: int = 2) -> None:
-    """The allocator (when it exists) and fake agent workers.
+    """The allocator and fake agent workers.
 
     Two workers, because livekit-rtc's FFI answers a lost connect handshake with a
     SIGTERM to the whole worker process under heavy load; the dispatcher then
     retries on the surviving worker, which is what it is for.
     """
-    if has_allocator():
-        procs.allocator()
+    procs.allocator()
     for _ in range(workers):
         procs.fake_agent(name, talk_s=talk_s)
 
@@ -381,8 +379,7 @@ async def test_an_agent_that_leaves_fails_the_conversation_with_agent_left(
         procs: Procs, bus_conn: tuple[Client, JetStreamContext]) -> None:
     nc, js = bus_conn
     name = agent_name()
-    if has_allocator():
-        procs.allocator()
+    procs.allocator()
     procs.fake_agent(name, mode="leave")
     procs.dispatcher(CROSSTALK_AGENT_NAME=name, CROSSTALK_MAX_ATTEMPTS="1")
     await dispatcher_started(js)

@@ -16,13 +16,11 @@ import aiohttp
 import nats
 import pytest
 from livekit import api, rtc
-from support.harness import Procs, has_allocator
-from test_sink import running_sink, wait_for  # noqa: E402  (tests/integration is on sys.path)
+from support.harness import Procs, wait_for
+from support.sink import running_sink
 
 from shared import contracts, rooms, subjects
 from shared.contracts import RoleReply, RoleRequest
-
-pytestmark = pytest.mark.skipif(not has_allocator(), reason="needs services/allocator")
 
 
 def agent_token(room: str, identity: str, key: str, secret: str) -> str:

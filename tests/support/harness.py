@@ -167,9 +167,6 @@ class Procs:
         return "\n".join(f"===== {p.name} ({p.log_path})\n{p.log()[-6000:]}" for p in self.started)
 
 
-def has_allocator() -> bool:
-    return (ROOT / "services" / "allocator" / "__main__.py").exists()
-
 
 async def read_subject(js: JetStreamContext, stream: str, subject: str) -> list[Any]:
     """Raw messages on ``subject`` (wildcards allowed) in stream order."""
