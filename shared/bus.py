@@ -10,10 +10,11 @@ JetStream publishes retry on timeouts. ``fetch`` bounds nats-py's pull from outs
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import nats
 import nats.errors
@@ -36,6 +37,7 @@ from tenacity.stop import StopBaseT
 
 from shared import contracts, streams
 from shared.log import kv
+from shared.servertime import parse_ts
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,28 @@ async def publish(
         with attempt:
             return await js.publish(subject, body, headers=hdrs or None)
     raise RuntimeError("unreachable")
+
+
+class Stored(NamedTuple):
+    """One stored message as a direct get returns it, with its JetStream timestamp (server time)."""
+
+    subject: str
+    seq: int
+    data: bytes
+    ts: float
+
+
+async def direct_get(nc: Client, stream: str, *, timeout_s: float = 5.0, **query: object) -> Stored | None:
+    """One stored message through ``$JS.API.DIRECT.GET.<stream>`` (the stream needs ``allow_direct``),
+    e.g. ``last_by_subj=subject`` or ``seq=n, next_by_subj=subject``; None when there is none."""
+    msg = await nc.request(f"$JS.API.DIRECT.GET.{stream}", json.dumps(query).encode(), timeout=timeout_s)
+    headers = msg.headers or {}
+    status = headers.get("Status")
+    if status == "404":
+        return None
+    if status:
+        raise RuntimeError(f"direct get {stream} {query}: {status} {headers.get('Description', '')}".strip())
+    return Stored(headers["Nats-Subject"], int(headers["Nats-Sequence"]), msg.data, parse_ts(headers["Nats-Time-Stamp"]))
 
 
 def is_wrong_last_sequence(exc: APIError) -> bool:

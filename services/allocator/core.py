@@ -44,6 +44,7 @@ from shared.contracts import (
     RoleRenew,
     RoleReply,
     RoleRequest,
+    stamp,  # noqa: F401  (re-exported: the rule that reads a stored event lives with LeaseEvent)
 )
 
 LeaseStatus = Literal["free", "held", "expired"]
@@ -59,17 +60,6 @@ EXPIRED: RenewOutcome = "expired"
 UNKNOWN: RenewOutcome = "unknown"
 # Bound on the fenced job ids carried in a room's events (a room sees a handful of jobs).
 MAX_FENCED = 64
-
-
-def stamp(event: LeaseEvent, seq: int, ts: float) -> LeaseEvent:
-    """A stored event as the rules read it: its lease token filled in (a grant's token is its
-    own sequence) and ``expires_at`` on server time (its JetStream timestamp ``ts`` plus its
-    ``lease_s``; a release ends the lease at ``ts``). Events written before ``lease_s``
-    existed keep their duration ``expires_at - at``."""
-    duration = event.lease_s if event.lease_s is not None else max(0.0, event.expires_at - event.at)
-    lease = event.lease if event.lease is not None else (seq if event.kind == "granted" else None)
-    expires = ts if event.kind == "released" else ts + duration
-    return msgspec.structs.replace(event, lease=lease, expires_at=expires)
 
 
 class RoleState(msgspec.Struct, frozen=True):

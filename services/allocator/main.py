@@ -22,7 +22,6 @@ what any reader derives from the stored grant.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -42,7 +41,7 @@ from shared import bus, contracts, subjects
 from shared.config import Settings
 from shared.log import kv
 from shared.metrics import AllocatorMetrics
-from shared.servertime import ServerClock, parse_ts
+from shared.servertime import ServerClock
 from shared.streams import ROLES as ROLES_STREAM
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,6 @@ R = TypeVar("R", contracts.RoleReply, contracts.ReleaseReply, contracts.RenewRep
 
 EXPECTED_SEQ = "Nats-Expected-Last-Subject-Sequence"
 EXPECTED_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
-DIRECT_GET = f"$JS.API.DIRECT.GET.{ROLES_STREAM.name}"
 
 # Each failed append means another writer to the same room succeeded, so a room with
 # a handful of contenders settles in a few rounds; this bound only stops a runaway.
@@ -72,13 +70,6 @@ class Snapshot(NamedTuple):
     customer: contracts.LeaseEvent | None
     support: contracts.LeaseEvent | None
     seq: int
-
-
-class Stored(NamedTuple):
-    subject: str
-    seq: int
-    data: bytes
-    ts: float  # JetStream timestamp (server time)
 
 
 class Allocator:
@@ -318,21 +309,12 @@ class Allocator:
             raise
         return ack.seq
 
-    async def _direct_last(self, subject: str) -> Stored | None:
+    async def _direct_last(self, subject: str) -> bus.Stored | None:
         """Last message on ``subject`` (wildcards allowed) via the stream's direct get."""
-        body = json.dumps({"last_by_subj": subject}).encode()
-        msg = await self.nc.request(DIRECT_GET, body, timeout=self.timeout_s)
-        headers = msg.headers or {}
-        status = headers.get("Status")
-        if status == "404":
-            return None
-        if status:
-            raise RuntimeError(f"direct get {subject}: {status} {headers.get('Description', '')}".strip())
-        return Stored(headers["Nats-Subject"], int(headers["Nats-Sequence"]), msg.data,
-                      parse_ts(headers["Nats-Time-Stamp"]))
+        return await bus.direct_get(self.nc, str(ROLES_STREAM.name), timeout_s=self.timeout_s, last_by_subj=subject)
 
 
-def _lease_event(stored: Stored) -> contracts.LeaseEvent | None:
+def _lease_event(stored: bus.Stored) -> contracts.LeaseEvent | None:
     """Decode a stored lease, stamped with its token and server-time expiry (core.stamp);
     anything else on a role subject is treated as no lease."""
     try:

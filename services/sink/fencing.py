@@ -31,7 +31,6 @@ or two the first time its token is seen and usually none after.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -40,10 +39,8 @@ from typing import Literal
 
 from nats.aio.client import Client
 
-from services.allocator.core import stamp
-from shared import contracts, subjects
-from shared.contracts import ContractError, LeaseEvent, Role, TurnRecorded
-from shared.servertime import parse_ts
+from shared import bus, contracts, subjects
+from shared.contracts import ContractError, LeaseEvent, Role, TurnRecorded, stamp
 from shared.streams import ROLES
 
 log = logging.getLogger("sink.fencing")
@@ -61,7 +58,7 @@ class Mark:
     ts: float  # JetStream timestamp (server time)
     lease: int | None
     kind: str
-    expires: float  # server time (allocator.core.stamp)
+    expires: float  # server time (shared.contracts.stamp)
 
 
 @dataclass(frozen=True)
@@ -114,7 +111,6 @@ class LeaseLog:
 
     def __init__(self, nc: Client, *, max_views: int = 50_000, timeout_s: float = 5.0) -> None:
         self.nc = nc
-        self.subject = f"$JS.API.DIRECT.GET.{ROLES.name}"
         self.max_views = max_views
         self.timeout_s = timeout_s
         self._views: OrderedDict[tuple[str, str, int], LeaseView] = OrderedDict()
@@ -156,18 +152,12 @@ class LeaseLog:
 
     async def _next(self, subject: str, seq: int) -> Mark | None:
         """The first event on ``subject`` at or after ``seq``."""
-        body = json.dumps({"seq": seq, "next_by_subj": subject}).encode()
-        msg = await self.nc.request(self.subject, body, timeout=self.timeout_s)
-        headers = msg.headers or {}
-        status = headers.get("Status")
-        if status == "404":
+        stored = await bus.direct_get(self.nc, str(ROLES.name), timeout_s=self.timeout_s, seq=seq, next_by_subj=subject)
+        if stored is None:
             return None
-        if status:
-            raise RuntimeError(f"direct get {subject} from {seq}: {status} {headers.get('Description', '')}".strip())
-        stored_seq, ts = int(headers["Nats-Sequence"]), parse_ts(headers["Nats-Time-Stamp"])
         try:
-            event = stamp(contracts.decode(msg.data, LeaseEvent), stored_seq, ts)
+            event = stamp(contracts.decode(stored.data, LeaseEvent), stored.seq, stored.ts)
         except ContractError as exc:  # not a lease: it cannot vouch for any token
-            log.warning("unreadable lease event", extra={"subject": subject, "seq": stored_seq, "reason": str(exc)})
-            return Mark(seq=stored_seq, ts=ts, lease=None, kind="unreadable", expires=ts)
-        return Mark(seq=stored_seq, ts=ts, lease=event.lease, kind=event.kind, expires=event.expires_at)
+            log.warning("unreadable lease event", extra={"subject": subject, "seq": stored.seq, "reason": str(exc)})
+            return Mark(seq=stored.seq, ts=stored.ts, lease=None, kind="unreadable", expires=stored.ts)
+        return Mark(seq=stored.seq, ts=stored.ts, lease=event.lease, kind=event.kind, expires=event.expires_at)
