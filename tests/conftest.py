@@ -7,6 +7,7 @@ already run, set CROSSTALK_TEST_NATS_URL and/or CROSSTALK_TEST_LIVEKIT_URL
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -43,25 +44,46 @@ def nats_url(nats_server: Server) -> str:
     return nats_server.url
 
 
-@pytest.fixture(scope="session")
-def livekit_server(workdir: Path, nats_server: Server) -> Iterator[Server]:
+@contextlib.contextmanager
+def _audited_livekit(workdir: Path, nats_url: str) -> Iterator[Server]:
     """livekit-server posting its webhooks to crosstalk's receiver (services/webhook), which
-    publishes them to this session's NATS: integration tests get the sink's room audit."""
-    url = os.environ.get("CROSSTALK_TEST_LIVEKIT_URL")
-    if url:
-        yield Server(None, url)
-        return
+    publishes them to ``nats_url``: what the sink's room audit is built from."""
     hook_port = free_port()
     srv = start_livekit(workdir / "livekit", webhook_url=f"http://127.0.0.1:{hook_port}/webhook")
     try:
-        hook = start_webhook(workdir / "webhook", nats_server.url, hook_port)
+        hook = start_webhook(workdir / "webhook", nats_url, hook_port)
     except BaseException:
         srv.stop()
         raise
     srv.extra["webhook"] = hook
-    yield srv
-    hook.stop()
-    srv.stop()
+    try:
+        yield srv
+    finally:
+        hook.stop()
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def livekit_server(workdir: Path, nats_server: Server) -> Iterator[Server]:
+    """The session's livekit-server, with webhooks into this session's NATS (or CROSSTALK_TEST_LIVEKIT_URL's)."""
+    url = os.environ.get("CROSSTALK_TEST_LIVEKIT_URL")
+    if url:
+        yield Server(None, url)
+        return
+    with _audited_livekit(workdir, nats_server.url) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def audited_livekit(livekit_server: Server, workdir: Path, nats_server: Server) -> Iterator[Server]:
+    """A livekit-server whose webhooks reach this session's NATS: the session's own, or, when the
+    tests reuse an external server (which posts its webhooks elsewhere), one started for the audit
+    tests, so they always run."""
+    if "webhook" in livekit_server.extra:
+        yield livekit_server
+        return
+    with _audited_livekit(workdir / "audited", nats_server.url) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="session")

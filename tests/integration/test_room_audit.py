@@ -49,11 +49,10 @@ def audit_of(data_dir: Path, batch: str, conv: str) -> dict[str, Any] | None:
 
 
 async def test_an_agent_joined_by_hand_is_flagged_in_batch_json(
-    nats_url: str, livekit_server: Any, livekit_env: dict[str, str], tmp_path: Path, unique: str
+    nats_url: str, audited_livekit: Any, tmp_path: Path, unique: str
 ) -> None:
-    if "webhook" not in livekit_server.extra:
-        pytest.skip("livekit-server not started by the tests (no webhook receiver)")
-    key, secret, url = livekit_env["LIVEKIT_API_KEY"], livekit_env["LIVEKIT_API_SECRET"], livekit_env["LIVEKIT_URL"]
+    key, secret, url = "devkey", "secret", audited_livekit.url  # the keys start_livekit configures
+    livekit_env = {"LIVEKIT_URL": url, "LIVEKIT_API_KEY": key, "LIVEKIT_API_SECRET": secret}
     procs = Procs(tmp_path, nats_url, livekit_env)
     procs.allocator()
     batch = f"audit-{unique}"
@@ -124,11 +123,9 @@ def _signed(body: bytes, key: str, secret: str) -> str:
 
 
 async def test_receiver_rejects_bad_signatures_and_dedupes_retries(
-    nats_url: str, livekit_server: Any, unique: str
+    nats_url: str, audited_livekit: Any, unique: str
 ) -> None:
-    hook = livekit_server.extra.get("webhook")
-    if hook is None:
-        pytest.skip("livekit-server not started by the tests (no webhook receiver)")
+    hook = audited_livekit.extra["webhook"]
     room = f"hooktest-{unique}-00000-a1"
     body = json.dumps({
         "event": "participant_joined", "id": f"EV_{unique}", "createdAt": str(int(time.time())),
