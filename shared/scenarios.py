@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -32,12 +33,22 @@ class ScriptLine(msgspec.Struct, frozen=True):
     end: bool = False
 
 
-class Scenario(msgspec.Struct, frozen=True):
+class Scenario(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     title: str
     language: str
     roles: dict[Role, Persona]
     script: list[ScriptLine]
+    # LiveKit's scenario fields (``lk agent simulate`` / ``SimulationDispatch.scenario``):
+    # handed to an agent under test; ``label`` defaults to ``title``.
+    label: str = ""
+    agent_expectations: str = ""
+    tags: dict[str, str] = msgspec.field(default_factory=dict)
+    userdata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    @property
+    def display_label(self) -> str:
+        return self.label or self.title
 
     def instructions(self, role: Role, language: str | None = None) -> str:
         """System prompt for ``role``; the marker line lets the scripted model find its script."""
