@@ -53,7 +53,7 @@ PORTS: dict[str, int] = {
     "CROSSTALK_GRAFANA_PORT": 3000,
     **{metrics_port_var(name): port for name, port in DEFAULT_PORTS.items()},
 }
-LIVEKIT_UDP_PORTS = "50000-50200"
+LIVEKIT_UDP_PORTS = "50000-51999"  # one UDP port per participant; voice batches need hundreds (benchmarks: 100 ports stalled at room 34)
 
 
 class StackError(Exception):
@@ -107,7 +107,7 @@ class Config:
             if not 1024 <= lo < hi <= 65535:
                 raise ValueError
         except ValueError:
-            raise StackError(f"CROSSTALK_LIVEKIT_UDP_PORTS: must be a range like 50000-50200, got {udp_raw!r}") from None
+            raise StackError(f"CROSSTALK_LIVEKIT_UDP_PORTS: must be a range like 50000-51999, got {udp_raw!r}") from None
         only_raw = e.get("CROSSTALK_SERVICES", "").strip()
         only = frozenset(s.strip() for s in only_raw.split(",") if s.strip()) if only_raw else None
         if only is not None and (unknown := sorted(only - set(ALL_NAMES))):
