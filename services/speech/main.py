@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -52,6 +53,21 @@ def _server_error(reason: str) -> web.Response:
     return _json({"error": {"message": reason, "type": "server_error", "param": None, "code": None}}, 500)
 
 
+@web.middleware
+async def _request_id(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+    """Every answer carries ``x-request-id``, as OpenAI's do (livekit-plugins-openai logs its absence)."""
+    rid = f"req_{uuid.uuid4().hex}"
+    request["request_id"] = rid
+    resp: web.StreamResponse = await handler(request)
+    if not resp.prepared:
+        resp.headers.setdefault("x-request-id", rid)
+    return resp
+
+
+def _stream_headers(request: web.Request, content_type: str) -> dict[str, str]:
+    return {"Content-Type": content_type, "x-request-id": request["request_id"]}
+
+
 class SpeechServer:
     def __init__(self, engines: Engines, metrics: SpeechMetrics, limits: Limits = Limits(),
                  workers: int | None = None) -> None:
@@ -81,7 +97,8 @@ class SpeechServer:
 
     def app(self) -> web.Application:
         # uploads up to the limit, plus room for the form's text fields
-        app = web.Application(client_max_size=int(self.limits.max_upload_mb * 1024 * 1024) + 64 * 1024)
+        app = web.Application(client_max_size=int(self.limits.max_upload_mb * 1024 * 1024) + 64 * 1024,
+                              middlewares=[_request_id])
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/audio/voices", self.voices)
@@ -162,12 +179,12 @@ class SpeechServer:
             assert isinstance(pcm, bytes)
             samples += len(pcm) // 2
             if resp is None:  # headers go with the first audio: an engine error before it is still a 500
-                resp = web.StreamResponse(headers={"Content-Type": job.content_type})
+                resp = web.StreamResponse(headers=_stream_headers(request, job.content_type))
                 await resp.prepare(request)
                 self.metrics.first_audio.labels(job.voice.engine).observe(time.perf_counter() - started)
             await resp.write(resampler.push(pcm))
         if resp is None:  # nothing to say (only punctuation): an empty body, still 200
-            resp = web.StreamResponse(headers={"Content-Type": job.content_type})
+            resp = web.StreamResponse(headers=_stream_headers(request, job.content_type))
             await resp.prepare(request)
         await resp.write(resampler.flush())
         await resp.write_eof()
