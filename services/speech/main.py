@@ -30,6 +30,7 @@ from shared import voices
 from shared.log import kv
 from shared.metrics import SpeechMetrics
 from shared.openai_errors import RequestError
+from shared.webapp import serve_app
 
 from . import audio, core
 from .engines import Engines
@@ -256,14 +257,8 @@ async def serve_in_background(engines: Engines, host: str = "127.0.0.1", port: i
     ``port=0`` picks a free port; ``metrics`` defaults to a private registry.
     """
     server = SpeechServer(engines, metrics or SpeechMetrics(CollectorRegistry()), limits, workers)
-    runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound_host, bound_port = runner.addresses[0][:2]
-        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-        yield f"http://{url_host}:{bound_port}/v1"
+        async with serve_app(server.app(), host, port) as url:
+            yield url
     finally:
-        await runner.cleanup()
         server.close()
