@@ -19,6 +19,7 @@ from prometheus_client import (
 # Default /metrics ports (CROSSTALK_METRICS_PORT overrides per process).
 DEFAULT_PORTS = {
     "dispatcher": 9101, "allocator": 9102, "sink": 9103, "model": 9104, "worker": 9105, "webhook": 9120,
+    "judge": 9130,
 }
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
