@@ -33,7 +33,8 @@ def wilson(c: int, n: int, z: float = Z95) -> tuple[float, float] | None:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # exactly 0 and 1 at c = 0 and c = n (the formula's value there, without rounding error)
+    return (0.0 if c == 0 else max(0.0, centre - half)), (1.0 if c == n else min(1.0, centre + half))
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
