@@ -16,6 +16,7 @@ import msgspec
 import yaml
 
 Direction = Literal["higher", "lower"]
+Change = Literal["better", "worse", "same", "n/a"]
 METRICS: dict[str, tuple[str, Direction]] = {
     "pass_rate": ("max_pass_rate_drop", "higher"),
     "pass_k": ("max_pass_k_drop", "higher"),
@@ -38,7 +39,7 @@ class Row(msgspec.Struct, frozen=True, kw_only=True):
     baseline: float | None
     candidate: float | None
     delta: float | None
-    change: Literal["better", "worse", "same", "n/a"]
+    change: Change
     regression: bool
 
 
@@ -93,7 +94,7 @@ def compare(base: dict[str, Any], cand: dict[str, Any], th: Thresholds) -> Compa
                 continue
             delta = new - old
             worse_by = -delta if better == "higher" else delta
-            change = "same" if abs(delta) < 1e-12 else ("worse" if worse_by > 0 else "better")
+            change: Change = "same" if abs(delta) < 1e-12 else ("worse" if worse_by > 0 else "better")
             limit = getattr(th, limit_name)
             regression = limit is not None and worse_by > limit + 1e-12
             if regression:

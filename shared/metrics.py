@@ -219,6 +219,21 @@ class WebhookMetrics:
             self.events.labels(event)
 
 
+class JudgeMetrics:
+    """services/judge: verdicts written (infra_failure: no verdict, kept out of pass rates), batches judged."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.judgments = Counter(
+            "crosstalk_judge_judgments_total", "conversation judgments written, by verdict", ["verdict"],
+            registry=registry)  # pass|fail|inconclusive|infra_failure
+        self.batches = Counter("crosstalk_judge_batches_total", "finished batches judged", registry=registry)
+        self.batch_seconds = Histogram(
+            "crosstalk_judge_batch_seconds", "time to judge one finished batch (checks and LLM judge)",
+            buckets=JOIN_BUCKETS, registry=registry)
+        for verdict in ("pass", "fail", "inconclusive", "infra_failure"):
+            self.judgments.labels(verdict)
+
+
 class ModelMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.requests = Counter(

@@ -12,7 +12,7 @@ import sys
 from shared import bus
 from shared.config import load_or_exit
 from shared.log import kv, setup
-from shared.metrics import serve
+from shared.metrics import JudgeMetrics, serve
 
 from .batch import JudgeConfig
 from .main import Judge
@@ -34,7 +34,7 @@ def main() -> None:
             js = await bus.jetstream(nc)
             log.info("judge consuming", extra=kv(data_dir=str(settings.data_dir), llm_judge=config.url is not None,
                                                  judge_model=config.model if config.url else None, metrics_port=port))
-            await Judge(js, settings, config).run(stop)
+            await Judge(js, settings, config, JudgeMetrics()).run(stop)
         finally:
             await nc.drain()
 

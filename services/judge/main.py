@@ -21,6 +21,7 @@ from shared import bus, contracts, scenarios, streams, subjects
 from shared.config import Settings
 from shared.contracts import BatchAccepted, BatchEvent, BatchFinished
 from shared.log import kv
+from shared.metrics import JudgeMetrics
 
 from .batch import JudgeConfig, judge_batch, ready
 from .llm import LlmJudge
@@ -34,8 +35,9 @@ RETRY_S = 2.0
 
 
 class Judge:
-    def __init__(self, js: JetStreamContext, settings: Settings, config: JudgeConfig) -> None:
+    def __init__(self, js: JetStreamContext, settings: Settings, config: JudgeConfig, metrics: JudgeMetrics) -> None:
         self.js = js
+        self.metrics = metrics
         self.settings = settings
         self.config = config
         self.llm: LlmJudge | None = config.make_llm()
@@ -82,5 +84,10 @@ class Judge:
         if missing is not None:
             log.warning("judging a batch the sink has not completed", extra=kv(batch_id=ev.batch_id, missing=missing))
         self.waiting_since.pop(ev.batch_id, None)
-        await judge_batch(files, scenarios.library(), self.llm)
+        started = time.monotonic()
+        written = await judge_batch(files, scenarios.library(), self.llm)
+        self.metrics.batches.inc()
+        self.metrics.batch_seconds.observe(time.monotonic() - started)
+        for j in written:
+            self.metrics.judgments.labels(j.verdict or "infra_failure").inc()
         return True

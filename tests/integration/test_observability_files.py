@@ -45,6 +45,7 @@ GROUPS = {
     "model": metrics.ModelMetrics,
     "worker": metrics.WorkerMetrics,
     "webhook": metrics.WebhookMetrics,
+    "judge": metrics.JudgeMetrics,
 }
 # livekit-server v1.13.5's own gauges (seen on its prometheus_port; the real-Prometheus test re-checks them).
 LIVEKIT_METRICS = {"livekit_room_total", "livekit_participant_total"}
