@@ -54,7 +54,8 @@ class StartBatch(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
 
     batch_id: BatchId | None = None
     # Default 1; with ``scenarios`` / ``trials`` it is scenarios x trials, and a different value is refused.
-    conversations: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    # (UNSET, not None: an explicit null is still refused)
+    conversations: Annotated[int, msgspec.Meta(ge=1)] | msgspec.UnsetType = msgspec.UNSET
     concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
     scenario: Annotated[str, msgspec.Meta(pattern=ID_PATTERN)] | None = None
     language: Annotated[str, msgspec.Meta(pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?\Z")] | None = None

@@ -79,12 +79,13 @@ def validate(
     scenario = chosen[0]
     planned = cmd.scenarios is not None or cmd.trials is not None
     trials = cmd.trials or 1
-    conversations = cmd.conversations or (len(chosen) * trials if planned else 1)
+    given = cmd.conversations if isinstance(cmd.conversations, int) else None
+    conversations = given or (len(chosen) * trials if planned else 1)
     if planned and conversations != len(chosen) * trials:
         return reject("conversations", f"contradicts scenarios x trials = {len(chosen)} x {trials} = "
                                        f"{len(chosen) * trials}; leave it out or set it to that")
     if conversations > settings.max_conversations:
-        field = "conversations" if cmd.conversations else ("trials" if cmd.trials else "scenarios")
+        field = "conversations" if given else ("trials" if cmd.trials else "scenarios")
         return reject(field, f"the batch would run {conversations} conversations; at most "
                              f"{settings.max_conversations} are allowed")
     if cmd.mode == "voice":

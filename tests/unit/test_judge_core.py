@@ -95,3 +95,17 @@ def test_compare_flags_regressions_past_thresholds_only() -> None:
     assert compare(base, {"scenarios": []}, Thresholds()).violations == ["s: in the baseline, missing from the candidate"]
     better = compare(base, report(1.0, 1.0, 0.3, {}), Thresholds())
     assert better.violations == [] and {r.change for r in better.rows} == {"better"}
+
+
+@pytest.mark.parametrize("sid", sorted(__import__("shared.scenarios", fromlist=["library"]).library()))
+def test_each_built_in_script_passes_its_own_checks_and_expectations(sid: str) -> None:
+    from shared.scenarios import get
+
+    sc = get(sid)
+    played = [Turn(turn=i, role=line.role, text=line.text) for i, line in enumerate(sc.script)]
+    got = checks.run(sc, played, "end_conversation: support")
+    assert got and all(c.verdict == "pass" for c in got), [(c.name, c.evidence) for c in got if c.verdict != "pass"]
+    conv = "\n".join(("assistant: " if t.role == "support" else "user: ") + t.text for t in played)
+    for criterion in expectations(sc.agent_expectations):
+        prompt = f"Criteria: {criterion}\n\nConversation:\n{conv}\n\nEvaluate if the conversation meets the criteria."
+        assert scripted_judge.verdict(prompt)["verdict"] == "pass", criterion
