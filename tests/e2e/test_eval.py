@@ -84,6 +84,17 @@ scenarios:
       script:
         - {role: customer, text: "Please cancel my plan."}
         - {role: support, text: "Done, your plan is cancelled. Bye!", end: true}
+  - label: पेंशन की जानकारी
+    instructions: आप कमला देवी हैं और पूछती हैं कि पेंशन आई या नहीं।
+    agent_expectations: '- बताता है कि "पेंशन" आ गई है।'
+    tags: {language: hi}
+    crosstalk:
+      id: reg-hi-pension
+      language: hi
+      checks: {must_mention: [पेंशन], language: true, ended_by: support}
+      script:
+        - {role: customer, text: "नमस्ते बेटा, मेरी पेंशन आई क्या?"}
+        - {role: support, text: "जी माँजी, आपकी पेंशन के 12,500 रुपये आ गए हैं। नमस्ते!", end: true}
 """
 
 
@@ -138,7 +149,7 @@ async def test_rejections_name_the_field(stack: Stack) -> None:
         ({"scenarios": "../support.yaml"}, "scenarios", "must not contain '..'"),
         ({"scenarios": "/etc/passwd"}, "scenarios", "relative to the scenario directory"),
         ({"scenarios": "regression/none.yaml"}, "scenarios", "no file"),
-        ({"scenarios": "regression/support.yaml", "trials": 2, "conversations": 5}, "conversations", "2 x 2 = 4"),
+        ({"scenarios": "regression/support.yaml", "trials": 2, "conversations": 5}, "conversations", "3 x 2 = 6"),
         ({"scenarios": [{"label": "x", "instructions": "y", "tags": {"n": 1}}]}, "scenarios[0].tags.n", "strings"),
         ({"scenarios": "regression/support.yaml", "scenario": "en-account-help"}, "scenarios", "not both"),
     ]:
@@ -149,15 +160,15 @@ async def test_rejections_name_the_field(stack: Stack) -> None:
 async def test_livekit_file_k3_judged_reported_rendered_and_gated(stack: Stack, tmp_path: Path) -> None:
     reply = await start(stack, {"batch_id": "ev-base", "scenarios": "regression/support.yaml", "trials": 3})
     assert reply["accepted"], reply
-    judgments = wait_judgments(stack, "ev-base", 6)
+    judgments = wait_judgments(stack, "ev-base", 9)
     batch_dir = stack.data_dir / "batches" / "ev-base"
 
     # The file's entries reached the batch unchanged (multi-line text, tags, nested userdata, unknown fields).
     plan = json.loads((batch_dir / "plan.json").read_bytes())
     assert [s["doc"] for s in plan["scenarios"]] == yaml.safe_load(SCENARIOS)["scenarios"]
-    assert plan["trials"] == 3 and plan["conversations"] == 6 and plan["source"] == "regression/support.yaml"
+    assert plan["trials"] == 3 and plan["conversations"] == 9 and plan["source"] == "regression/support.yaml"
 
-    by = {sid: [j for j in judgments if j["scenario_id"] == sid] for sid in ("reg-locked-out", "reg-upsell")}
+    by = {sid: [j for j in judgments if j["scenario_id"] == sid] for sid in ("reg-locked-out", "reg-upsell", "reg-hi-pension")}
     assert sorted(j["trial"] for j in by["reg-locked-out"]) == [1, 2, 3]
     assert all(j["status"] == "judged" for j in judgments), [j["infra_failure"] for j in judgments]
     for j in by["reg-locked-out"]:
@@ -165,6 +176,11 @@ async def test_livekit_file_k3_judged_reported_rendered_and_gated(stack: Stack, 
         llm = [c for c in j["criteria"] if c["kind"] == "llm"]
         assert len(llm) == 2 and all(c["verdict"] == "pass" for c in llm) and j["judge_model"] == "crosstalk-scripted"
         assert "Your account is unlocked now." in llm[0]["evidence"]  # the judge cites the agent's turn
+    hindi = yaml.safe_load(SCENARIOS)["scenarios"][2]["crosstalk"]["script"]
+    for j in by["reg-hi-pension"]:  # Devanagari from the file to the transcript byte for byte, judged in Hindi
+        assert j["verdict"] == "pass", j["criteria"]
+        lines = (batch_dir / "conversations" / f"{j['conversation_id']}.jsonl").read_bytes().splitlines()
+        assert [json.loads(line)["text"].encode() for line in lines] == [t["text"].encode() for t in hindi]
     for j in by["reg-upsell"]:
         failed = {c["name"] for c in j["criteria"] if c["verdict"] == "fail"}
         assert j["verdict"] == "fail" and "must_mention: discount" in failed
@@ -179,9 +195,9 @@ async def test_livekit_file_k3_judged_reported_rendered_and_gated(stack: Stack, 
         assert (rows[sid]["n"], rows[sid]["passed"], rows[sid]["k"]) == (len(js), passed, 3)
         assert rows[sid]["pass_rate"] == passed / len(js)
         assert rows[sid]["pass_k"] == (1.0 if passed == 3 else 0.0)
-    assert report["totals"]["infra_failures"] == 0 and report["totals"]["judged"] == 6
+    assert report["totals"]["infra_failures"] == 0 and report["totals"]["judged"] == 9
     suites = ET.parse(batch_dir / "junit.xml").getroot()
-    assert sum(int(s.get("tests")) for s in suites) == 6 and sum(int(s.get("failures")) for s in suites) == 3
+    assert sum(int(s.get("tests")) for s in suites) == 9 and sum(int(s.get("failures")) for s in suites) == 3
 
     shot = tmp_path / "report.png"
     page = await render(batch_dir / "report.html", shot)
@@ -196,7 +212,7 @@ async def test_livekit_file_k3_judged_reported_rendered_and_gated(stack: Stack, 
     worse[0]["crosstalk"]["script"][3]["text"] = "I have reset a few things on your side. Goodbye!"
     reply = await start(stack, {"batch_id": "ev-worse", "scenarios": worse, "trials": 3})
     assert reply["accepted"], reply
-    wait_judgments(stack, "ev-worse", 6)
+    wait_judgments(stack, "ev-worse", 9)
     assert cli(stack, "report", "ev-worse").returncode == 0
     gate = cli(stack, "compare", "ev-base", "ev-worse")
     assert gate.returncode == 1, gate.stdout + gate.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cli.compare import Thresholds, compare
@@ -109,3 +111,15 @@ def test_each_built_in_script_passes_its_own_checks_and_expectations(sid: str) -
     for criterion in expectations(sc.agent_expectations):
         prompt = f"Criteria: {criterion}\n\nConversation:\n{conv}\n\nEvaluate if the conversation meets the criteria."
         assert scripted_judge.verdict(prompt)["verdict"] == "pass", criterion
+
+
+def test_thresholds_from_a_file_then_the_command_line(tmp_path: Path) -> None:
+    from cli.compare import load_thresholds
+
+    f = tmp_path / "gate.yaml"
+    f.write_text("max_pass_rate_drop: 0.05\nmax_latency_p95_increase_s: 0.2\n")
+    th = load_thresholds(f, {"max_pass_rate_drop": 0.2, "max_pass_k_drop": None})
+    assert (th.max_pass_rate_drop, th.max_pass_k_drop, th.max_latency_p95_increase_s) == (0.2, 0.10, 0.2)
+    f.write_text("max_pass_rate_dorp: 0.05\n")
+    with pytest.raises(ValueError, match="max_pass_rate_dorp"):
+        load_thresholds(f, {})
