@@ -15,7 +15,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli import EXIT_BAD_INPUT, EXIT_BATCH_FAILED, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, CliExit
+from cli import (
+    EXIT_BAD_INPUT,
+    EXIT_BATCH_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_UNAVAILABLE,
+    CliExit,
+    evaluate,
+)
 from cli.progress import AUDIT_LABELS, audit_counts, format_duration, summary_lines
 from cli.remote import request_start, watch_batch
 from cli.views import view_factory
@@ -102,6 +109,11 @@ def batch_start(
     language: Annotated[str | None, typer.Option("--language", help="Language, e.g. en, hi.")] = None,
     max_turns: Annotated[int | None, typer.Option("--max-turns", help="Hard cap on turns per conversation.")] = None,
     mode: Annotated[str | None, typer.Option("--mode", help="text or voice.")] = None,
+    scenarios_path: Annotated[str | None, typer.Option(
+        "--scenarios", help="A scenarios.yaml on the dispatcher, relative to its CROSSTALK_SCENARIO_DIR.")] = None,
+    scenarios_file: Annotated[Path | None, typer.Option(
+        "--scenarios-file", help="A local scenarios.yaml, sent inline.")] = None,
+    trials: Annotated[int | None, typer.Option("--trials", "-k", help="Runs of each scenario (pass^k).")] = None,
     batch_id: Annotated[str | None, typer.Option("--batch-id", help="Batch id; repeating one is idempotent.")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Then watch the batch until it finishes.")] = False,
     request_timeout: Annotated[
@@ -113,9 +125,11 @@ def batch_start(
     """Send a batch.start request and print the verdict; --follow then watches the batch."""
     settings = _settings()
     try:
+        inline = evaluate.inline_entries(scenarios_file) if scenarios_file is not None else None
         body = start_body(
             batch_id=batch_id, conversations=conversations, concurrency=concurrency, scenario=scenario,
-            language=language, max_turns=max_turns, mode=mode,
+            language=language, max_turns=max_turns, mode=mode, trials=trials,
+            scenarios=inline if inline is not None else scenarios_path,
         )
     except ContractError as exc:
         err.print(f"rejected: {exc.field}: {exc.reason}", markup=False)
@@ -224,9 +238,16 @@ def batch_show(
     out.print(table)
 
 
-@app.command("scenarios")
-def list_scenarios() -> None:
+scenarios_app = typer.Typer(help="List the scenario library; `validate FILE` checks scenario files.",
+                            invoke_without_command=True)
+app.add_typer(scenarios_app, name="scenarios")
+
+
+@scenarios_app.callback()
+def list_scenarios(ctx: typer.Context) -> None:
     """List the scenario library (built-in plus CROSSTALK_SCENARIO_DIR)."""
+    if ctx.invoked_subcommand is not None:
+        return
     try:
         library = scenarios.library()
     except (OSError, ValueError, msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -245,6 +266,8 @@ def list_scenarios() -> None:
                       str(len(sc.script)))
     out.print(table)
 
+
+evaluate.register(app, scenarios_app)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -12,7 +12,7 @@ Subjects live in :mod:`shared.subjects`, streams in :mod:`shared.streams`.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -53,12 +53,25 @@ class StartBatch(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """
 
     batch_id: BatchId | None = None
-    conversations: Annotated[int, msgspec.Meta(ge=1)] = 1
+    # Default 1; with ``scenarios`` / ``trials`` it is scenarios x trials, and a different value is refused.
+    # (UNSET, not None: an explicit null is still refused)
+    conversations: Annotated[int, msgspec.Meta(ge=1)] | msgspec.UnsetType = msgspec.UNSET
     concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
     scenario: Annotated[str, msgspec.Meta(pattern=ID_PATTERN)] | None = None
     language: Annotated[str, msgspec.Meta(pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?\Z")] | None = None
     max_turns: Annotated[int, msgspec.Meta(ge=1, le=200)] = 8
     mode: Mode = "text"
+    # A LiveKit scenarios.yaml: a path relative to CROSSTALK_SCENARIO_DIR, or its scenario entries inline.
+    scenarios: str | list[dict[str, Any]] | None = None
+    # Each scenario runs this many times (pass^k is computed over them).
+    trials: Annotated[int, msgspec.Meta(ge=1, le=1000)] | None = None
+
+
+class BatchScenario(Struct, frozen=True, kw_only=True):
+    """One scenario a batch runs: its id and its entry as written (LiveKit fields + ``crosstalk:``)."""
+
+    id: Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
+    doc: dict[str, Any]
 
 
 class BatchSpec(Struct, frozen=True, kw_only=True):
@@ -71,6 +84,11 @@ class BatchSpec(Struct, frozen=True, kw_only=True):
     language: str
     max_turns: int
     mode: Mode
+    # With ``scenarios``/``trials``: conversation i runs scenarios[i % len(scenarios)], trial
+    # i // len(scenarios) + 1 (shared/batch_plan.py). Empty: every conversation runs ``scenario``.
+    scenarios: tuple[BatchScenario, ...] = ()
+    trials: int = 1
+    source: str | None = None  # the scenarios file it came from (relative path), None when inline
 
 
 class BatchReply(Struct, frozen=True, kw_only=True):
@@ -233,6 +251,10 @@ class JobMetadata(Struct, frozen=True, kw_only=True):
     language: str
     mode: Mode
     max_turns: Annotated[int, msgspec.Meta(ge=1)]
+    # The scenario's entry when the batch carries its scenarios (a file or inline list): the
+    # worker builds the scenario from it instead of its own library.
+    scenario_doc: dict[str, Any] | None = None
+    trial: int | None = None
 
 
 class AgentJoined(Struct, frozen=True, kw_only=True, tag="agent_joined"):

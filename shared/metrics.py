@@ -20,6 +20,7 @@ from prometheus_client import (
 DEFAULT_PORTS = {
     "dispatcher": 9101, "allocator": 9102, "sink": 9103, "model": 9104, "worker": 9105, "webhook": 9120,
     "speech": 9106,
+    "judge": 9130,
 }
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -217,6 +218,21 @@ class WebhookMetrics:
             self.requests.labels(outcome)
         for event in ("room_started", "room_finished", "participant_joined", "participant_left"):
             self.events.labels(event)
+
+
+class JudgeMetrics:
+    """services/judge: verdicts written (infra_failure: no verdict, kept out of pass rates), batches judged."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.judgments = Counter(
+            "crosstalk_judge_judgments_total", "conversation judgments written, by verdict", ["verdict"],
+            registry=registry)  # pass|fail|inconclusive|infra_failure
+        self.batches = Counter("crosstalk_judge_batches_total", "finished batches judged", registry=registry)
+        self.batch_seconds = Histogram(
+            "crosstalk_judge_batch_seconds", "time to judge one finished batch (checks and LLM judge)",
+            buckets=JOIN_BUCKETS, registry=registry)
+        for verdict in ("pass", "fail", "inconclusive", "infra_failure"):
+            self.judgments.labels(verdict)
 
 
 class ModelMetrics:

@@ -1,15 +1,18 @@
 """The scenario library: personas and goals per role, and a script for the offline model.
 
-Scenarios are JSON files in ``shared/scenarios/`` (add one to add a scenario);
-``CROSSTALK_SCENARIO_DIR`` adds a folder of your own. The default scenario is
+Scenarios are LiveKit scenario files (``scenarios.yaml`` as ``lk agent simulate`` reads it,
+with crosstalk's ``crosstalk:`` extension per scenario; see shared/scenario_files.py) in
+``shared/scenarios/``; ``CROSSTALK_SCENARIO_DIR`` adds a folder of your own (``*.yaml``,
+``*.yml``, and the older one-scenario ``*.json`` files). The default scenario is
 ``en-account-help``.
 """
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -18,6 +21,8 @@ from shared.contracts import ID_PATTERN, Role
 
 DEFAULT_SCENARIO = "en-account-help"
 END_TOOL = "end_conversation"
+# The line (after the marker) that carries a role's script to the scripted model (services/model/core.py).
+SCRIPT_PREFIX = "[crosstalk script]"
 _BUILTIN = Path(__file__).with_name("scenarios")
 
 
@@ -33,6 +38,43 @@ class ScriptLine(msgspec.Struct, frozen=True):
     end: bool = False
 
 
+class ToolCheck(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A tool the agent must have called: by name, optionally by role and with these arguments (a subset)."""
+
+    name: str
+    by: Role | None = None
+    arguments: dict[str, Any] | None = None
+
+
+class LatencyCheck(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Latency limits in seconds over the agent's turns; a limit whose field no turn recorded is inconclusive."""
+
+    first_token_s_max: float | None = None
+    first_token_s_p95: float | None = None
+    total_s_max: float | None = None
+
+
+class Checks(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Deterministic checks of a conversation (services/judge/checks.py); all optional.
+
+    ``must_mention`` / ``must_not_say``: phrases (case-insensitive) the support agent's turns
+    must contain / never contain. ``ended_by``: who ended the call (``either``: one of them, by
+    the end tool). ``within_turns``: at most this many turns. ``language``: every turn is
+    written in this language's script (``true``: the scenario's language).
+    """
+
+    must_mention: list[str] = []
+    must_not_say: list[str] = []
+    tool_called: list[ToolCheck] = []
+    ended_by: Literal["customer", "support", "either"] | None = None
+    within_turns: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    language: str | bool | None = None
+    latency: LatencyCheck | None = None
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, f) not in (None, [], False) for f in self.__struct_fields__)
+
+
 class Scenario(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     title: str
@@ -45,6 +87,15 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True):
     agent_expectations: str = ""
     tags: dict[str, str] = msgspec.field(default_factory=dict)
     userdata: dict[str, Any] = msgspec.field(default_factory=dict)
+    # crosstalk's extensions (the ``crosstalk:`` key of a scenario file entry)
+    checks: Checks = Checks()
+    max_turns: int | None = None
+    # The entry as written in its file (LiveKit fields, unknown fields and ``crosstalk:`` kept),
+    # what a batch carries to the worker; None for the older JSON scenarios.
+    doc: dict[str, Any] | None = None
+    # Write the role's script lines into the instructions (after the marker), for a scripted
+    # model that does not have this scenario in its library (an inline or uploaded scenario).
+    embed_script: bool = False
 
     @property
     def display_label(self) -> str:
@@ -55,9 +106,14 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True):
         p = self.roles[role]
         peer = self.roles["support" if role == "customer" else "customer"]
         lang = language or self.language
+        script = ""
+        if self.embed_script:
+            lines = [{"text": line.text, "end": line.end} for line in self.lines_for(role)]
+            script = f"{SCRIPT_PREFIX} {json.dumps(lines, ensure_ascii=False)}\n"
+        goal = f"Your goal: {p.goal}\n" if p.goal else ""
         return (
-            f"[crosstalk scenario={self.id} role={role} lang={lang}]\n"
-            f"{p.persona}\nYour goal: {p.goal}\n"
+            f"[crosstalk scenario={self.id} role={role} lang={lang}]\n{script}"
+            f"{p.persona}\n{goal}"
             f"You are talking with {peer.name}. Reply in language '{lang}', one short conversational turn at a time. "
             f"When the conversation has reached its natural end, call the {END_TOOL} tool."
         )
@@ -71,7 +127,14 @@ _dec = msgspec.json.Decoder(Scenario)
 
 @lru_cache(maxsize=1)
 def library() -> dict[str, Scenario]:
+    """Every scenario of the built-in folder and CROSSTALK_SCENARIO_DIR, by id (a later one wins).
+
+    A file with errors raises ``ValueError`` naming the file, line and field
+    (:class:`shared.scenario_files.ScenarioFileError`).
+    """
     import re
+
+    from shared import scenario_files
 
     folders = [_BUILTIN]
     extra = config.load().scenario_dir
@@ -79,7 +142,12 @@ def library() -> dict[str, Scenario]:
         folders.append(extra)
     out: dict[str, Scenario] = {}
     for folder in folders:
-        for path in sorted(folder.glob("*.json")):
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if path.suffix in (".yaml", ".yml"):
+                out.update((sc.id, sc) for sc in scenario_files.load_path(path).scenarios)
+                continue
+            if path.suffix != ".json":
+                continue
             sc = _dec.decode(path.read_bytes())
             if not re.match(ID_PATTERN, sc.id):
                 raise ValueError(f"{path}: id {sc.id!r} must match {ID_PATTERN}")

@@ -18,11 +18,12 @@ from typing import Any
 
 from livekit.agents import AutoSubscribe, JobContext
 
-from shared import bus, contracts, scenarios
+from shared import batch_plan, bus, contracts, scenarios
 from shared.config import Settings
 from shared.contracts import JobMetadata, RoleRequest
 from shared.log import kv
 from shared.metrics import WorkerMetrics
+from shared.scenario_files import ScenarioFileError
 from shared.scenarios import Scenario
 from worker import lease, session
 from worker.bridge import RoomBridge
@@ -42,8 +43,8 @@ async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> No
     job_id, room = ctx.job.id, ctx.job.room.name
     try:
         meta = contracts.decode(ctx.job.metadata.encode(), JobMetadata)
-        scenario = scenarios.get(meta.scenario)
-    except (contracts.ContractError, KeyError) as exc:
+        scenario = batch_plan.job_scenario(meta, scenarios.library(), embed_script=not settings.real_model)
+    except (contracts.ContractError, KeyError, ScenarioFileError) as exc:
         log.error("bad job metadata", extra=kv(job_id=job_id, room=room, error=str(exc)))
         metrics.jobs.labels("bad_metadata").inc()
         ctx.shutdown(f"bad job metadata: {exc}")

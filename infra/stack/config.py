@@ -31,6 +31,7 @@ CROSSTALK_PROGRAMS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("allocator", ("-m", "services.allocator")),
     ("dispatcher", ("-m", "services.dispatcher")),
     ("sink", ("-m", "services.sink")),
+    ("judge", ("-m", "services.judge")),
     ("worker", ("-m", "worker", "start")),
 )
 ALL_NAMES = ("nats", "livekit", *(name for name, _ in CROSSTALK_PROGRAMS), "prometheus", "grafana")

@@ -190,7 +190,8 @@ class Dispatcher:
         """Metrics, watches and LiveKit rooms of an event that is now in the log."""
         m = self.metrics
         if isinstance(ev, BatchAccepted):
-            log.info("batch accepted", extra=kv(**{f: getattr(ev.spec, f) for f in ev.spec.__struct_fields__}))
+            fields = {f: getattr(ev.spec, f) for f in ev.spec.__struct_fields__ if f != "scenarios"}
+            log.info("batch accepted", extra=kv(**fields, scenarios=[s.id for s in ev.spec.scenarios]))
         elif isinstance(ev, ConversationDispatched):
             m.attempts.inc()
             self.effects.open(ev, job_metadata(state.spec, ev.conversation_id, ev.attempt))

@@ -14,7 +14,7 @@ from typing import Literal
 import msgspec
 from msgspec.structs import replace
 
-from shared import rooms
+from shared import batch_plan, rooms
 from shared.contracts import (
     BatchAccepted,
     BatchEvent,
@@ -44,15 +44,24 @@ def batch_of(event: BatchEvent) -> str:
 
 
 def job_metadata(spec: BatchSpec, conv_id: str, attempt: int) -> JobMetadata:
-    """What an attempt's room and agent dispatches carry to the worker."""
+    """What an attempt's room and agent dispatches carry to the worker (its scenario: shared/batch_plan.py)."""
+    slot = batch_plan.slot(spec, batch_plan.conversation_index(conv_id))
+    doc = slot.doc.doc if slot.doc is not None else None
+    ext = (doc or {}).get("crosstalk") or {}
+    max_turns = ext.get("max_turns") or spec.max_turns
+    own = ext.get("language") or "en"
+    # spec.language: the batch's override, the scenarios' one language, or "mixed"
+    language = spec.language if doc is None or spec.language not in (own, "mixed") else own
     return JobMetadata(
         batch_id=spec.batch_id,
         conversation_id=conv_id,
         attempt=attempt,
-        scenario=spec.scenario,
-        language=spec.language,
+        scenario=slot.scenario_id,
+        language=language,
         mode=spec.mode,
-        max_turns=spec.max_turns,
+        max_turns=max_turns,
+        scenario_doc=doc,
+        trial=slot.trial if spec.scenarios else None,
     )
 
 

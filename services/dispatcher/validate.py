@@ -14,13 +14,14 @@ from collections.abc import Mapping
 
 import msgspec
 
+from shared import batch_plan
 from shared.config import Settings
 from shared.contracts import BatchSpec, ContractError, StartBatch
 from shared.scenarios import DEFAULT_SCENARIO, Scenario
 
 VOICE_UNAVAILABLE = "voice mode is not available in this build"
 # Public batch.start fields that this version does not implement yet: refused by name.
-PLANNED_FIELDS = frozenset({"target_agent", "target_metadata", "scenarios", "trials"})
+PLANNED_FIELDS = frozenset({"target_agent", "target_metadata"})
 
 
 class Rejection(msgspec.Struct, frozen=True, kw_only=True):
@@ -57,29 +58,55 @@ def validate(
     def reject(field: str, reason: str) -> Rejection:
         return Rejection(field=field, reason=reason, batch_id=bid)
 
-    if cmd.conversations > settings.max_conversations:
-        return reject("conversations", f"must be at most {settings.max_conversations}, got {cmd.conversations}")
     if cmd.concurrency is not None and cmd.concurrency > settings.max_concurrency:
         return reject("concurrency", f"must be at most {settings.max_concurrency}, got {cmd.concurrency}")
-    scenario_id = cmd.scenario or DEFAULT_SCENARIO
-    scenario = scenarios.get(scenario_id)
-    if scenario is None:
-        known = ", ".join(sorted(scenarios))
-        return reject("scenario", f"unknown scenario {scenario_id!r}; known: {known}")
+    if cmd.scenarios is not None and cmd.scenario is not None:
+        return reject("scenarios", "give either scenario (one library id) or scenarios (a file or a list), not both")
+    chosen: list[Scenario] = []
+    source = None
+    if cmd.scenarios is not None:
+        got = batch_plan.requested_scenarios(cmd.scenarios, settings.scenario_dir)
+        if isinstance(got, batch_plan.Refusal):
+            return reject(got.field, got.reason)
+        chosen, source = got
+    else:
+        scenario_id = cmd.scenario or DEFAULT_SCENARIO
+        found = scenarios.get(scenario_id)
+        if found is None:
+            known = ", ".join(sorted(scenarios))
+            return reject("scenario", f"unknown scenario {scenario_id!r}; known: {known}")
+        chosen = [found]
+    scenario = chosen[0]
+    planned = cmd.scenarios is not None or cmd.trials is not None
+    trials = cmd.trials or 1
+    given = cmd.conversations if isinstance(cmd.conversations, int) else None
+    conversations = given or (len(chosen) * trials if planned else 1)
+    if planned and conversations != len(chosen) * trials:
+        return reject("conversations", f"contradicts scenarios x trials = {len(chosen)} x {trials} = "
+                                       f"{len(chosen) * trials}; leave it out or set it to that")
+    if conversations > settings.max_conversations:
+        field = "conversations" if given else ("trials" if cmd.trials else "scenarios")
+        return reject(field, f"the batch would run {conversations} conversations; at most "
+                             f"{settings.max_conversations} are allowed")
     if cmd.mode == "voice":
         return reject("mode", VOICE_UNAVAILABLE)
-    language = cmd.language or scenario.language
-    if language != scenario.language and not settings.real_model:
-        return reject("language", language_mismatch(scenario, language, scenarios))
+    languages = {sc.language for sc in chosen}
+    language = cmd.language or (scenario.language if len(languages) == 1 else "mixed")
+    for sc in chosen:
+        if (cmd.language or sc.language) != sc.language and not settings.real_model:
+            return reject("language", language_mismatch(sc, language, scenarios))
     requested_concurrency = cmd.concurrency or settings.max_concurrency
     return BatchSpec(
         batch_id=bid or generated_batch_id(received_at, seed),
-        conversations=cmd.conversations,
-        concurrency=min(requested_concurrency, cmd.conversations),
-        scenario=scenario_id,
+        conversations=conversations,
+        concurrency=min(requested_concurrency, conversations),
+        scenario=scenario.id,
         language=language,
         max_turns=cmd.max_turns,
         mode=cmd.mode,
+        scenarios=batch_plan.batch_scenarios(chosen) if planned else (),
+        trials=trials,
+        source=source,
     )
 
 

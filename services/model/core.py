@@ -11,10 +11,17 @@ line, where k is the number of assistant messages with text already in the reque
 gets a short closing line and the same call. Once the request holds the result of an
 ``end_conversation`` call after the last assistant message, the reply is empty.
 Without a marker the reply is a short generic line, so a plain client still works.
+
+The script comes from the line after the marker when there is one
+(``[crosstalk script] [{"text": ..., "end": ...}, ...]``, written by
+:meth:`shared.scenarios.Scenario.instructions` for scenarios a batch carries inline),
+else from the scenario library. A request that offers the ``submit_verdict`` tool (a
+``livekit.agents.evals`` judge) gets a deterministic verdict (services/model/judge.py).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import Any, Literal
@@ -23,7 +30,9 @@ import msgspec
 
 from shared.contracts import ROLES, Role
 from shared.openai_errors import RequestError, decode_json
-from shared.scenarios import END_TOOL, Scenario
+from shared.scenarios import END_TOOL, SCRIPT_PREFIX, Scenario, ScriptLine
+
+from . import judge
 
 MessageRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -134,8 +143,10 @@ class Marker(msgspec.Struct, frozen=True):
 
 class Reply(msgspec.Struct, frozen=True):
     text: str
-    end_call: bool  # follow the text with an end_conversation tool call
-    role: str  # bounded metrics label: customer | support | none
+    end_call: bool  # follow the text with a tool call (end_conversation, or the judge's verdict)
+    role: str  # bounded metrics label: customer | support | judge | none
+    tool_name: str = END_TOOL
+    tool_args: str = "{}"
 
     @property
     def finish_reason(self) -> str:
@@ -174,17 +185,35 @@ def spoken_turns(messages: list[Message]) -> int:
     return sum(1 for m in messages if m.role == "assistant" and m.text().strip())
 
 
+def embedded_script(messages: list[Message], marker: Marker) -> list[ScriptLine] | None:
+    """The role's script written after the marker (see the module docstring), or None."""
+    for line in messages[marker.index].text().splitlines():
+        if not line.startswith(SCRIPT_PREFIX):
+            continue
+        try:
+            raw = json.loads(line[len(SCRIPT_PREFIX):])
+            return [ScriptLine(role=marker.role, text=str(x["text"]), end=bool(x.get("end", False))) for x in raw]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise RequestError(f"messages[{marker.index}].content", f"bad {SCRIPT_PREFIX} line: {exc}") from None
+    return None
+
+
 def plan_reply(req: ChatRequest, lookup: Callable[[str], Scenario | None]) -> Reply:
+    if req.offers(judge.VERDICT_TOOL):
+        prompt = "\n".join(m.text() for m in req.messages if m.role == "user")
+        return Reply("", True, "judge", judge.VERDICT_TOOL, judge.arguments(prompt))
     marker = find_marker(req.messages)
     if marker is None:
         return Reply(GENERIC_REPLY, False, "none")
-    scenario = lookup(marker.scenario)
-    if scenario is None:
-        raise RequestError(f"messages[{marker.index}].content", f"unknown scenario {marker.scenario!r}")
+    lines = embedded_script(req.messages, marker)
+    if lines is None:
+        scenario = lookup(marker.scenario)
+        if scenario is None:
+            raise RequestError(f"messages[{marker.index}].content", f"unknown scenario {marker.scenario!r}")
+        lines = scenario.lines_for(marker.role)
     if ended(req.messages):
         return Reply("", False, marker.role)
     offers_end = req.offers(END_TOOL)
-    lines = scenario.lines_for(marker.role)
     k = spoken_turns(req.messages)
     if k < len(lines):
         line = lines[k]
@@ -268,7 +297,7 @@ def completion(
     message: dict[str, Any] = {"role": "assistant", "content": reply.text, "refusal": None}
     if reply.end_call:
         message["tool_calls"] = [
-            {"id": call_id, "type": "function", "function": {"name": END_TOOL, "arguments": "{}"}}
+            {"id": call_id, "type": "function", "function": {"name": reply.tool_name, "arguments": reply.tool_args}}
         ]
     return {
         "id": completion_id,

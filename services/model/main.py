@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 
 from shared.log import kv
 from shared.metrics import ModelMetrics
-from shared.scenarios import END_TOOL, Scenario, library
+from shared.scenarios import Scenario, library
 from shared.webapp import serve_app
 
 from . import core
@@ -169,7 +169,7 @@ class ModelServer:
                     await asyncio.sleep(delay)
                 await send(maker.content(token))
             if reply.end_call:
-                for chunk in maker.tool_call(call_id, END_TOOL, "{}"):
+                for chunk in maker.tool_call(call_id, reply.tool_name, reply.tool_args):
                     await send(chunk)
             await send(maker.finish(reply.finish_reason))
             if req.include_usage:

@@ -123,7 +123,7 @@ def test_a_generated_batch_id_is_deterministic_per_stored_command() -> None:
     (b'{"concurency": 5}', "concurency", "did you mean 'concurrency'?"),
     (b'{"zzz": 1}', "zzz", "known fields: batch_id, conversations"),
     (b'{"target_agent": "my-agent"}', "target_agent", "not supported by this version"),
-    (b'{"trials": 3, "conversations": 2}', "trials", "not supported by this version"),
+    (b'{"trials": 3, "conversations": 2}', "conversations", "contradicts scenarios x trials = 1 x 3 = 3"),
     # a value out of range, of the wrong kind, or no JSON object at all
     (b'{"conversations": 1001}', "conversations", "at most 1000"),
     (b'{"conversations": 0}', "conversations", ">= 1"),

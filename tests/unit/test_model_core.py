@@ -213,3 +213,28 @@ def test_non_streamed_completion_carries_the_tool_call() -> None:
     assert choice["message"]["content"] == "Bye now"
     assert choice["message"]["tool_calls"][0]["function"] == {"name": END_TOOL, "arguments": "{}"}
     assert out["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+
+
+def test_a_script_written_after_the_marker_is_played_without_the_library() -> None:
+    from msgspec.structs import replace
+
+    inline = replace(get("hi-account-help"), id="not-in-any-library", embed_script=True)
+    system = inline.instructions("support")
+    req = request([{"role": "system", "content": system}, {"role": "user", "content": "नमस्ते"}])
+    reply = core.plan_reply(req, lambda _: None)
+    assert reply.text == inline.lines_for("support")[0].text and reply.role == "support"
+    broken = system.replace('[{"text"', '[{"txt"')
+    with pytest.raises(core.RequestError, match="bad \\[crosstalk script\\] line"):
+        core.plan_reply(request([{"role": "system", "content": broken}]), lambda _: None)
+
+
+def test_a_judge_request_gets_a_verdict_tool_call() -> None:
+    tool = {"type": "function", "function": {"name": "submit_verdict", "parameters": {}}}
+    req = request([{"role": "system", "content": "You are an evaluator"},
+                   {"role": "user", "content": 'Criteria: says "hello"\n\nConversation:\nassistant: hello there'}],
+                  tools=[tool], tool_choice="required")
+    reply = core.plan_reply(req, lambda _: None)
+    assert (reply.role, reply.end_call, reply.tool_name) == ("judge", True, "submit_verdict")
+    assert json.loads(reply.tool_args)["verdict"] == "pass"
+    body = core.completion("c1", 0, "m", reply, "call_1", 3)
+    assert body["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "submit_verdict"

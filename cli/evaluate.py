@@ -1,0 +1,173 @@
+"""The evaluation commands: ``scenarios validate``, ``judge``, ``report``, ``compare``.
+
+Thin wiring of shared/scenario_files.py, services/judge, cli/report.py and cli/compare.py.
+``compare`` exits 1 when the candidate regressed past the thresholds (a CI gate), 2 on bad
+input, 3 when a batch's files are missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cli import EXIT_BAD_INPUT, EXIT_BATCH_FAILED, EXIT_UNAVAILABLE, compare, report
+from services.judge.batch import JudgeConfig, judge_batch
+from services.judge.store import BatchFiles
+from shared import config, contracts, scenario_files, scenarios
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _fail(code: int, message: str) -> typer.Exit:
+    err.print(f"error: {message}", markup=False)
+    return typer.Exit(code)
+
+
+def _files(batch_id: str) -> BatchFiles:
+    try:
+        settings = config.load()
+        files = BatchFiles(settings.data_dir, batch_id)
+    except config.ConfigError as exc:
+        raise _fail(EXIT_BAD_INPUT, f"configuration: {exc.var}: {exc.reason}") from None
+    except contracts.ContractError as exc:
+        raise _fail(EXIT_BAD_INPUT, f"{exc.field}: {batch_id!r} {exc.reason}") from None
+    if not files.batch_json.is_file():
+        raise _fail(EXIT_UNAVAILABLE, f"no batch.json at {files.batch_json} (CROSSTALK_DATA_DIR is {settings.data_dir})")
+    return files
+
+
+def inline_entries(path: Path) -> list[dict[str, Any]]:
+    """A local scenarios.yaml's entries, to send inline; ContractError (field ``scenarios``) if it is bad."""
+    try:
+        return [scenario_files.to_doc(s) for s in scenario_files.load_path(path).scenarios]
+    except scenario_files.ScenarioFileError as exc:
+        raise contracts.ContractError("scenarios", str(exc)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise contracts.ContractError("scenarios", f"cannot read {path}: {exc}") from None
+
+
+def validate_files(paths: Annotated[list[Path], typer.Argument(help="scenarios.yaml file(s) to check.")]) -> None:
+    """Check LiveKit scenario files (with crosstalk's extension); every error names its line and field."""
+    bad = 0
+    for path in paths:
+        try:
+            loaded = scenario_files.load_path(path)
+        except scenario_files.ScenarioFileError as exc:
+            bad += 1
+            for problem in exc.problems:
+                out.print(problem.render(str(path)), markup=False)
+            continue
+        except (OSError, UnicodeDecodeError) as exc:
+            bad += 1
+            out.print(f"{path}: cannot read: {exc}", markup=False)
+            continue
+        ids = ", ".join(s.id for s in loaded.scenarios)
+        scripted = sum(1 for s in loaded.scenarios if s.script)
+        out.print(f"{path}: ok, {len(loaded.scenarios)} scenario(s) ({ids}); {scripted} with an offline script",
+                  markup=False)
+    if bad:
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def judge(batch_id: Annotated[str, typer.Argument(help="The batch id.")],
+          force: Annotated[bool, typer.Option("--force", help="Judge again conversations already judged.")] = False,
+          ) -> None:
+    """Judge a finished batch here (what the judge service does); LLM judge if CROSSTALK_JUDGE_URL is set."""
+    files = _files(batch_id)
+    try:
+        cfg = JudgeConfig.from_env()
+    except ValueError as exc:
+        raise _fail(EXIT_BAD_INPUT, str(exc)) from None
+
+    async def run() -> int:
+        llm = cfg.make_llm()
+        try:
+            return len(await judge_batch(files, scenarios.library(), llm, force=force))
+        finally:
+            if llm is not None:
+                await llm.aclose()
+
+    n = asyncio.run(run())
+    out.print(f"judged {n} conversation(s) of {batch_id}; judgments in {files.dir / 'judgments'}", markup=False)
+
+
+def make_report(batch_id: Annotated[str, typer.Argument(help="The batch id.")],
+                out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the files (default: the batch's).")] = None,
+                ) -> None:
+    """Write report.html (self-contained), report.json and junit.xml for a judged batch."""
+    files = _files(batch_id)
+    if not files.judgments():
+        raise _fail(EXIT_UNAVAILABLE, f"batch {batch_id} has no judgments yet (the judge service writes them when "
+                                      f"the batch finishes; or run: crosstalk judge {batch_id})")
+    paths = report.write(files, out_dir)
+    data = report.build(files)
+    t = data["totals"]
+    rate = f"{t['pass_rate']:.1%}" if t["pass_rate"] is not None else "-"
+    out.print(f"{t['passed']}/{t['judged']} passed ({rate}), {t['infra_failures']} infrastructure failure(s) "
+              f"apart", markup=False)
+    for kind, path in paths.items():
+        out.print(f"{kind}: {path}", markup=False)
+
+
+def _report_of(ref: str) -> dict[str, Any]:
+    path = Path(ref)
+    if ref.endswith(".json") or path.is_file():
+        try:
+            return compare.load_report(path)
+        except (OSError, ValueError) as exc:
+            raise _fail(EXIT_BAD_INPUT, f"{ref}: {exc}") from None
+    return report.build(_files(ref))
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def compare_cmd(
+    baseline: Annotated[str, typer.Argument(help="Baseline: a batch id or a report.json.")],
+    candidate: Annotated[str, typer.Argument(help="Candidate: a batch id or a report.json.")],
+    thresholds: Annotated[Path | None, typer.Option("--thresholds", help="YAML/JSON file of thresholds.")] = None,
+    max_pass_rate_drop: Annotated[float | None, typer.Option(help="Allowed pass-rate drop (0..1).")] = None,
+    max_pass_k_drop: Annotated[float | None, typer.Option(help="Allowed pass^k drop (0..1).")] = None,
+    max_latency_p95_increase_s: Annotated[float | None, typer.Option(help="Allowed latency p95 rise (s).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+) -> None:
+    """Per scenario and metric, what got better or worse; exit 1 past the thresholds."""
+    try:
+        th = compare.load_thresholds(thresholds, {"max_pass_rate_drop": max_pass_rate_drop,
+                                                  "max_pass_k_drop": max_pass_k_drop,
+                                                  "max_latency_p95_increase_s": max_latency_p95_increase_s})
+    except (OSError, ValueError) as exc:
+        raise _fail(EXIT_BAD_INPUT, f"thresholds: {exc}") from None
+    result = compare.compare(_report_of(baseline), _report_of(candidate), th)
+    if as_json:
+        out.print(msgspec.json.encode(result).decode(), markup=False)
+    else:
+        table = Table(title=f"{baseline} -> {candidate}", title_justify="left")
+        for col in ("scenario", "metric", "baseline", "candidate", "delta", "change"):
+            table.add_column(col)
+        for r in result.rows:
+            change = "REGRESSION" if r.regression else r.change
+            table.add_row(r.scenario_id, r.metric, _fmt(r.baseline), _fmt(r.candidate), _fmt(r.delta), change)
+        out.print(table)
+        for title, reasons in (("newly failing", result.newly_failing), ("no longer failing", result.no_longer_failing)):
+            for sid, names in reasons.items():
+                out.print(f"{title} in {sid}: {'; '.join(names)}", markup=False)
+    for v in result.violations:
+        err.print(f"regression: {v}", markup=False)
+    if result.violations:
+        raise typer.Exit(EXIT_BATCH_FAILED)
+
+
+def register(app: typer.Typer, scenarios_app: typer.Typer) -> None:
+    scenarios_app.command("validate")(validate_files)
+    app.command("judge")(judge)
+    app.command("report")(make_report)
+    app.command("compare")(compare_cmd)

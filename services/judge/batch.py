@@ -1,0 +1,115 @@
+"""Judge every conversation of a finished batch (the service and ``crosstalk judge`` both run this).
+
+Idempotent: a conversation that already has a judgment file is left alone (``force`` redoes
+it), so a judge restarted half-way continues, and two runs write the same verdicts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from shared import batch_plan, scenario_files
+from shared.contracts import BatchSpec
+from shared.log import kv
+from shared.scenarios import Scenario
+
+from . import checks
+from .core import Judgment, judgment
+from .llm import LlmJudge
+from .store import BatchFiles
+
+log = logging.getLogger("judge")
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """``CROSSTALK_JUDGE_URL`` (any OpenAI-compatible base URL; unset: no LLM judge, checks only),
+    ``CROSSTALK_JUDGE_MODEL``, ``CROSSTALK_JUDGE_API_KEY`` (else ``OPENAI_API_KEY``; never logged),
+    ``CROSSTALK_JUDGE_WAIT_S``: how long a finished batch may wait for the sink's files."""
+
+    url: str | None = None
+    model: str = "gpt-4o-mini"
+    api_key: str = field(default="none", repr=False)
+    wait_s: float = 120.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> JudgeConfig:
+        e = os.environ if env is None else env
+        try:
+            wait_s = float(e.get("CROSSTALK_JUDGE_WAIT_S") or 120.0)
+        except ValueError:
+            raise ValueError("CROSSTALK_JUDGE_WAIT_S: must be a number") from None
+        return cls(url=(e.get("CROSSTALK_JUDGE_URL") or "").strip() or None,
+                   model=(e.get("CROSSTALK_JUDGE_MODEL") or "").strip() or cls.model,
+                   api_key=e.get("CROSSTALK_JUDGE_API_KEY") or e.get("OPENAI_API_KEY") or "none", wait_s=wait_s)
+
+    def make_llm(self) -> LlmJudge | None:
+        return LlmJudge(self.url, self.api_key, self.model) if self.url else None
+
+
+def legacy_spec(batch_id: str, doc: Mapping[str, object]) -> BatchSpec:
+    """The spec of a batch with no plan.json (accepted while no judge ran): one library scenario."""
+    return BatchSpec(batch_id=batch_id, conversations=int(doc.get("requested") or 0),  # type: ignore[call-overload]
+                     concurrency=1, scenario=str(doc.get("scenario") or ""), language=str(doc.get("language") or ""),
+                     max_turns=int(doc.get("max_turns") or 8), mode="text")  # type: ignore[call-overload]
+
+
+def scenario_of(spec: BatchSpec, index: int, library: Mapping[str, Scenario]) -> tuple[Scenario | None, int]:
+    slot = batch_plan.slot(spec, index)
+    if slot.doc is not None:
+        return scenario_files.from_doc(slot.doc.doc), slot.trial
+    return library.get(slot.scenario_id), slot.trial
+
+
+def ready(files: BatchFiles) -> str | None:
+    """None when the sink has written the finished batch and every completed transcript; else what is missing."""
+    doc = files.batch_doc()
+    if doc is None or doc.get("status") == "running":
+        return "batch.json not finished yet"
+    for cid, entry in (doc.get("conversations") or {}).items():
+        if entry.get("outcome") == "completed" and len(files.turns(cid)) < int(entry.get("turns") or 0):
+            return f"transcript of {cid} has fewer turns than batch.json says"
+    return None
+
+
+async def judge_batch(files: BatchFiles, library: Mapping[str, Scenario], llm: LlmJudge | None, *,
+                      force: bool = False) -> list[Judgment]:
+    """Write a judgment for every conversation of the batch that has none (all with ``force``)."""
+    doc = files.batch_doc() or {}
+    spec = files.plan() or legacy_spec(files.batch_id, doc)
+    entries = doc.get("conversations") or {}
+    written: list[Judgment] = []
+    for index in range(spec.conversations):
+        cid = f"{spec.batch_id}-{index:05d}"
+        if not force and files.judgment(cid) is not None:
+            continue
+        scenario, trial = scenario_of(spec, index, library)
+        turns = files.turns(cid)
+        entry = entries.get(cid, {})
+        criteria: list[checks.Criterion] = []
+        model = error = None
+        if scenario is not None and entry.get("outcome") == "completed":
+            criteria = checks.run(scenario, turns, entry.get("ended"))
+            if llm is not None and scenario.agent_expectations.strip():
+                model = llm.model
+                try:
+                    criteria += await llm.judge(scenario, turns)
+                except Exception as exc:  # recorded: the judge's verdict is then inconclusive, not lost
+                    error = f"{type(exc).__name__}: {exc}"
+                    criteria.append(checks.Criterion(name="agent_expectations", kind="llm",
+                                                     verdict="inconclusive", evidence=f"judge failed: {error}"))
+        elif scenario is None:
+            error = f"scenario {batch_plan.slot(spec, index).scenario_id!r} is not in the library"
+        j = judgment(batch_id=spec.batch_id, conversation_id=cid,
+                     scenario_id=scenario.id if scenario else batch_plan.slot(spec, index).scenario_id,
+                     label=scenario.display_label if scenario else "", trial=trial, entry=entry, turns=turns,
+                     criteria=criteria, judge_model=model, judge_error=error, now=time.time())
+        files.write_judgment(j)
+        written.append(j)
+    log.info("batch judged", extra=kv(batch_id=spec.batch_id, judged=len(written),
+                                      llm=llm.model if llm else None))
+    return written
