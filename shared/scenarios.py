@@ -66,13 +66,36 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True):
         return [line for line in self.script if line.role == role]
 
 
-_dec = msgspec.json.Decoder(Scenario)
+class ScenarioError(ValueError):
+    """A scenario file that cannot be used: which file, which field, and why."""
+
+    def __init__(self, source: str, field: str, reason: str) -> None:
+        super().__init__(f"{source}: {field}: {reason}")
+        self.source, self.field, self.reason = source, field, reason
+
+
+def decode_scenario(data: bytes, source: str) -> Scenario:
+    """One scenario file's bytes as a :class:`Scenario`; :class:`ScenarioError` names the field if not."""
+    import re
+
+    from shared.codec import decode
+
+    try:
+        sc = decode(data, Scenario, max_bytes=1 << 20)
+    except ValueError as exc:  # ContractError: the field and the reason
+        raise ScenarioError(source, getattr(exc, "field", "$"), getattr(exc, "reason", str(exc))) from None
+    if not re.match(ID_PATTERN, sc.id):
+        raise ScenarioError(source, "id", f"{sc.id!r} must match {ID_PATTERN}")
+    missing = [r for r in ("customer", "support") if r not in sc.roles]
+    if missing:
+        raise ScenarioError(source, "roles", f"needs a persona for both roles, missing {', '.join(missing)}")
+    if sc.script and sc.script[0].role != "customer":
+        raise ScenarioError(source, "script", "the customer speaks first")
+    return sc
 
 
 @lru_cache(maxsize=1)
 def library() -> dict[str, Scenario]:
-    import re
-
     folders = [_BUILTIN]
     extra = config.load().scenario_dir
     if extra is not None:
@@ -80,11 +103,7 @@ def library() -> dict[str, Scenario]:
     out: dict[str, Scenario] = {}
     for folder in folders:
         for path in sorted(folder.glob("*.json")):
-            sc = _dec.decode(path.read_bytes())
-            if not re.match(ID_PATTERN, sc.id):
-                raise ValueError(f"{path}: id {sc.id!r} must match {ID_PATTERN}")
-            if sc.script and sc.script[0].role != "customer":
-                raise ValueError(f"{path}: the customer speaks first")
+            sc = decode_scenario(path.read_bytes(), str(path))
             out[sc.id] = sc
     return out
 
