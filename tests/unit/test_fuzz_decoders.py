@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from livekit import api
+from support.fuzz import LIBRARY, ids, json_values, named, objects, role_fields, start_bodies
 
 from services.dispatcher.inputs import decode_start
 from services.dispatcher.validate import Rejection, validate
@@ -35,36 +34,7 @@ from shared.contracts import BatchSpec, ContractError, StartBatch
 
 pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")  # livekit's dev key
 SETTINGS = Settings()
-LIBRARY = scenarios.library()
 FUZZ = settings(max_examples=400, deadline=None)
-
-scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=40)
-json_values = st.recursive(scalars, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids,
-                                                                                                max_size=4), max_leaves=12)
-ids = st.sampled_from(["b1", "room-00000-a1", "", "../etc", "a.b", "x" * 300, "ह", "AJ_x", "en-account-help"]) | st.text(
-    max_size=20)
-
-
-def objects(fields: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[bytes]:
-    """JSON objects over a type's own fields (each value well typed or not) and stray keys, or any bytes."""
-    per_field = {k: v | json_values for k, v in fields.items()}
-    obj = st.fixed_dictionaries({}, optional=per_field) | st.dictionaries(st.text(max_size=10), json_values, max_size=3)
-    return st.one_of(obj.map(lambda d: json.dumps(d).encode()), json_values.map(lambda v: json.dumps(v).encode()),
-                     st.binary(max_size=200))
-
-
-def named(field: str, reason: str) -> None:
-    assert field and isinstance(field, str), field
-    assert reason and isinstance(reason, str), reason
-
-
-start_bodies = objects({
-    "batch_id": ids, "conversations": st.integers(-5, 20_000), "concurrency": st.integers(-5, 500),
-    "scenario": st.sampled_from([*LIBRARY, "nope"]) | ids, "language": st.sampled_from(["en", "hi", "xx", "EN"]),
-    "max_turns": st.integers(-1, 300), "mode": st.sampled_from(["text", "voice", "video"]),
-    "target_agent": ids,
-})
-
 
 @FUZZ
 @given(body=start_bodies)
@@ -81,10 +51,6 @@ def test_batch_start_is_a_command_or_a_rejection_naming_a_field(body: bytes) -> 
     else:
         assert isinstance(out, BatchSpec) and contracts.is_id(out.batch_id) and out.scenario in LIBRARY
         assert 1 <= out.concurrency <= out.conversations <= SETTINGS.max_conversations
-
-
-role_fields = {"room": ids, "job_id": ids, "identity": ids, "prefer": st.sampled_from(["customer", "support", "boss"]),
-               "role": st.sampled_from(["customer", "support", "x"]), "lease": st.integers(-3, 2**64)}
 
 
 @FUZZ
