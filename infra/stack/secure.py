@@ -35,7 +35,7 @@ PUBLISHES: dict[str, list[str]] = {
     "sink": [],
     "webhook": ["lk.room.>"],
     "worker": ["conv.>", "role.request", "role.renew", "role.release", "worker.capacity.*"],
-    "cli": ["batch.start"],
+    "cli": ["batch.start", "smoke.*"],  # smoke.*: `just check`'s JetStream round trip
 }
 COMMON = ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>"]  # streams/consumers API, acks, flow control
 NKEY_SERVICES = ("worker",)  # authenticate with an nkey instead of a password

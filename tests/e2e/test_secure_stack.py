@@ -110,6 +110,14 @@ async def test_a_batch_runs_with_tls_and_auth_and_no_secret_is_logged_or_exporte
         [k for k, t in texts.items() if "ermissions violation" in t]
 
 
+def test_just_check_and_status_work_on_the_secured_stack(secure: Any) -> None:
+    stack, _, _ = secure
+    res = stack.just("check", timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "ok  JetStream" in res.stdout
+    assert stack.just("status", timeout=60).returncode == 0
+
+
 async def test_a_worker_cannot_publish_another_services_subjects(secure: Any) -> None:
     stack, profile, _ = secure
     errors: list[str] = []
