@@ -99,3 +99,11 @@ promcheck:
 [no-exit-message]
 tools:
     @infra/install-tools.sh
+
+# chaos suite: a batch per fault (SIGKILL worker/allocator/dispatcher/sink/model, SIGSTOP livekit, restart nats, full disk); root (tmpfs mount); `just chaos --faults kill-sink --runs 12x6`
+[no-exit-message, positional-arguments]
+chaos *args:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    export PYTHONPATH={{ quote(root) }}:{{ quote(root / "tests") }}
+    {{ python }} -m benchmarks.chaos "$@"

@@ -3,13 +3,14 @@
 #   espeak-ng      offline speech synthesis (the only offline voice here that speaks Hindi)
 #   chromium       headless rendering of `crosstalk report` pages in the tests
 #   redis-server   the shared state of a multi-node LiveKit (the two-node profile)
+#   openssl        certificates of the secured NATS profile (infra/stack/secure.py)
 # Idempotent: does nothing when every command is already on PATH. Needs root or sudo for
 # apt-get; otherwise fails with one line naming the packages to install by hand.
 # CROSSTALK_SKIP_SYSTEM_PACKAGES=1 skips this step (you provide them some other way).
 set -euo pipefail
 [ "${CROSSTALK_SKIP_SYSTEM_PACKAGES:-0}" = "1" ] && exit 0
 
-declare -A pkg_of=([espeak-ng]=espeak-ng [chromium]=chromium [redis-server]=redis-server)
+declare -A pkg_of=([espeak-ng]=espeak-ng [chromium]=chromium [redis-server]=redis-server [openssl]=openssl)
 missing=()
 for cmd in "${!pkg_of[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkg_of[$cmd]}")

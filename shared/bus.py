@@ -35,7 +35,7 @@ from tenacity import (
 )
 from tenacity.stop import StopBaseT
 
-from shared import contracts, streams
+from shared import contracts, natsauth, streams
 from shared.log import kv
 from shared.servertime import parse_ts
 
@@ -68,6 +68,9 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 30.0) -> Cl
     async def _cb_err(e: Exception) -> None:
         log.warning("nats error", extra=kv(error=str(e)))
 
+    # credentials and TLS of this kind of process (shared/natsauth.py); never logged
+    auth = natsauth.from_env(service=natsauth.service_of(name)).connect_options()
+
     async for attempt in retrying(
         stop_after_delay(connect_timeout_s), (OSError, NoServersError, asyncio.TimeoutError)
     ):
@@ -83,6 +86,7 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 30.0) -> Cl
                     allow_reconnect=True,
                     error_cb=_cb_err,
                     connect_timeout=2,
+                    **auth,
                 ),
                 timeout=5,
             )

@@ -24,10 +24,9 @@ def _field_of(err: msgspec.ValidationError) -> str:
     text = str(err)
     if " - at `$." in text:
         return text.rsplit(" - at `$.", 1)[1].rstrip("`").split("[")[0].split(".")[0]
-    if "missing required field" in text:
-        return text.split("`")[1] if "`" in text else "$"
-    if "unknown field" in text.lower():
-        return text.split("`")[1] if "`" in text else "$"
+    if "missing required field" in text or "unknown field" in text.lower():
+        # an empty key ({"": 1}) has no name to report: the object itself ("$") is refused
+        return (text.split("`")[1] if "`" in text else "") or "$"
     return "$"
 
 

@@ -130,8 +130,10 @@ def load(env: dict[str, str] | None = None) -> Settings:
     if sink_deliver not in ("all", "new"):
         raise ConfigError("CROSSTALK_SINK_DELIVER", "must be 'all' or 'new'")
     sink_durable = _str(e, "CROSSTALK_SINK_DURABLE", "sink")
+    from shared import natsauth
     from shared.contracts import TOKEN_RULE, is_token
 
+    natsauth.from_env(e)  # NATS credentials/TLS variables checked at start-up, naming the variable
     if not is_token(agent_name):
         raise ConfigError("CROSSTALK_AGENT_NAME", TOKEN_RULE)
     if not is_token(sink_durable) or len(sink_durable) > 64:

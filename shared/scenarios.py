@@ -122,7 +122,32 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True):
         return [line for line in self.script if line.role == role]
 
 
-_dec = msgspec.json.Decoder(Scenario)
+class ScenarioError(ValueError):
+    """A scenario file that cannot be used: which file, which field, and why."""
+
+    def __init__(self, source: str, field: str, reason: str) -> None:
+        super().__init__(f"{source}: {field}: {reason}")
+        self.source, self.field, self.reason = source, field, reason
+
+
+def decode_scenario(data: bytes, source: str) -> Scenario:
+    """One scenario file's bytes as a :class:`Scenario`; :class:`ScenarioError` names the field if not."""
+    import re
+
+    from shared.codec import decode
+
+    try:
+        sc = decode(data, Scenario, max_bytes=1 << 20)
+    except ValueError as exc:  # ContractError: the field and the reason
+        raise ScenarioError(source, getattr(exc, "field", "$"), getattr(exc, "reason", str(exc))) from None
+    if not re.match(ID_PATTERN, sc.id):
+        raise ScenarioError(source, "id", f"{sc.id!r} must match {ID_PATTERN}")
+    missing = [r for r in ("customer", "support") if r not in sc.roles]
+    if missing:
+        raise ScenarioError(source, "roles", f"needs a persona for both roles, missing {', '.join(missing)}")
+    if sc.script and sc.script[0].role != "customer":
+        raise ScenarioError(source, "script", "the customer speaks first")
+    return sc
 
 
 @lru_cache(maxsize=1)
@@ -132,8 +157,6 @@ def library() -> dict[str, Scenario]:
     A file with errors raises ``ValueError`` naming the file, line and field
     (:class:`shared.scenario_files.ScenarioFileError`).
     """
-    import re
-
     from shared import scenario_files
 
     folders = [_BUILTIN]
@@ -148,11 +171,7 @@ def library() -> dict[str, Scenario]:
                 continue
             if path.suffix != ".json":
                 continue
-            sc = _dec.decode(path.read_bytes())
-            if not re.match(ID_PATTERN, sc.id):
-                raise ValueError(f"{path}: id {sc.id!r} must match {ID_PATTERN}")
-            if sc.script and sc.script[0].role != "customer":
-                raise ValueError(f"{path}: the customer speaks first")
+            sc = decode_scenario(path.read_bytes(), str(path))
             out[sc.id] = sc
     return out
 

@@ -15,9 +15,9 @@ from typing import Any
 
 from livekit import rtc
 from livekit.agents import AgentSession
-from livekit.agents.llm import ChatMessage
+from livekit.agents.llm import ChatMessage, LLMError
 from livekit.agents.voice import room_io
-from livekit.agents.voice.events import ConversationItemAddedEvent
+from livekit.agents.voice.events import ConversationItemAddedEvent, ErrorEvent
 
 from shared.log import kv
 from worker import turns
@@ -67,6 +67,19 @@ class Conversation:
         if not text or self.done.done():
             return
         self._track(self._speak(text, item.metrics.get("llm_node_ttft")))
+
+    def on_error(self, ev: ErrorEvent) -> None:
+        """An unrecoverable model error ends the call failed, before its partial reply is recorded.
+
+        livekit-agents adds the text streamed before a broken completion (the model process died
+        mid-stream: found by ``just chaos``, kill-model) to the chat as an ordinary assistant
+        message; recording that as a turn would store a cut sentence the model never served in
+        full. The error is emitted before that message is added, so ending here drops it; the
+        dispatcher retries the conversation. Recoverable errors (retried by the LLM) are ignored.
+        """
+        err = ev.error
+        if isinstance(err, LLMError) and not err.recoverable:
+            self.finish(turns.model_failed(self.role, err.error))
 
     def request_end(self, reason: str) -> None:
         """Called by the end_conversation tool; the goodbye text of the same reply goes out first."""

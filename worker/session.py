@@ -77,6 +77,7 @@ async def start(ctx: JobContext, settings: Settings, meta: JobMetadata, role: Ro
         },
     )
     session.on("conversation_item_added", conv.on_item)
+    session.on("error", conv.on_error)  # a broken completion ends the call before its partial text is recorded
     # what the agent says, on lk.transcription for anyone watching the room, a few chunks per
     # second instead of one data packet per token (worker/transcription.py)
     transcription = CoalescedTranscription(ctx.room)

@@ -108,4 +108,9 @@ def turn_failed(role: Role, exc: BaseException) -> End:
     return End(f"agent_error: {role}: turn failed: {type(exc).__name__}: {exc}"[:300], ok=False, mine=True)
 
 
+def model_failed(role: Role, exc: BaseException) -> End:
+    """The model's completion broke (not retried): the reply is incomplete, so no turn is recorded."""
+    return End(f"agent_error: {role}: model failed: {type(exc).__name__}: {exc}"[:300], ok=False, mine=True)
+
+
 TIMEOUT = End("conversation_timeout", ok=False, mine=True)

@@ -96,6 +96,7 @@ class Config:
     up_timeout_s: float
     workers: int = 1
     workers_why: str = ""
+    nats_conf: Path = INFRA / "nats.conf"  # CROSSTALK_NATS_CONF: e.g. the secured one (infra/stack/secure.py)
     settings: Settings = field(default_factory=Settings, repr=False)  # what the processes will read
 
     @classmethod
@@ -126,6 +127,9 @@ class Config:
                              f"got {workers_raw!r} (unset: sized to the machine)")
         workers, workers_why = sizing.choose(workers_raw, settings.worker_max_jobs)
         run_dir = e.get("CROSSTALK_RUN_DIR", "").strip()
+        nats_conf = Path(e.get("CROSSTALK_NATS_CONF", "").strip() or INFRA / "nats.conf")
+        if not nats_conf.is_file():
+            raise StackError(f"CROSSTALK_NATS_CONF: {nats_conf} is not a file")
         return cls(
             run_dir=Path(run_dir).expanduser().resolve() if run_dir else ROOT / "run",
             data_dir=settings.data_dir.expanduser().resolve() if e.get("CROSSTALK_DATA_DIR", "").strip()
@@ -150,6 +154,7 @@ class Config:
             up_timeout_s=timeout,
             workers=workers,
             workers_why=workers_why,
+            nats_conf=nats_conf,
             settings=settings,
         )
 

@@ -16,6 +16,7 @@ from nats.js.api import StorageType, StreamConfig
 
 from infra.stack.commands import up
 from infra.stack.config import Config, StackError
+from shared import natsauth
 from shared.contracts import ContractError, StartBatch
 
 
@@ -23,7 +24,8 @@ async def _check(cfg: Config) -> None:
     from livekit import api
 
     key = uuid.uuid4().hex[:10]
-    nc = await nats.connect(cfg.nats_url, connect_timeout=5, max_reconnect_attempts=0)
+    nc = await nats.connect(cfg.nats_url, connect_timeout=5, max_reconnect_attempts=0,
+                            **natsauth.from_env(service="cli").connect_options())  # the secured profile's too
     try:
         js = nc.jetstream(timeout=10)
         stream = f"CROSSTALK_SMOKE_{key}"

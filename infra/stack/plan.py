@@ -57,7 +57,7 @@ def plan(cfg: Config) -> Plan:
             "CROSSTALK_NATS_SERVER_BIN")
         programs.append(Program(
             "nats",
-            (nats_server, "-c", str(INFRA / "nats.conf"), "-js", "-a", h, "-p", str(cfg.nats_port),
+            (nats_server, "-c", str(cfg.nats_conf), "-js", "-a", h, "-p", str(cfg.nats_port),
              "-m", str(cfg.nats_monitor_port), "-sd", str(cfg.run_dir / "nats")),
             f"{cfg.nats_url}  (JetStream store {cfg.run_dir / 'nats'}, monitor http://{h}:{cfg.nats_monitor_port})",
             f"http://{h}:{cfg.nats_monitor_port}/healthz?js-enabled-only=true",
