@@ -69,6 +69,12 @@ def _stream_headers(request: web.Request, content_type: str) -> dict[str, str]:
     return {"Content-Type": content_type, "x-request-id": request["request_id"]}
 
 
+class _ClientGone(Exception):
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("client went away")
+        self.response = response
+
+
 class SpeechServer:
     def __init__(self, engines: Engines, metrics: SpeechMetrics, limits: Limits = Limits(),
                  workers: int | None = None) -> None:
@@ -140,9 +146,10 @@ class SpeechServer:
                 body, samples, compute = await self.run(self._synthesize_whole, job)
                 self.metrics.first_audio.labels(engine).observe(time.perf_counter() - started)
                 resp = web.Response(body=body, content_type=job.content_type)
-        except (ConnectionResetError, asyncio.CancelledError):
+        except _ClientGone as gone:
             log.info("client went away mid-speech", extra=kv(voice=job.voice.name))
-            raise
+            self.metrics.requests.labels("speech", "aborted").inc()
+            return gone.response
         except Exception as exc:  # an engine failure answers 500 and leaves the service serving
             log.exception("speech failed", extra=kv(voice=job.voice.name))
             self.metrics.requests.labels("speech", "error").inc()
@@ -183,7 +190,10 @@ class SpeechServer:
                 resp = web.StreamResponse(headers=_stream_headers(request, job.content_type))
                 await resp.prepare(request)
                 self.metrics.first_audio.labels(job.voice.engine).observe(time.perf_counter() - started)
-            await resp.write(resampler.push(pcm))
+            try:
+                await resp.write(resampler.push(pcm))
+            except ConnectionError:  # the client left: stop synthesising (the rest would go nowhere)
+                raise _ClientGone(resp) from None
         if resp is None:  # nothing to say (only punctuation): an empty body, still 200
             resp = web.StreamResponse(headers=_stream_headers(request, job.content_type))
             await resp.prepare(request)
