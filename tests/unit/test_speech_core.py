@@ -29,7 +29,7 @@ def test_speech_defaults_follow_openai() -> None:
 
 
 @pytest.mark.parametrize("over,param", [
-    ({"voice": "ash"}, "voice"), ({"voice": {"name": "x"}}, "voice"), ({"input": ""}, "input"),
+    ({"voice": "ash"}, "voice"), ({"voice": {"name": "x"}}, "voice"), ({"input": ""}, "input"), ({"input": " ?!… "}, "input"),
     ({"input": "x" * 11}, "input"), ({"response_format": "ogg"}, "response_format"),
     ({"speed": 0.1}, "speed"), ({"speed": 4.5}, "speed"), ({"model": "x"}, "model"),
     ({"stream_format": "x"}, "stream_format"), ({"instructions": 3}, "instructions"),
@@ -98,6 +98,8 @@ def test_resample_and_encode() -> None:
         decoded = audio.decode_upload(audio.encode(out, fmt))
         assert abs(decoded.size / audio.WHISPER_RATE - 1.0) < 0.15, fmt
     assert audio.wav_data(audio.wav_header(24000, None) + b"\1\0\2\0\3") == b"\1\0\2\0"
+    for fmt in ("pcm", "wav", "mp3", "opus", "aac", "flac"):  # no audio at all is still a valid answer
+        assert isinstance(audio.encode(b"", fmt), bytes)
 
 
 def test_speech_settings_name_the_variable() -> None:
