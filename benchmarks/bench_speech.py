@@ -18,7 +18,6 @@ import asyncio
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 from support.harness import Procs
 
+from benchmarks.bench_batch import machine
 from shared.wer import corpus_wer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,10 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             procs.stop_all()
     report = {
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "cpu_model": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                                       if ln.startswith("model name")), "?"),
-                    "loadavg_1m_before": round(load_before[0], 2), "loadavg_1m_after": round(os.getloadavg()[0], 2),
+        "machine": {**machine(), "loadavg_1m_before": round(load_before[0], 2), "loadavg_1m_after": round(os.getloadavg()[0], 2),
                     "note": "2 cores shared with other work while this ran: see the load averages"},
         "service": {"workers": args.workers, "tts_threads": 1, "stt_threads": 1, "stt_beam_size": 1,
                     "startup_s": round(startup, 2)},

@@ -264,6 +264,11 @@ def _activity(groups: dict[str, Any]) -> None:
             w.turn_seconds.labels(role).observe(0.6)
     m.requests.labels("customer").inc()
     m.request_seconds.observe(0.3)
+    sp = groups["speech"]
+    sp.requests.labels("speech", "ok").inc()
+    sp.first_audio.labels("piper").observe(0.2)
+    sp.rtf.labels("piper").observe(0.1)
+    sp.busy.set(1)
 
 
 @pytest.fixture

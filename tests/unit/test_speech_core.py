@@ -29,7 +29,7 @@ def test_speech_defaults_follow_openai() -> None:
 
 
 @pytest.mark.parametrize("over,param", [
-    ({"voice": "ash"}, "voice"), ({"voice": {"name": "x"}}, "voice"), ({"input": ""}, "input"),
+    ({"voice": "ash"}, "voice"), ({"voice": {"name": "x"}}, "voice"), ({"input": ""}, "input"), ({"input": " ?!… "}, "input"),
     ({"input": "x" * 11}, "input"), ({"response_format": "ogg"}, "response_format"),
     ({"speed": 0.1}, "speed"), ({"speed": 4.5}, "speed"), ({"model": "x"}, "model"),
     ({"stream_format": "x"}, "stream_format"), ({"instructions": 3}, "instructions"),
@@ -98,3 +98,24 @@ def test_resample_and_encode() -> None:
         decoded = audio.decode_upload(audio.encode(out, fmt))
         assert abs(decoded.size / audio.WHISPER_RATE - 1.0) < 0.15, fmt
     assert audio.wav_data(audio.wav_header(24000, None) + b"\1\0\2\0\3") == b"\1\0\2\0"
+    for fmt in ("pcm", "wav", "mp3", "opus", "aac", "flac"):  # no audio at all is still a valid answer
+        assert isinstance(audio.encode(b"", fmt), bytes)
+
+
+def test_speech_settings_name_the_variable() -> None:
+    from shared.config import ConfigError, load
+
+    offline = load({})
+    assert (offline.real_speech, offline.speech_base_url, offline.speech_port) == (False, "http://127.0.0.1:8090/v1", 8090)
+    real = load({"OPENAI_API_KEY": "sk-test"})
+    assert real.real_speech and real.speech_base_url == "https://api.openai.com/v1"
+    assert "sk-test" not in str(real)  # the key never reaches a log line
+    mixed = load({"OPENAI_API_KEY": "sk-test", "CROSSTALK_SPEECH": "offline", "CROSSTALK_SPEECH_URL": "http://h:1/v1"})
+    assert (mixed.real_speech, mixed.speech_base_url, mixed.speech_api_key) == (False, "http://h:1/v1", "crosstalk-offline")
+    for env, var in [({"CROSSTALK_SPEECH": "real"}, "CROSSTALK_SPEECH"), ({"CROSSTALK_SPEECH": "x"}, "CROSSTALK_SPEECH"),
+                     ({"CROSSTALK_SPEECH_WORKERS": "0"}, "CROSSTALK_SPEECH_WORKERS"),
+                     ({"CROSSTALK_SPEECH_STT_THREADS": "two"}, "CROSSTALK_SPEECH_STT_THREADS"),
+                     ({"CROSSTALK_SPEECH_PORT": "70000"}, "CROSSTALK_SPEECH_PORT")]:
+        with pytest.raises(ConfigError) as err:
+            load(env)
+        assert err.value.var == var
