@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -21,10 +21,15 @@ END_TOOL = "end_conversation"
 _BUILTIN = Path(__file__).with_name("scenarios")
 
 
-class Persona(msgspec.Struct, frozen=True):
+class Persona(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     persona: str
     goal: str
+    # voice mode: the TTS voice (a name from shared/voices.py; default: the language's first),
+    # speaking rate (1.0 = the voice's own) and spoken language (default: the scenario's)
+    voice: str | None = None
+    speed: Annotated[float, msgspec.Meta(ge=0.25, le=4.0)] = 1.0
+    language: str | None = None
 
 
 class ScriptLine(msgspec.Struct, frozen=True):
@@ -45,6 +50,8 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True):
     agent_expectations: str = ""
     tags: dict[str, str] = msgspec.field(default_factory=dict)
     userdata: dict[str, Any] = msgspec.field(default_factory=dict)
+    # False: this scenario is text only (batch.start with mode "voice" is refused)
+    voice_mode: bool = True
 
     @property
     def display_label(self) -> str:
