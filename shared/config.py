@@ -90,6 +90,20 @@ class Settings:
     # True when OPENAI_API_KEY / OPENAI_BASE_URL point the agents at a real model: any language then,
     # instead of the scripted model's one script per scenario
     real_model: bool = False
+    # speech (services/speech): offline TTS/STT behind OpenAI's /v1/audio API
+    speech_base_url: str = "http://127.0.0.1:8090/v1"
+    speech_api_key: str = field(default="crosstalk-offline", repr=False)
+    # True when OPENAI_API_KEY / OPENAI_BASE_URL are set and CROSSTALK_SPEECH_URL is not: the agents
+    # then use that provider's speech models (any language, real recognition)
+    real_speech: bool = False
+    speech_host: str = "127.0.0.1"
+    speech_port: int = 8090
+    speech_workers: int = 2  # synthesis/recognition jobs at once (a bounded thread pool)
+    speech_tts_threads: int = 1  # onnxruntime intra-op threads per Piper synthesis
+    speech_stt_threads: int = 1  # ctranslate2 threads per Whisper recognition
+    speech_stt_beam_size: int = 1  # Whisper beam size (1 = greedy: fastest; 5 = OpenAI's default)
+    speech_max_input_chars: int = 4096  # OpenAI's limit for /v1/audio/speech input
+    speech_max_upload_mb: float = 25.0  # OpenAI's limit for /v1/audio/transcriptions files
     # livekit-server webhook receiver (services/webhook)
     webhook_host: str = "127.0.0.1"
     webhook_port: int = 8089
@@ -128,6 +142,8 @@ def load(env: dict[str, str] | None = None) -> Settings:
         raise ConfigError("CROSSTALK_AGENT_NAME", TOKEN_RULE)
     if not is_token(sink_durable) or len(sink_durable) > 64:
         raise ConfigError("CROSSTALK_SINK_DURABLE", "must be 1-64 of [A-Za-z0-9_-]")
+    speech_url = e.get("CROSSTALK_SPEECH_URL", "").strip()
+    real_speech = real_model and not speech_url
     return Settings(
         nats_url=_str(e, "NATS_URL", "nats://127.0.0.1:4222"),
         livekit_url=_str(e, "LIVEKIT_URL", "ws://127.0.0.1:7880"),
@@ -164,6 +180,21 @@ def load(env: dict[str, str] | None = None) -> Settings:
         model_port=_num(e, "CROSSTALK_MODEL_PORT", 8088, lo=1, hi=65535, integer=True),
         model_ttft_ms=_num(e, "CROSSTALK_MODEL_TTFT_MS", 150.0, lo=0, hi=60_000),
         model_tokens_per_s=_num(e, "CROSSTALK_MODEL_TOKENS_PER_S", 400.0, lo=1, hi=1_000_000),
+        speech_base_url=(
+            e.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+            if real_speech
+            else speech_url or "http://127.0.0.1:8090/v1"
+        ),
+        speech_api_key=(e.get("OPENAI_API_KEY") or "crosstalk-offline") if real_speech else "crosstalk-offline",
+        real_speech=real_speech,
+        speech_host=_str(e, "CROSSTALK_SPEECH_HOST", "127.0.0.1"),
+        speech_port=_num(e, "CROSSTALK_SPEECH_PORT", 8090, lo=1, hi=65535, integer=True),
+        speech_workers=_num(e, "CROSSTALK_SPEECH_WORKERS", 2, lo=1, hi=64, integer=True),
+        speech_tts_threads=_num(e, "CROSSTALK_SPEECH_TTS_THREADS", 1, lo=1, hi=64, integer=True),
+        speech_stt_threads=_num(e, "CROSSTALK_SPEECH_STT_THREADS", 1, lo=1, hi=64, integer=True),
+        speech_stt_beam_size=_num(e, "CROSSTALK_SPEECH_STT_BEAM_SIZE", 1, lo=1, hi=10, integer=True),
+        speech_max_input_chars=_num(e, "CROSSTALK_SPEECH_MAX_INPUT_CHARS", 4096, lo=1, hi=1_000_000, integer=True),
+        speech_max_upload_mb=_num(e, "CROSSTALK_SPEECH_MAX_UPLOAD_MB", 25.0, lo=0.01, hi=1024),
         webhook_host=_str(e, "CROSSTALK_WEBHOOK_HOST", "127.0.0.1"),
         webhook_port=_num(e, "CROSSTALK_WEBHOOK_PORT", 8089, lo=1, hi=65535, integer=True),
         metrics_host=_str(e, "CROSSTALK_METRICS_HOST", "127.0.0.1"),

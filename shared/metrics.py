@@ -19,6 +19,7 @@ from prometheus_client import (
 # Default /metrics ports (CROSSTALK_METRICS_PORT overrides per process).
 DEFAULT_PORTS = {
     "dispatcher": 9101, "allocator": 9102, "sink": 9103, "model": 9104, "worker": 9105, "webhook": 9120,
+    "speech": 9106,
 }
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -227,6 +228,47 @@ class ModelMetrics:
             registry=registry)
         for role in ROLE_LABELS:
             self.requests.labels(role)
+
+
+RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5)
+SPEECH_ENDPOINTS = ("speech", "transcriptions", "voices")
+SPEECH_ENGINES = ("piper", "espeak", "whisper")
+
+
+class SpeechMetrics:
+    """services/speech: requests, latency, real-time factor (compute time / audio time) per engine."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.requests = Counter(
+            "crosstalk_speech_requests_total", "speech API requests by endpoint and outcome",
+            ["endpoint", "outcome"], registry=registry)  # outcome: ok|bad_request|error
+        self.request_seconds = Histogram(
+            "crosstalk_speech_request_seconds", "request received to last byte sent", ["endpoint"],
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.first_audio = Histogram(
+            "crosstalk_speech_first_audio_seconds", "speech request received to first audio byte sent",
+            ["engine"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.rtf = Histogram(
+            "crosstalk_speech_real_time_factor", "engine compute seconds per second of audio",
+            ["engine"], buckets=RTF_BUCKETS, registry=registry)
+        self.audio_seconds = Counter(
+            "crosstalk_speech_audio_seconds_total", "seconds of audio synthesised (piper, espeak) or "
+            "transcribed (whisper)", ["engine"], registry=registry)
+        self.compute_seconds = Counter(
+            "crosstalk_speech_compute_seconds_total", "engine wall seconds spent", ["engine"], registry=registry)
+        self.busy = Gauge("crosstalk_speech_jobs_running", "engine jobs running in the pool", registry=registry)
+        self.waiting = Gauge("crosstalk_speech_jobs_waiting", "engine jobs waiting for a pool slot",
+                             registry=registry)
+        for endpoint in SPEECH_ENDPOINTS:
+            self.request_seconds.labels(endpoint)
+            for outcome in ("ok", "bad_request", "error"):
+                self.requests.labels(endpoint, outcome)
+        for engine in SPEECH_ENGINES:
+            self.rtf.labels(engine)
+            self.audio_seconds.labels(engine)
+            self.compute_seconds.labels(engine)
+            if engine != "whisper":
+                self.first_audio.labels(engine)
 
 
 def serve(process: str, host: str, port: int) -> int:

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import msgspec
 
 from shared.contracts import ROLES, Role
+from shared.openai_errors import RequestError, decode_json
 from shared.scenarios import END_TOOL, Scenario
 
 MessageRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -110,52 +111,12 @@ class ChatRequest(msgspec.Struct, frozen=True):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class RequestError(ValueError):
-    """A bad request; ``param`` names the field as OpenAI's error body does."""
-
-    def __init__(self, param: str | None, reason: str) -> None:
-        super().__init__(f"{param}: {reason}" if param else reason)
-        self.param = param
-        self.reason = reason
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": str(self),
-                "type": "invalid_request_error",
-                "param": self.param,
-                "code": None,
-            }
-        }
-
-
 _decoder = msgspec.json.Decoder(ChatRequest)
-
-
-def _param_of(err: msgspec.ValidationError) -> str | None:
-    # msgspec: "Expected `str`, got `int` - at `$.messages[0].role`",
-    # "Object missing required field `role` - at `$.messages[0]`"
-    text = str(err)
-    path = ""
-    if " - at `$" in text:
-        path = text.rsplit(" - at `$", 1)[1].rstrip("`").lstrip(".")
-    if text.startswith("Object missing required field `"):
-        missing = text.split("`")[1]
-        path = f"{path}.{missing}" if path else missing
-    return path or None
 
 
 def decode_request(body: bytes) -> ChatRequest:
     """Decode and validate a ``/v1/chat/completions`` body; raise :class:`RequestError`."""
-    try:
-        req = _decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        reason = str(exc).split(" - at `", 1)[0]
-        if reason.startswith("Object missing required field"):
-            reason = "is required"
-        raise RequestError(_param_of(exc), reason) from None
-    except msgspec.DecodeError as exc:
-        raise RequestError(None, f"request body is not valid JSON: {exc}") from None
+    req = decode_json(_decoder, body)
     if not req.messages:
         raise RequestError("messages", "must contain at least one message")
     return req
