@@ -200,8 +200,8 @@ def load(env: dict[str, str] | None = None) -> Settings:
         metrics_host=_str(e, "CROSSTALK_METRICS_HOST", "127.0.0.1"),
         metrics_port=_num(e, "CROSSTALK_METRICS_PORT", 0, lo=0, hi=65535, integer=True),
         real_model=real_model,
-        voice_stt_model=_str(e, "CROSSTALK_STT_MODEL", "gpt-4o-mini-transcribe" if real_model else "whisper-1"),
-        voice_tts_model=_str(e, "CROSSTALK_TTS_MODEL", "gpt-4o-mini-tts" if real_model else "tts-1"),
+        voice_stt_model=_str(e, "CROSSTALK_STT_MODEL", "gpt-4o-mini-transcribe" if real_speech else "whisper-1"),
+        voice_tts_model=_str(e, "CROSSTALK_TTS_MODEL", "gpt-4o-mini-tts" if real_speech else "tts-1"),
         vad_min_silence_s=_num(e, "CROSSTALK_VAD_MIN_SILENCE_S", 0.5, lo=0.05, hi=10),
         model_served_log=_path(e, "CROSSTALK_MODEL_SERVED_LOG"),
     )

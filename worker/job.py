@@ -19,13 +19,13 @@ from typing import Any
 from livekit.agents import AutoSubscribe, JobContext
 from nats.js import JetStreamContext
 
-from shared import bus, contracts, scenarios
+from shared import bus, contracts, scenarios, voiceplan
 from shared.config import Settings
 from shared.contracts import JobMetadata, RoleRequest
 from shared.log import kv
 from shared.metrics import WorkerMetrics
 from shared.scenarios import Scenario
-from worker import lease, recorder, session, voice
+from worker import lease, recorder, session
 from worker.bridge import RoomBridge, peer_role
 from worker.conversation import Conversation
 from worker.reports import Reports
@@ -36,8 +36,10 @@ log = logging.getLogger("worker.job")
 CONNECT_TIMEOUT_S = 20.0
 
 
-async def connect_room(ctx: JobContext) -> None:
-    await asyncio.wait_for(ctx.connect(auto_subscribe=AutoSubscribe.SUBSCRIBE_NONE), CONNECT_TIMEOUT_S)
+async def connect_room(ctx: JobContext, voice: bool = False) -> None:
+    # voice mode: the room's audio tracks (the peer agent's microphone; the room holds only the two agents)
+    subscribe = AutoSubscribe.AUDIO_ONLY if voice else AutoSubscribe.SUBSCRIBE_NONE
+    await asyncio.wait_for(ctx.connect(auto_subscribe=subscribe), CONNECT_TIMEOUT_S)
 
 
 async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> None:
@@ -88,7 +90,7 @@ async def talk(ctx: JobContext, settings: Settings, meta: JobMetadata, scenario:
                keeper: lease.LeaseKeeper, marks: dict[str, float], js: JetStreamContext) -> None:
     """Join the room, meet the peer, hold the conversation, report its end (when this side does)."""
     role, room = reports.role, reports.room
-    await connect_room(ctx)
+    await connect_room(ctx, voice=meta.mode == "voice")
     bridge = RoomBridge(ctx.room, role)
     marks["connected"] = time.monotonic()
     await bridge.announce()
@@ -137,6 +139,6 @@ def conversation(settings: Settings, meta: JobMetadata, scenario: Scenario, repo
     """Text mode's conversation, or voice mode's with this role's voice plan (worker/voice.py)."""
     if meta.mode != "voice":
         return Conversation(reports=reports, bridge=bridge, lease=keeper)
-    p = voice.plan(scenario, reports.role, meta.language, settings)
+    p = voiceplan.plan(scenario, reports.role, meta.language, settings)
     return VoiceConversation(reports=reports, bridge=bridge, lease=keeper, plan=p,
                              min_silence_s=settings.vad_min_silence_s)

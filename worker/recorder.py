@@ -22,9 +22,10 @@ import numpy as np
 from livekit import rtc
 from livekit.agents.voice import io
 from nats.js import JetStreamContext
+from nats.js.api import ObjectMeta
 
 from shared import bus, streams, subjects
-from shared.contracts import JobMetadata, RecordingChannel, Role
+from shared.contracts import JobMetadata, RecordingChannel, Role, encode
 from shared.log import kv
 
 log = logging.getLogger("worker.recorder")
@@ -91,12 +92,14 @@ async def upload(js: JetStreamContext, tap: Tap, meta: JobMetadata, speaker: Rol
     if tap.start_at is None:
         log.warning("no audio heard: nothing to record", extra=kv(conversation=meta.conversation_id, role=speaker))
         return
+    event = RecordingChannel(
+        batch_id=meta.batch_id, conversation_id=meta.conversation_id, attempt=meta.attempt, role=speaker,
+        sample_rate=tap.rate, start_at=tap.start_at, origin_at=origin_at, samples=tap.samples, at=time.time())
     store = await streams.recordings(js)
     name = streams.recording_object(meta.batch_id, meta.conversation_id, meta.attempt, speaker)
-    await store.put(name, bytes(tap.pcm))
-    await bus.publish(js, subjects.conv_event(meta.batch_id, meta.conversation_id, "recording"), RecordingChannel(
-        batch_id=meta.batch_id, conversation_id=meta.conversation_id, attempt=meta.attempt, role=speaker,
-        sample_rate=tap.rate, start_at=tap.start_at, origin_at=origin_at, samples=tap.samples, at=time.time()),
-        msg_id=f"{meta.conversation_id}:{meta.attempt}:recording:{speaker}")
+    # the event rides along as the object's description: the sink places a channel from the object alone
+    await store.put(name, bytes(tap.pcm), meta=ObjectMeta(name=name, description=encode(event).decode()))
+    await bus.publish(js, subjects.conv_event(meta.batch_id, meta.conversation_id, "recording"), event,
+                      msg_id=f"{meta.conversation_id}:{meta.attempt}:recording:{speaker}")
     log.info("recording stored", extra=kv(conversation=meta.conversation_id, role=speaker,
                                           seconds=round(tap.samples / tap.rate, 2), padded_s=round(tap.padded_s, 2)))

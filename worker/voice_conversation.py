@@ -26,13 +26,13 @@ from livekit.agents import AgentSession
 from livekit.agents.voice import room_io
 
 from shared.log import kv
+from shared.voiceplan import VoicePlan
 from worker.bridge import RoomBridge
 from worker.conversation import Conversation
 from worker.lease import LeaseKeeper
 from worker.recorder import Tap
 from worker.reports import Reports
 from worker.turns import End, Speak
-from worker.voice import VoicePlan
 
 log = logging.getLogger("worker.job")
 
@@ -193,9 +193,12 @@ class VoiceConversation(Conversation):
         except TimeoutError:
             log.warning("the listener did not report the turn", extra=kv(room=self.room, turn=speak.turn))
         start, stop, origin = _f(report.get("start")), _f(report.get("end")), self.origin
+        # the session adds a message once it has played out: turn 0 started when its reply was asked
+        # for (the customer's generate_reply), not its first token before that
+        started_at = speak.started_at if speak.turn > 0 else min(self.turns.heard_at, speak.started_at)
         via = report.get("via")
         await self.reports.turn(
-            speak.turn, text, started_at=speak.started_at, ended_at=now, first_token_s=first_token_s,
+            speak.turn, text, started_at=started_at, ended_at=now, first_token_s=first_token_s,
             audio_start_s=start - origin if start is not None and origin is not None else None,
             audio_end_s=stop - origin if stop is not None and origin is not None else None,
             heard_text=report.get("text") if report else None,

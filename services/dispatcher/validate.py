@@ -14,11 +14,11 @@ from collections.abc import Mapping
 
 import msgspec
 
+from shared import voiceplan
 from shared.config import Settings
 from shared.contracts import BatchSpec, ContractError, StartBatch
 from shared.scenarios import DEFAULT_SCENARIO, Scenario
 
-VOICE_UNAVAILABLE = "voice mode is not available in this build"
 # Public batch.start fields that this version does not implement yet: refused by name.
 PLANNED_FIELDS = frozenset({"target_agent", "target_metadata", "scenarios", "trials"})
 
@@ -66,11 +66,15 @@ def validate(
     if scenario is None:
         known = ", ".join(sorted(scenarios))
         return reject("scenario", f"unknown scenario {scenario_id!r}; known: {known}")
-    if cmd.mode == "voice":
-        return reject("mode", VOICE_UNAVAILABLE)
     language = cmd.language or scenario.language
     if language != scenario.language and not settings.real_model:
         return reject("language", language_mismatch(scenario, language, scenarios))
+    if cmd.mode == "voice":
+        # unknown voice, a language no TTS voice speaks, a scenario that disables voice: named here,
+        # before any room exists (the worker would fail each conversation the same way)
+        problem = voiceplan.check(scenario, language, settings)
+        if problem is not None:
+            return reject(*problem)
     requested_concurrency = cmd.concurrency or settings.max_concurrency
     return BatchSpec(
         batch_id=bid or generated_batch_id(received_at, seed),
