@@ -93,8 +93,8 @@ class Settings:
     # speech (services/speech): offline TTS/STT behind OpenAI's /v1/audio API
     speech_base_url: str = "http://127.0.0.1:8090/v1"
     speech_api_key: str = field(default="crosstalk-offline", repr=False)
-    # True when OPENAI_API_KEY / OPENAI_BASE_URL are set and CROSSTALK_SPEECH_URL is not: the agents
-    # then use that provider's speech models (any language, real recognition)
+    # CROSSTALK_SPEECH=auto (default: real when OPENAI_API_KEY / OPENAI_BASE_URL are set, as the model)
+    # | offline (always services/speech at CROSSTALK_SPEECH_URL) | real (that provider's speech models)
     real_speech: bool = False
     speech_host: str = "127.0.0.1"
     speech_port: int = 8090
@@ -142,8 +142,12 @@ def load(env: dict[str, str] | None = None) -> Settings:
         raise ConfigError("CROSSTALK_AGENT_NAME", TOKEN_RULE)
     if not is_token(sink_durable) or len(sink_durable) > 64:
         raise ConfigError("CROSSTALK_SINK_DURABLE", "must be 1-64 of [A-Za-z0-9_-]")
-    speech_url = e.get("CROSSTALK_SPEECH_URL", "").strip()
-    real_speech = real_model and not speech_url
+    speech_mode = _str(e, "CROSSTALK_SPEECH", "auto")
+    if speech_mode not in ("auto", "offline", "real"):
+        raise ConfigError("CROSSTALK_SPEECH", f"must be 'auto', 'offline' or 'real', got {speech_mode!r}")
+    if speech_mode == "real" and not real_model:
+        raise ConfigError("CROSSTALK_SPEECH", "'real' needs OPENAI_API_KEY or OPENAI_BASE_URL")
+    real_speech = speech_mode == "real" or (speech_mode == "auto" and real_model)
     return Settings(
         nats_url=_str(e, "NATS_URL", "nats://127.0.0.1:4222"),
         livekit_url=_str(e, "LIVEKIT_URL", "ws://127.0.0.1:7880"),
@@ -183,7 +187,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         speech_base_url=(
             e.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
             if real_speech
-            else speech_url or "http://127.0.0.1:8090/v1"
+            else _str(e, "CROSSTALK_SPEECH_URL", "http://127.0.0.1:8090/v1")
         ),
         speech_api_key=(e.get("OPENAI_API_KEY") or "crosstalk-offline") if real_speech else "crosstalk-offline",
         real_speech=real_speech,

@@ -40,10 +40,9 @@ def normalize(text: str, language: str = "en") -> str:
     for sym, word in _SYMBOLS.items():
         text = text.replace(sym, word)
     text = text.lower().replace("-", " ")
+    text = re.sub(r"(?<=\w)['\u2019](?=\w)", "", text)  # "don't" -> "dont", as a recogniser may write it
     # drop every punctuation/symbol character; keep letters, marks (Devanagari vowel signs), digits
     kept = "".join(ch if unicodedata.category(ch)[0] in "LMN" or ch.isspace() else " " for ch in text)
-    # apostrophes inside words ("don't") were dropped above: "don t" -> "dont"
-    kept = re.sub(r"\b(\w+) (t|s|re|ve|ll|d|m)\b", r"\1\2", kept)
     return " ".join(kept.split())
 
 

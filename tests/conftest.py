@@ -17,7 +17,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from support.harness import Procs
+from support.harness import Proc, Procs
 from support.servers import Server, free_port, start_livekit, start_nats, start_webhook
 
 from shared import streams
@@ -127,6 +127,24 @@ async def bus_conn(fresh_nats: str) -> AsyncIterator[tuple[Client, JetStreamCont
     await streams.ensure_streams(js)
     yield conn, js
     await conn.close()
+
+
+@pytest.fixture(scope="session")
+def speech_service(workdir: Path) -> Iterator[Proc]:
+    """One real services/speech process for the session (its models load once, ~3 s): Piper, espeak-ng,
+    faster-whisper. ``speech_service.info["url"]`` is its OpenAI base URL. Small limits, so the
+    oversized-input tests stay small: 1000 input characters, 1 MB uploads."""
+    p = Procs(workdir / "speech", "nats://127.0.0.1:1")  # the speech service uses no NATS
+    (workdir / "speech").mkdir(exist_ok=True)
+    proc = p.speech(CROSSTALK_SPEECH_MAX_INPUT_CHARS="1000", CROSSTALK_SPEECH_MAX_UPLOAD_MB="1")
+    yield proc
+    p.stop_all()
+    print(p.logs())
+
+
+@pytest.fixture(scope="session")
+def speech_url(speech_service: Proc) -> str:
+    return speech_service.info["url"]
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ TAG = "CROSSTALK_STACK"  # env var every process of one stack carries: its run d
 # The crosstalk processes, in start order, and how to run them (python -m ...).
 CROSSTALK_PROGRAMS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model", ("-m", "services.model")),
+    ("speech", ("-m", "services.speech")),
     ("webhook", ("-m", "services.webhook")),
     ("allocator", ("-m", "services.allocator")),
     ("dispatcher", ("-m", "services.dispatcher")),
@@ -48,6 +49,7 @@ PORTS: dict[str, int] = {
     "CROSSTALK_LIVEKIT_TCP_PORT": 7881,
     "CROSSTALK_LIVEKIT_METRICS_PORT": 6789,
     "CROSSTALK_MODEL_PORT": Settings.model_port,
+    "CROSSTALK_SPEECH_PORT": Settings.speech_port,
     "CROSSTALK_WEBHOOK_PORT": Settings.webhook_port,
     "CROSSTALK_PROMETHEUS_PORT": 9090,
     "CROSSTALK_GRAFANA_PORT": 3000,
@@ -81,6 +83,7 @@ class Config:
     livekit_udp: tuple[int, int]
     livekit_metrics_port: int
     model_port: int
+    speech_port: int
     metrics_ports: dict[str, int]
     webhook_port: int
     prometheus_port: int
@@ -134,6 +137,7 @@ class Config:
             livekit_udp=(lo, hi),
             livekit_metrics_port=_port(e, "CROSSTALK_LIVEKIT_METRICS_PORT"),
             model_port=settings.model_port,
+            speech_port=settings.speech_port,
             metrics_ports={name: _port(e, metrics_port_var(name)) for name in DEFAULT_PORTS},
             webhook_port=settings.webhook_port,
             prometheus_port=_port(e, "CROSSTALK_PROMETHEUS_PORT"),
@@ -150,7 +154,8 @@ class Config:
 
     def worker_metrics_ports(self) -> list[int]:
         """Consecutive from the worker's port, skipping the other programs' ports (many sized workers)."""
-        taken = {p for n, p in self.metrics_ports.items() if n != "worker"} | {self.webhook_port, self.model_port}
+        taken = {p for n, p in self.metrics_ports.items() if n != "worker"} | {self.webhook_port, self.model_port,
+                                                                             self.speech_port}
         ports: list[int] = []
         port = self.metrics_ports["worker"]
         while len(ports) < self.workers:

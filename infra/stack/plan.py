@@ -91,6 +91,8 @@ def plan(cfg: Config) -> Plan:
         "CROSSTALK_DATA_DIR": str(cfg.data_dir),
         "CROSSTALK_MODEL_PORT": str(cfg.model_port),
         "CROSSTALK_MODEL_URL": f"http://{h}:{cfg.model_port}/v1",
+        "CROSSTALK_SPEECH_PORT": str(cfg.speech_port),
+        "CROSSTALK_SPEECH_URL": f"http://{h}:{cfg.speech_port}/v1",
         "CROSSTALK_METRICS_HOST": h,
         "PYTHONUNBUFFERED": "1",
     }
@@ -103,6 +105,9 @@ def plan(cfg: Config) -> Plan:
         if name == "model":
             where = f"http://{h}:{cfg.model_port}/v1  ({where})"
             ports = (cfg.model_port, mport)
+        if name == "speech":
+            where = f"http://{h}:{cfg.speech_port}/v1/audio  ({where})"
+            ports = (cfg.speech_port, mport)
         env = {**common}
         if name == "webhook":
             where = f"http://{h}:{cfg.webhook_port}/webhook  ({where})"
@@ -118,7 +123,8 @@ def plan(cfg: Config) -> Plan:
                 where if i == 0 else f"metrics http://{h}:{port_i}/metrics",
                 f"http://{h}:{port_i}/metrics", ports if i == 0 else (port_i,),
                 env={**env, "CROSSTALK_METRICS_PORT": str(port_i)},
-                priority=20 if name == "model" else 30 if name != "worker" else 40,
+                priority=20 if name in ("model", "speech") else 30 if name != "worker" else 40,
+                startsecs=5 if name == "speech" else 2,  # loads its models before it serves
                 stopwaitsecs=40 if name == "worker" else 15,  # the worker drains its jobs (30 s)
             ))
     prom_cfg = INFRA / "prometheus" / "prometheus.yml"

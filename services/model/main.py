@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry
 from shared.log import kv
 from shared.metrics import ModelMetrics
 from shared.scenarios import END_TOOL, Scenario, library
+from shared.webapp import serve_app
 
 from . import core
 
@@ -203,14 +204,8 @@ async def serve_in_background(
         ModelConfig(model_name=model_name, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s, served_log=served_log),
         metrics or ModelMetrics(CollectorRegistry()),
     )
-    runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound_host, bound_port = runner.addresses[0][:2]
-        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-        yield f"http://{url_host}:{bound_port}/v1"
+        async with serve_app(server.app(), host, port) as url:
+            yield url
     finally:
-        await runner.cleanup()
         server.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ from shared import voices
 from shared.log import kv
 from shared.metrics import SpeechMetrics
 from shared.openai_errors import RequestError
+from shared.webapp import serve_app
 
 from . import audio, core
 from .engines import Engines
@@ -50,6 +52,21 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 
 def _server_error(reason: str) -> web.Response:
     return _json({"error": {"message": reason, "type": "server_error", "param": None, "code": None}}, 500)
+
+
+@web.middleware
+async def _request_id(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+    """Every answer carries ``x-request-id``, as OpenAI's do (livekit-plugins-openai logs its absence)."""
+    rid = f"req_{uuid.uuid4().hex}"
+    request["request_id"] = rid
+    resp: web.StreamResponse = await handler(request)
+    if not resp.prepared:
+        resp.headers.setdefault("x-request-id", rid)
+    return resp
+
+
+def _stream_headers(request: web.Request, content_type: str) -> dict[str, str]:
+    return {"Content-Type": content_type, "x-request-id": request["request_id"]}
 
 
 class SpeechServer:
@@ -81,7 +98,8 @@ class SpeechServer:
 
     def app(self) -> web.Application:
         # uploads up to the limit, plus room for the form's text fields
-        app = web.Application(client_max_size=int(self.limits.max_upload_mb * 1024 * 1024) + 64 * 1024)
+        app = web.Application(client_max_size=int(self.limits.max_upload_mb * 1024 * 1024) + 64 * 1024,
+                              middlewares=[_request_id])
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/audio/voices", self.voices)
@@ -162,12 +180,12 @@ class SpeechServer:
             assert isinstance(pcm, bytes)
             samples += len(pcm) // 2
             if resp is None:  # headers go with the first audio: an engine error before it is still a 500
-                resp = web.StreamResponse(headers={"Content-Type": job.content_type})
+                resp = web.StreamResponse(headers=_stream_headers(request, job.content_type))
                 await resp.prepare(request)
                 self.metrics.first_audio.labels(job.voice.engine).observe(time.perf_counter() - started)
             await resp.write(resampler.push(pcm))
         if resp is None:  # nothing to say (only punctuation): an empty body, still 200
-            resp = web.StreamResponse(headers={"Content-Type": job.content_type})
+            resp = web.StreamResponse(headers=_stream_headers(request, job.content_type))
             await resp.prepare(request)
         await resp.write(resampler.flush())
         await resp.write_eof()
@@ -239,14 +257,8 @@ async def serve_in_background(engines: Engines, host: str = "127.0.0.1", port: i
     ``port=0`` picks a free port; ``metrics`` defaults to a private registry.
     """
     server = SpeechServer(engines, metrics or SpeechMetrics(CollectorRegistry()), limits, workers)
-    runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound_host, bound_port = runner.addresses[0][:2]
-        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-        yield f"http://{url_host}:{bound_port}/v1"
+        async with serve_app(server.app(), host, port) as url:
+            yield url
     finally:
-        await runner.cleanup()
         server.close()

@@ -84,6 +84,12 @@ class Stack:
     def livekit_url(self) -> str:
         return self.config().livekit_url
 
+    @property
+    def speech_url(self) -> str:
+        """The stack's offline speech service (services/speech), an OpenAI base URL."""
+        cfg = self.config()
+        return f"http://{cfg.host}:{cfg.speech_port}/v1"
+
     def ports(self) -> list[int]:
         return [int(self.env[v]) for v in PORT_VARS]
 

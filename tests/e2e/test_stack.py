@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import nats
+import openai
 import psutil
 import pytest
 from e2e.stack import ROOT, Stack
@@ -78,6 +79,14 @@ async def test_up_is_healthy_idempotent_and_down_leaves_nothing(tmp_path: Path, 
         assert "nats" in status.stdout and "livekit" in status.stdout and "BAD" not in status.stdout
         check = stack.just("check")
         assert check.returncode == 0, check.stdout + check.stderr
+
+        # The offline speech service runs with its models loaded: it speaks and lists its voices.
+        assert "speech" in pids
+        speech = openai.AsyncOpenAI(base_url=stack.speech_url, api_key="crosstalk-offline", max_retries=0)
+        audio = await speech.audio.speech.create(model="tts-1", voice="hi-espeak", input="नमस्ते",  # type: ignore[arg-type]
+                                                 response_format="wav")
+        assert audio.content[:4] == b"RIFF" and len(audio.content) > 10_000
+        assert "en-joe" in [v["id"] for v in (await speech.get("/audio/voices", cast_to=dict))["data"]]
 
         # Every crosstalk process got its environment: a batch runs through `just batch` to transcripts on disk.
         batch = stack.just("batch", "2", "2", "--follow")

@@ -45,6 +45,7 @@ GROUPS = {
     "model": metrics.ModelMetrics,
     "worker": metrics.WorkerMetrics,
     "webhook": metrics.WebhookMetrics,
+    "speech": metrics.SpeechMetrics,
 }
 # livekit-server v1.13.5's own gauges (seen on its prometheus_port; the real-Prometheus test re-checks them).
 LIVEKIT_METRICS = {"livekit_room_total", "livekit_participant_total"}
@@ -262,6 +263,11 @@ def _activity(groups: dict[str, Any]) -> None:
             w.turn_seconds.labels(role).observe(0.6)
     m.requests.labels("customer").inc()
     m.request_seconds.observe(0.3)
+    sp = groups["speech"]
+    sp.requests.labels("speech", "ok").inc()
+    sp.first_audio.labels("piper").observe(0.2)
+    sp.rtf.labels("piper").observe(0.1)
+    sp.busy.set(1)
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ PYTHON = sys.executable
 PYTHONPATH = os.pathsep.join((str(ROOT), str(ROOT / "tests")))
 ALLOCATOR_READY = b'"msg": "ready"'  # services/allocator logs it once it serves its subjects
 FAKE_AGENT_READY = b"READY "  # support/fake_agent.py prints it once livekit-server registered it
+SPEECH_READY = b'"msg": "speech serving"'  # services/speech logs it once its models are loaded and it serves
 
 
 @dataclass
@@ -148,6 +149,14 @@ class Procs:
 
     def sink(self, **env: str) -> Proc:
         return self.start("sink", "services.sink", env)
+
+    def speech(self, timeout: float = 180.0, **env: str) -> Proc:
+        """services/speech on a free port; ``proc.info["url"]`` is its OpenAI base URL (ends in /v1)."""
+        port = env.pop("CROSSTALK_SPEECH_PORT", None) or str(free_port())
+        proc = self.start("speech", "services.speech", {"CROSSTALK_SPEECH_PORT": port, **env},
+                          ready_line=SPEECH_READY, timeout=timeout)
+        proc.info["url"] = f"http://127.0.0.1:{port}/v1"
+        return proc
 
     def fake_agent(self, agent_name: str, *, mode: str = "complete", talk_s: float = 1.0,
                    ready_timeout: float = 60.0, max_jobs: int | None = None) -> Proc:
