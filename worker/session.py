@@ -123,6 +123,8 @@ async def start(ctx: JobContext, settings: Settings, meta: JobMetadata, role: Ro
             },
         )
     session.on("conversation_item_added", conv.on_item)
+    if isinstance(conv, VoiceConversation):
+        session.on("user_state_changed", conv.on_user_state)
     # what the agent says, on lk.transcription for anyone watching the room, a few chunks per
     # second instead of one data packet per token (worker/transcription.py)
     transcription = CoalescedTranscription(ctx.room)

@@ -24,6 +24,7 @@ from typing import Any
 
 from livekit.agents import AgentSession
 from livekit.agents.voice import room_io
+from livekit.agents.voice.events import UserStateChangedEvent
 
 from shared.log import kv
 from shared.voiceplan import VoicePlan
@@ -62,6 +63,8 @@ class VoiceConversation(Conversation):
         self._heard: set[int] = set()
         self._parts: list[str] = []  # transcripts of the peer's current turn so far
         self._end_after: tuple[str, int] | None = None  # the peer ends after its turn n is heard
+        self._starts = 0  # the VAD's starts of the peer's speech, and the parts of it transcribed
+        self._completed = 0
 
     def _future(self, table: dict[int, asyncio.Future[Any]], turn: int) -> asyncio.Future[Any]:
         if turn not in table:
@@ -93,8 +96,13 @@ class VoiceConversation(Conversation):
             fut.set_result(ev.text)
         self._track(self._hear_late(session, turn, ev.text))
 
+    def on_user_state(self, ev: UserStateChangedEvent) -> None:
+        if ev.new_state == "speaking":
+            self._starts += 1
+
     async def on_user_turn(self, transcript: str) -> bool:
         """The VAD ended the peer's speech and the STT transcribed it: True to reply now."""
+        self._completed += 1
         if transcript.strip():
             self._parts.append(transcript.strip())
         turn = self.turns.next_turn - 1
@@ -104,6 +112,8 @@ class VoiceConversation(Conversation):
             await asyncio.wait_for(asyncio.shield(self._future(self._texts, turn)), TEXT_WAIT_S)
         except TimeoutError:
             return False  # a pause inside the speaker's turn: keep listening
+        if self._starts > self._completed:
+            return False  # it spoke on after this part: the next part's end of speech ends the turn
         return await self._heard_turn(turn, self._take_parts(), "stt")
 
     def _take_parts(self) -> str:
