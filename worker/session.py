@@ -99,12 +99,12 @@ async def start(ctx: JobContext, settings: Settings, meta: JobMetadata, role: Ro
             llm=lk_openai.LLM(model=settings.model_name, client=client),
             stt=stt,
             tts=tts,
-            vad=voice_mode.process_vad(settings),
+            vad=None,  # the VAD is inside the STT's stream adapter (worker/voice.py), once per listener
             user_away_timeout=None,
             # the end of the peer's speech (Silero VAD, CROSSTALK_VAD_MIN_SILENCE_S) ends its turn; no
             # barge-in between the agents, no reply before the turn is over
             turn_handling={
-                "turn_detection": "vad",
+                "turn_detection": "stt" if stt is not None else "manual",
                 "endpointing": {"min_delay": 0.0},
                 "interruption": {"enabled": False},
                 "preemptive_generation": {"enabled": False},

@@ -15,6 +15,7 @@ import threading
 from typing import Any
 
 import openai
+from livekit.agents import stt as lk_stt
 from livekit.agents import vad as lk_vad
 
 # silero registers itself as a plugin on import, which livekit-agents allows on the main thread only:
@@ -48,11 +49,20 @@ def process_vad(settings: Settings) -> lk_vad.VAD:
 
 
 def speech_models(settings: Settings, p: VoicePlan, client: openai.AsyncClient) -> tuple[Any, Any]:
-    """``(stt, tts)`` on the speech API; stt is None when this role hears the speaker's text."""
+    """``(stt, tts)`` on the speech API; stt is None when this role hears the speaker's text.
+
+    The STT is wrapped in livekit-agents' ``StreamAdapter`` with the process's VAD here, and the
+    session gets no VAD of its own (turn detection ``stt``: the adapter's end of speech, then its
+    transcript, ends the peer's turn). A session VAD beside a non-streaming STT runs two Silero
+    streams on the same audio (the session's, and the adapter the agent's ``stt_node`` adds): one
+    inference per 32 ms twice over, measured as the worker's largest cost (benchmarks/README.md).
+    """
     stt = None
     if p.hears_via == "stt":
-        stt = lk_openai.STT(model=settings.voice_stt_model, language=p.peer_language.split("-")[0],
-                            client=client, use_realtime=False)
+        stt = lk_stt.StreamAdapter(
+            stt=lk_openai.STT(model=settings.voice_stt_model, language=p.peer_language.split("-")[0],
+                              client=client, use_realtime=False),
+            vad=process_vad(settings))
     tts = lk_openai.TTS(model=settings.voice_tts_model, voice=p.voice, speed=p.speed, client=client,
                         response_format="pcm")
     return stt, tts

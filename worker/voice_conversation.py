@@ -151,6 +151,8 @@ class VoiceConversation(Conversation):
         span = self.tap.take_span() if self.tap is not None else None
         if self.tap is not None and self.role == "support":
             self._see_origin(self.tap.first_speech_at)  # the customer speaks first: its first audio
+        log.info("turn heard", extra=kv(room=self.room, role=self.role, turn=turn, via=via,
+                                        after_speech_s=round(time.time() - span[1], 3) if span else None))
         await self.bridge.send_control(
             "heard", turn=str(turn), text=heard, via=via, start=str(span[0]) if span else "",
             end=str(span[1]) if span else "", origin=str(self.origin) if self.origin is not None else "")
