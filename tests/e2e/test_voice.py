@@ -150,7 +150,7 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
 
 async def test_english_voice_batch_through_audio_tracks(stack: Any, lkapi: api.LiveKitAPI, nc: Any) -> None:
     batch_id = "voice-en"
-    doc = await run_voice_batch(stack, lkapi, nc, batch_id, conversations=5, concurrency=5, max_turns=4)
+    doc = await run_voice_batch(stack, lkapi, nc, batch_id, conversations=5, concurrency=2, max_turns=4)
     folder = stack.data_dir / "batches" / batch_id
     assert doc["completed"] == 5 and doc["failed"] == 0
     pairs = []
