@@ -223,7 +223,7 @@ def main() -> None:
     out_path = RESULTS / f"voice-{label}.json"
 
     def one(c: int, first: bool) -> dict[str, Any]:
-        r = {"voice": run("voice", c * args.per_run, c, args.turns, tmp, env, args.profile if first else 0)}
+        r: dict[str, Any] = {"voice": run("voice", c * args.per_run, c, args.turns, tmp, env, args.profile if first else 0)}
         if args.text:
             r["text"] = run("text", c * args.per_run, c, args.turns, tmp, env)
         r["held"] = held(r["voice"])

@@ -12,7 +12,7 @@ microphone track and listens to the peer agent's track only (worker/session.py).
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Final
 
 import openai
 from livekit.agents import stt as lk_stt
@@ -29,7 +29,7 @@ from shared.voiceplan import VoicePlan
 
 # RoomIO's input at 16 kHz in 50 ms frames (Whisper and Silero work at 16 kHz; one frame per 50 ms
 # halves the per-frame work of the 24 kHz / 20 ms a default would cost); output at the TTS's 24 kHz.
-INPUT_RATE = 16000
+INPUT_RATE: Final = 16000
 INPUT_FRAME_MS = 50
 OUTPUT_RATE = voices.OUTPUT_SAMPLE_RATE
 

@@ -143,7 +143,10 @@ class VoiceConversation(Conversation):
                     extra=kv(room=self.room, role=self.role, turn=turn))
         heard = self._take_parts()
         if await self._heard_turn(turn, heard, "stt"):
-            session.generate_reply(user_input=heard or None)
+            if heard:
+                session.generate_reply(user_input=heard)
+            else:
+                session.generate_reply()
 
     async def _heard_turn(self, turn: int, heard: str, via: str) -> bool:
         """Report turn ``turn`` as heard to its speaker; True if this agent replies to it."""

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from functools import partial
 
 import msgspec
 from nats.aio.msg import Msg
@@ -111,7 +112,7 @@ class Turns:
         pending, self._recordings = self._recordings, []
         for event, msg in pending:
             problem = id_problem(event.batch_id, event.conversation_id) or subject_problem(
-                msg.subject, lambda e=event: subjects.conv_event(e.batch_id, e.conversation_id, "recording"))
+                msg.subject, partial(subjects.conv_event, event.batch_id, event.conversation_id, "recording"))
             if problem:
                 drop(self.metrics, msg, *problem)
                 await bus.ack([msg])
