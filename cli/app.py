@@ -235,6 +235,9 @@ def batch_show(
     convs = folder / "conversations"
     files = sorted(convs.glob("*.jsonl")) if convs.is_dir() else []
     table.add_row("transcripts", f"{len(files)} file(s) in {convs}")
+    recs = folder / "recordings"
+    if recs.is_dir():  # voice mode; voice.* above has its metrics and, for speaker-text hearing, a note
+        table.add_row("recordings", f"{len(list(recs.glob('*.wav')))} file(s) in {recs}")
     out.print(table)
 
 

@@ -35,6 +35,7 @@ from shared.ids import (
 )
 
 Role = Literal["customer", "support"]
+HeardVia = Literal["stt", "speaker_text"]
 Mode = Literal["text", "voice"]
 ROLES: tuple[Role, Role] = ("customer", "support")
 
@@ -282,6 +283,13 @@ class TurnRecorded(Struct, frozen=True, kw_only=True, tag="turn"):
     language: str | None = None
     room: RoomName | None = None
     lease: int | None = None  # the speaker's lease token; the sink stores only turns of a live lease
+    # voice mode: where the turn's speech lies in the conversation's recording (seconds from its
+    # first audio), what the listener's STT made of it, and how the listener got its input
+    # ("stt", or "speaker_text" where no offline STT exists for the language, e.g. Hindi)
+    audio_start_s: float | None = None
+    audio_end_s: float | None = None
+    heard_text: str | None = None
+    heard_via: HeardVia | None = None
 
 
 class ConversationEnded(Struct, frozen=True, kw_only=True, tag="conversation_ended"):
@@ -297,7 +305,27 @@ class ConversationEnded(Struct, frozen=True, kw_only=True, tag="conversation_end
     lease: int | None = None
 
 
-ConversationEvent = AgentJoined | TurnRecorded | ConversationEnded
+class RecordingChannel(Struct, frozen=True, kw_only=True, tag="recording"):
+    """Voice mode: one channel of a conversation's recording is in the object store.
+
+    The listener of ``role`` recorded that role's track as the room carried it (16-bit mono PCM,
+    ``sample_rate``), sample 0 at wall time ``start_at``; ``origin_at`` is the first audio of the
+    conversation (the recording's time zero) as this listener knows it. The samples are the object
+    :func:`shared.streams.recording_object` names in bucket :data:`shared.streams.RECORDINGS_BUCKET`.
+    """
+
+    batch_id: BatchId
+    conversation_id: ConversationId
+    attempt: Annotated[int, msgspec.Meta(ge=1)]
+    role: Role
+    sample_rate: Annotated[int, msgspec.Meta(ge=8000, le=48000)]
+    start_at: float
+    origin_at: float | None = None
+    samples: Annotated[int, msgspec.Meta(ge=0)] = 0
+    at: float
+
+
+ConversationEvent = AgentJoined | TurnRecorded | ConversationEnded | RecordingChannel
 
 # --------------------------------------------------------------------------- livekit-server's view
 

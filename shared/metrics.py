@@ -175,6 +175,34 @@ class SinkMetrics:
             "crosstalk_sink_transcripts_incomplete_total",
             "completed conversations failed as transcript_incomplete (file short when the batch finished)",
             registry=registry)
+        # voice mode, measured on each merged recording (services/sink/core/voice.py; README "Voice metrics")
+        self.voice_recordings = Counter(
+            "crosstalk_voice_recordings_total", "stereo conversation recordings written", registry=registry)
+        self.voice_heard_latency = Histogram(
+            "crosstalk_voice_heard_latency_seconds",
+            "per turn: its speech start minus the previous turn's speech end in the recording (negative: overlap)",
+            buckets=(-2.0, -1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0), registry=registry)
+        self.voice_overlap_ratio = Histogram(
+            "crosstalk_voice_overlap_ratio", "per conversation: seconds both speak / seconds anyone speaks",
+            buckets=(0.0, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0), registry=registry)
+        self.voice_awkward_silences = Counter(
+            "crosstalk_voice_awkward_silences_total", "silences over 3 s between speech", registry=registry)
+        self.voice_unanswered_turns = Counter(
+            "crosstalk_voice_unanswered_turns_total", "turns the other side did not answer within 10 s",
+            registry=registry)
+        self.voice_false_interruptions = Counter(
+            "crosstalk_voice_false_interruptions_total",
+            "speech starting while the other side speaks that starts no turn", registry=registry)
+        self.voice_time_to_first_audio = Histogram(
+            "crosstalk_voice_time_to_first_audio_seconds",
+            "per conversation: first audio in the room minus when the customer's first reply was asked for",
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.voice_stt_wer = Histogram(
+            "crosstalk_voice_stt_wer", "per conversation: word error rate of heard_text against the spoken text",
+            buckets=(0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0), registry=registry)
+        self.voice_turns_heard = Counter(
+            "crosstalk_voice_turns_heard_total", "voice turns by how the listener heard them", ["via"],
+            registry=registry)  # stt|speaker_text|none
 
 
 class WorkerMetrics:

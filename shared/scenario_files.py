@@ -57,6 +57,10 @@ class RoleExt(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     name: str = ""
     persona: str = ""
     goal: str = ""
+    # voice mode (shared/scenarios.Persona): TTS voice name, speaking rate, spoken language
+    voice: str | None = None
+    speed: Annotated[float, msgspec.Meta(ge=0.25, le=4.0)] = 1.0
+    language: Annotated[str, msgspec.Meta(pattern=LANGUAGE_PATTERN)] | None = None
 
 
 class Extension(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -67,6 +71,7 @@ class Extension(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     roles: dict[Role, RoleExt] = {}
     checks: Checks = Checks()
     script: list[ScriptLine] = []
+    voice_mode: bool = True  # false: text only (batch.start with mode "voice" is refused)
 
 
 class ScenarioFile(msgspec.Struct, frozen=True, kw_only=True):
@@ -209,12 +214,14 @@ def _entry(entry: Any, path: FieldPath, problems: list[Problem], line: Any) -> S
         id=sid, title=ext.title or label, language=ext.language,
         roles={
             "customer": Persona(name=cust.name or "Caller", persona=cust.persona or instructions.strip(),
-                                goal=cust.goal),
+                                goal=cust.goal, voice=cust.voice, speed=cust.speed, language=cust.language),
             "support": Persona(name=supp.name or "Support agent", persona=supp.persona or DEFAULT_SUPPORT,
-                               goal=supp.goal or expectations.strip()),
+                               goal=supp.goal or expectations.strip(), voice=supp.voice, speed=supp.speed,
+                               language=supp.language),
         },
         script=list(ext.script), label=label, agent_expectations=expectations, tags=dict(tags),
         userdata=dict(userdata), checks=ext.checks, max_turns=ext.max_turns, doc=entry,
+        voice_mode=ext.voice_mode,
     )
 
 

@@ -26,10 +26,15 @@ SCRIPT_PREFIX = "[crosstalk script]"
 _BUILTIN = Path(__file__).with_name("scenarios")
 
 
-class Persona(msgspec.Struct, frozen=True):
+class Persona(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     persona: str
     goal: str
+    # voice mode: the TTS voice (a name from shared/voices.py; default: the language's first),
+    # speaking rate (1.0 = the voice's own) and spoken language (default: the scenario's)
+    voice: str | None = None
+    speed: Annotated[float, msgspec.Meta(ge=0.25, le=4.0)] = 1.0
+    language: str | None = None
 
 
 class ScriptLine(msgspec.Struct, frozen=True):
@@ -96,6 +101,8 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True):
     # Write the role's script lines into the instructions (after the marker), for a scripted
     # model that does not have this scenario in its library (an inline or uploaded scenario).
     embed_script: bool = False
+    # False: this scenario is text only (batch.start with mode "voice" is refused)
+    voice_mode: bool = True
 
     @property
     def display_label(self) -> str:

@@ -19,11 +19,13 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.object_store import ObjectStore
 
 from shared import subjects
 
@@ -76,6 +78,26 @@ LIVEKIT_EVENTS = _stream(
 )
 
 ALL_STREAMS = (BATCH_CMDS, BATCH_EVENTS, CONVERSATIONS, ROLES, LIVEKIT_EVENTS)
+
+# Voice mode: each listener's recording of its peer's track, until the sink has merged the
+# conversation's stereo file (object names: :func:`recording_object`).
+RECORDINGS_BUCKET = "crosstalk-recordings"
+RECORDINGS_TTL_S = 2 * DAY
+
+
+def recording_object(batch_id: str, conversation_id: str, attempt: int, role: str) -> str:
+    """The object holding ``role``'s channel of one attempt (ids already validated by their types)."""
+    return f"{batch_id}/{conversation_id}/{attempt}/{role}"
+
+
+async def recordings(js: JetStreamContext) -> ObjectStore:
+    """The recordings bucket, created on first use (file-backed, objects expire after two days)."""
+    try:
+        return await js.object_store(RECORDINGS_BUCKET)
+    except BucketNotFoundError:
+        cfg = ObjectStoreConfig(description="voice-mode recordings per channel, merged by the sink",
+                                ttl=RECORDINGS_TTL_S, storage=StorageType.FILE)
+        return await js.create_object_store(RECORDINGS_BUCKET, config=cfg)
 
 
 async def ensure_streams(js: JetStreamContext) -> None:
@@ -178,7 +200,7 @@ def dispatcher_conv(start: float | None = None) -> Durable:
 class SinkConsumers(NamedTuple):
     """One transcript sink's four durables, all named ``<prefix>-<what>``."""
 
-    conv: Durable  # turns and conversation ends -> transcripts, batch.json
+    conv: Durable  # turns, conversation ends, recordings -> transcripts, recordings, batch.json
     batch: Durable  # batch lifecycle events -> batch.json
     lk: Durable  # the room audit: livekit-server's webhooks
     roles: Durable  # the room audit: the allocator's grant log
@@ -197,7 +219,8 @@ def sink_consumers(
         return Durable(str(stream.name), cfg)
 
     return SinkConsumers(
-        conv=one(CONVERSATIONS, "conv", [subjects.conv_kind_filter("turn"), subjects.conv_kind_filter("ended")]),
+        conv=one(CONVERSATIONS, "conv", [subjects.conv_kind_filter("turn"), subjects.conv_kind_filter("ended"),
+                                         subjects.conv_kind_filter("recording")]),
         batch=one(BATCH_EVENTS, "batch", [subjects.BATCH_EVENTS_ALL]),
         lk=one(LIVEKIT_EVENTS, "lk", [subjects.LK_ROOM_ALL]),
         roles=one(ROLES, "roles", [subjects.ROLES_ALL]),

@@ -25,7 +25,7 @@ BATCH_EVENTS_ALL = "batch.evt.*"
 # Conversation events from worker jobs: conv.<batch_id>.<conversation_id>.<kind>
 CONV_PREFIX = "conv"
 CONV_ALL = "conv.>"
-CONV_KINDS = ("joined", "turn", "ended")
+CONV_KINDS = ("joined", "turn", "ended", "recording")
 # What the dispatcher follows: every agent join and every conversation end.
 CONV_JOINED_ALL = "conv.*.*.joined"
 CONV_ENDED_ALL = "conv.*.*.ended"

@@ -41,17 +41,25 @@ class Conversation:
         self.done: asyncio.Future[End] = asyncio.get_running_loop().create_future()
         self._speaking = asyncio.Lock()
         self._pending: set[asyncio.Task[Any]] = set()
+        # how long a requested end waits for the goodbye turn (text: its message; voice: its speech)
+        self.end_grace_s = 2.2
 
     # -- events from the room / session ------------------------------------------------
+
+    def turn_of(self, ev: room_io.TextInputEvent) -> int | None:
+        """The turn index a peer message carries (None, logged, if it has none)."""
+        attrs = (ev.info.attributes if ev.info is not None else None) or {}
+        try:
+            return int(attrs.get(ATTR_TURN, ""))
+        except ValueError:
+            log.warning("peer message without turn index", extra=kv(room=self.room))
+            return None
 
     async def on_peer_text(self, session: AgentSession, ev: room_io.TextInputEvent) -> None:
         if self.done.done():
             return
-        attrs = (ev.info.attributes if ev.info is not None else None) or {}
-        try:
-            heard = int(attrs.get(ATTR_TURN, ""))
-        except ValueError:
-            log.warning("peer message without turn index", extra=kv(room=self.room))
+        heard = self.turn_of(ev)
+        if heard is None:
             return
         end = self.turns.heard(heard, at=time.time())
         if end is not None:
@@ -155,9 +163,9 @@ class Conversation:
         self.finish(end)
 
     async def _end_soon(self, reason: str) -> None:
-        # The tool may run before or after the goodbye message is added: give that message 2.2 s
-        # to be recorded and sent (its own turn then ends the call, the end being requested).
-        await asyncio.wait({self.done}, timeout=2.2)
+        # The tool may run before or after the goodbye message is added: give that message
+        # end_grace_s to be recorded and sent (its own turn then ends the call, the end being requested).
+        await asyncio.wait({self.done}, timeout=self.end_grace_s)
         async with self._speaking:
             if not self.done.done():
                 await self.bridge.send_control("end", reason=reason)

@@ -17,26 +17,30 @@ import time
 from typing import Any
 
 from livekit.agents import AutoSubscribe, JobContext
+from nats.js import JetStreamContext
 
-from shared import batch_plan, bus, contracts, scenarios
+from shared import batch_plan, bus, contracts, scenarios, voiceplan
 from shared.config import Settings
 from shared.contracts import JobMetadata, RoleRequest
 from shared.log import kv
 from shared.metrics import WorkerMetrics
 from shared.scenario_files import ScenarioFileError
 from shared.scenarios import Scenario
-from worker import lease, session
-from worker.bridge import RoomBridge
+from worker import lease, recorder, session
+from worker.bridge import RoomBridge, peer_role
 from worker.conversation import Conversation
 from worker.reports import Reports
+from worker.voice_conversation import VoiceConversation
 
 log = logging.getLogger("worker.job")
 
 CONNECT_TIMEOUT_S = 20.0
 
 
-async def connect_room(ctx: JobContext) -> None:
-    await asyncio.wait_for(ctx.connect(auto_subscribe=AutoSubscribe.SUBSCRIBE_NONE), CONNECT_TIMEOUT_S)
+async def connect_room(ctx: JobContext, voice: bool = False) -> None:
+    # voice mode: the room's audio tracks (the peer agent's microphone; the room holds only the two agents)
+    subscribe = AutoSubscribe.AUDIO_ONLY if voice else AutoSubscribe.SUBSCRIBE_NONE
+    await asyncio.wait_for(ctx.connect(auto_subscribe=subscribe), CONNECT_TIMEOUT_S)
 
 
 async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> None:
@@ -70,7 +74,7 @@ async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> No
         reports = Reports(publish, meta=meta, room=room, role=keeper.role, metrics=metrics, lease=keeper)
         async with keeper.kept():
             try:
-                await talk(ctx, settings, meta, scenario, reports, keeper, marks)
+                await talk(ctx, settings, meta, scenario, reports, keeper, marks, js)
             except Exception as exc:
                 log.exception("job failed", extra=kv(job_id=job_id, room=room))
                 metrics.jobs.labels("error").inc()
@@ -84,14 +88,14 @@ async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> No
 
 
 async def talk(ctx: JobContext, settings: Settings, meta: JobMetadata, scenario: Scenario, reports: Reports,
-               keeper: lease.LeaseKeeper, marks: dict[str, float]) -> None:
+               keeper: lease.LeaseKeeper, marks: dict[str, float], js: JetStreamContext) -> None:
     """Join the room, meet the peer, hold the conversation, report its end (when this side does)."""
     role, room = reports.role, reports.room
-    await connect_room(ctx)
+    await connect_room(ctx, voice=meta.mode == "voice")
     bridge = RoomBridge(ctx.room, role)
     marks["connected"] = time.monotonic()
     await bridge.announce()
-    conv = Conversation(reports=reports, bridge=bridge, lease=keeper)
+    conv = conversation(settings, meta, scenario, reports, keeper, bridge)
     keeper.on_lost(conv.on_lease_lost)
 
     peer = await bridge.wait_for_peer(ready=False, timeout=settings.join_deadline_s)
@@ -100,6 +104,8 @@ async def talk(ctx: JobContext, settings: Settings, meta: JobMetadata, scenario:
     ctx.room.on("participant_disconnected", conv.on_peer_left)
 
     live = await session.start(ctx, settings, meta, role, scenario, conv, peer)
+    if isinstance(conv, VoiceConversation):
+        await conv.listening(settings.join_deadline_s)
     marks["session"] = time.monotonic()
     await bridge.announce(ready=True)
     marks["ready"] = time.monotonic()
@@ -115,8 +121,25 @@ async def talk(ctx: JobContext, settings: Settings, meta: JobMetadata, scenario:
         live.agent.generate_reply()
 
     end = await conv.wait(settings.conversation_timeout_s)
+    if isinstance(conv, VoiceConversation) and conv.tap is not None:
+        # this listener's recording of the peer's channel, before the end is reported: the sink
+        # merges the two channels (services/sink/recordings.py)
+        try:
+            await recorder.upload(js, conv.tap, meta, peer_role(role), conv.origin)
+        except Exception:
+            log.exception("could not store the recording", extra=kv(room=room, role=role))
     if end.mine:
         await reports.ended(end, conv.turns.count)
     reports.metrics.jobs.labels("completed" if end.ok else "failed").inc()
     log.info("conversation ended", extra=kv(room=room, role=role, reason=end.reason, ok=end.ok))
     await live.aclose()
+
+
+def conversation(settings: Settings, meta: JobMetadata, scenario: Scenario, reports: Reports,
+                 keeper: lease.LeaseKeeper, bridge: RoomBridge) -> Conversation:
+    """Text mode's conversation, or voice mode's with this role's voice plan (worker/voice.py)."""
+    if meta.mode != "voice":
+        return Conversation(reports=reports, bridge=bridge, lease=keeper)
+    p = voiceplan.plan(scenario, reports.role, meta.language, settings)
+    return VoiceConversation(reports=reports, bridge=bridge, lease=keeper, plan=p,
+                             min_silence_s=settings.vad_min_silence_s)

@@ -14,7 +14,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from shared import subjects
-from shared.contracts import AgentJoined, ConversationEnded, JobMetadata, Role, TurnRecorded
+from shared.contracts import (
+    AgentJoined,
+    ConversationEnded,
+    HeardVia,
+    JobMetadata,
+    Role,
+    TurnRecorded,
+)
 from shared.metrics import WorkerMetrics
 from worker.lease import LeaseKeeper
 from worker.turns import End
@@ -52,12 +59,15 @@ class Reports:
             msg_id=self._msg_id(f"joined:{self.role}"))
 
     async def turn(self, turn: int, text: str, *, started_at: float, ended_at: float,
-                   first_token_s: float | None) -> None:
+                   first_token_s: float | None, audio_start_s: float | None = None,
+                   audio_end_s: float | None = None, heard_text: str | None = None,
+                   heard_via: HeardVia | None = None) -> None:
         m = self.meta
         await self.publish(self._subject("turn"), TurnRecorded(
             batch_id=m.batch_id, conversation_id=m.conversation_id, attempt=m.attempt, turn=turn, role=self.role,
             text=text, started_at=started_at, ended_at=ended_at, first_token_s=first_token_s,
-            total_s=ended_at - started_at, language=m.language, room=self.room, lease=self._token),
+            total_s=ended_at - started_at, language=m.language, room=self.room, lease=self._token,
+            audio_start_s=audio_start_s, audio_end_s=audio_end_s, heard_text=heard_text, heard_via=heard_via),
             msg_id=self._msg_id(f"turn:{turn}"))
         self.metrics.turns.labels(self.role).inc()
         if first_token_s is not None:

@@ -20,7 +20,7 @@ from livekit.agents import AgentServer, JobContext, JobExecutorType, JobRequest
 from shared import config
 from shared.config import Settings
 from shared.metrics import WorkerMetrics
-from worker import job
+from worker import job, voice
 from worker.capacity import JobCounter
 
 log = logging.getLogger("worker")
@@ -136,6 +136,9 @@ def build(settings: Settings, metrics: WorkerMetrics) -> AgentServer:
     global _metrics, _jobs
     _metrics = metrics
     _jobs = JobCounter(metrics)
+
+    # Silero VAD once per process, before any job (voice mode's sessions share it: worker/voice.py)
+    voice.process_vad(settings)
 
     def on_load(active: int, value: float) -> None:
         metrics.active_jobs.set(active)

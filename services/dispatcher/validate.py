@@ -14,12 +14,11 @@ from collections.abc import Mapping
 
 import msgspec
 
-from shared import batch_plan
+from shared import batch_plan, voiceplan
 from shared.config import Settings
 from shared.contracts import BatchSpec, ContractError, StartBatch
 from shared.scenarios import DEFAULT_SCENARIO, Scenario
 
-VOICE_UNAVAILABLE = "voice mode is not available in this build"
 # Public batch.start fields that this version does not implement yet: refused by name.
 PLANNED_FIELDS = frozenset({"target_agent", "target_metadata"})
 
@@ -88,13 +87,17 @@ def validate(
         field = "conversations" if given else ("trials" if cmd.trials else "scenarios")
         return reject(field, f"the batch would run {conversations} conversations; at most "
                              f"{settings.max_conversations} are allowed")
-    if cmd.mode == "voice":
-        return reject("mode", VOICE_UNAVAILABLE)
     languages = {sc.language for sc in chosen}
     language = cmd.language or (scenario.language if len(languages) == 1 else "mixed")
     for sc in chosen:
         if (cmd.language or sc.language) != sc.language and not settings.real_model:
             return reject("language", language_mismatch(sc, language, scenarios))
+        if cmd.mode == "voice":
+            # unknown voice, a language no TTS voice speaks, a scenario that disables voice: named
+            # here, before any room exists (the worker would fail each conversation the same way)
+            problem = voiceplan.check(sc, cmd.language or sc.language, settings)
+            if problem is not None:
+                return reject(*problem)
     requested_concurrency = cmd.concurrency or settings.max_concurrency
     return BatchSpec(
         batch_id=bid or generated_batch_id(received_at, seed),

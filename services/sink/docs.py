@@ -20,6 +20,7 @@ from shared.log import kv
 
 from . import core, files
 from .core import BatchDoc, BatchDocEvent
+from .core.voice import VoiceMetrics
 
 log = logging.getLogger("sink")
 
@@ -58,6 +59,10 @@ class Docs:
     async def flag_conflict(self, batch_id: str, conversation_id: str, acks: list[Msg]) -> None:
         doc = await self.get(batch_id)
         self._set(batch_id, doc, core.flag_conflict(doc, conversation_id), acks)
+
+    async def set_voice(self, batch_id: str, conversation_id: str, metrics: VoiceMetrics, acks: list[Msg]) -> None:
+        doc = await self.get(batch_id)
+        self._set(batch_id, doc, core.set_voice(doc, conversation_id, metrics), acks)
 
     def mark_incomplete(self, batch_id: str, short: Mapping[str, int]) -> None:
         doc = self._docs[batch_id]

@@ -52,6 +52,9 @@ class DataDir:
     def transcript(self, batch_id: str, conversation_id: str) -> Path:
         return self._path("transcript", batch_id, conversation_id)
 
+    def recording(self, batch_id: str, conversation_id: str) -> Path:
+        return self._path("recording", batch_id, conversation_id)
+
     def _path(self, kind: str, batch_id: str, conversation_id: str) -> Path:
         key = (kind, batch_id, conversation_id)
         cached = self._paths.get(key)
@@ -65,7 +68,8 @@ class DataDir:
         else:
             if not is_token(conversation_id):
                 raise ContractError("conversation_id", TOKEN_RULE)
-            path = batch_dir / "conversations" / f"{conversation_id}.jsonl"
+            path = (batch_dir / "recordings" / f"{conversation_id}.wav" if kind == "recording"
+                    else batch_dir / "conversations" / f"{conversation_id}.jsonl")
         resolved = path.resolve()
         if not resolved.is_relative_to(self.root):
             field = "batch_id" if kind == "batch" else "conversation_id"

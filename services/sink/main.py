@@ -46,6 +46,7 @@ from shared.metrics import SinkMetrics
 from . import core, files
 from .docs import Docs
 from .fencing import LeaseLog
+from .recordings import Recordings
 from .turns import Turns
 from .wire import drop, kind_of, subject_problem
 
@@ -99,6 +100,7 @@ class Sink:
         self.io = files.Io(settings.data_dir, tuning.io_threads)
         self.docs = Docs(self.io)
         self.turns = Turns(self.io, self.docs, LeaseLog(js._nc), metrics, tuning.max_idle_transcripts)
+        self.turns.recordings = Recordings(js, self.io, self.docs, metrics)
         # The handler table: each consumer, what its messages decode to, and who handles them.
         self.routes = (
             Route(c.conv, partial(decode_event, union=ConversationEvent), self.turns.on_events),

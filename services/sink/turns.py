@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from functools import partial
 
 import msgspec
 from nats.aio.msg import Msg
@@ -25,7 +26,9 @@ from shared.contracts import (
     ContractError,
     ConversationEnded,
     ConversationEvent,
+    RecordingChannel,
     TurnRecorded,
+    id_problem,
 )
 from shared.log import kv
 from shared.metrics import SinkMetrics
@@ -34,6 +37,7 @@ from . import core, files
 from .core import FileWrite, Transcript
 from .docs import Docs
 from .fencing import LeaseLog
+from .recordings import Recordings
 from .wire import drop, kind_of, stored_at, subject_problem
 
 log = logging.getLogger("sink")
@@ -54,6 +58,8 @@ class Turns:
         # transcript state (the BatchFinished check) sees only what is on disk.
         self._lock = asyncio.Lock()
         self._horizon = 0.0  # newest stored timestamp among the conversation messages in hand
+        self.recordings: Recordings | None = None  # voice mode's stereo files (set by the sink)
+        self._recordings: list[tuple[RecordingChannel, Msg]] = []
 
     async def on_events(self, events: list[tuple[ConversationEvent, Msg]]) -> None:
         """Handler of ``<durable>-conv``: turns and conversation ends, one commit per fetch."""
@@ -73,6 +79,7 @@ class Turns:
             await bus.ack(settle_now)
             await bus.nak(retry)
             await self._commit(plan)
+            await self._record()
             self._evict_idle()
         self.metrics.held.set(sum(len(t.held) for t in self._transcripts.values() if t.held))
 
@@ -82,6 +89,9 @@ class Turns:
         self.metrics.events.labels(kind_of(event)).inc()
         if isinstance(event, AgentJoined):  # not in our filter; nothing to store
             settle_now.append(msg)
+            return
+        if isinstance(event, RecordingChannel):  # after this fetch's turn lines are on disk
+            self._recordings.append((event, msg))
             return
         kind = "turn" if isinstance(event, TurnRecorded) else "ended"
         problem = (
@@ -96,6 +106,26 @@ class Turns:
                 drop(self.metrics, msg, exc.field, exc.reason, settle_now)
         else:
             await self._on_turn(event, msg, plan, settle_now, retry)
+
+    async def _record(self) -> None:
+        """Voice mode's channel events of this fetch (recordings.py), once its turn lines are durable."""
+        pending, self._recordings = self._recordings, []
+        for event, msg in pending:
+            problem = id_problem(event.batch_id, event.conversation_id) or subject_problem(
+                msg.subject, partial(subjects.conv_event, event.batch_id, event.conversation_id, "recording"))
+            if problem:
+                drop(self.metrics, msg, *problem)
+                await bus.ack([msg])
+                continue
+            if self.recordings is None:
+                await bus.ack([msg])
+                continue
+            try:
+                await bus.ack(await self.recordings.on_channel(event, msg))
+            except Exception as exc:  # the store unreachable, a write failed: redelivered later
+                log.error("recording not written; will retry", extra=kv(
+                    batch_id=event.batch_id, conversation_id=event.conversation_id, error=str(exc)))
+                await bus.nak([msg], delay=5.0)
 
     async def _on_turn(
         self, event: TurnRecorded, msg: Msg, plan: Plan, settle_now: list[Msg], retry: list[Msg]

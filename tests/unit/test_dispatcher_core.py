@@ -129,7 +129,7 @@ def test_a_generated_batch_id_is_deterministic_per_stored_command() -> None:
     (b'{"conversations": 0}', "conversations", ">= 1"),
     (b'{"concurrency": 21}', "concurrency", "at most 20"),
     (b'{"scenario": "nope"}', "scenario", "unknown scenario 'nope'"),
-    (b'{"mode": "voice"}', "mode", "voice mode is not available"),
+    (b'{"mode": "speech"}', "mode", "Invalid enum value 'speech'"),
     (b'{"batch_id": "a.b"}', "batch_id", "regex"),
     (b'{"max_turns": 201}', "max_turns", "<= 200"),
     (b"\xff", "$", "UTF-8"),

@@ -25,7 +25,7 @@ def test_settings_become_filtered_durable_consumers(tmp_path: Path) -> None:
         tmp_path, "sink-a", 7.5, "new")
     conv, batch, lk, roles = ((c.stream, c.config) for c in consumers(settings))
     assert (conv[0], conv[1].durable_name, conv[1].filter_subjects) == (
-        "CONVERSATIONS", "sink-a-conv", ["conv.*.*.turn", "conv.*.*.ended"]
+        "CONVERSATIONS", "sink-a-conv", ["conv.*.*.turn", "conv.*.*.ended", "conv.*.*.recording"]
     )
     assert (batch[0], batch[1].durable_name, batch[1].filter_subjects) == ("BATCH_EVENTS", "sink-a-batch", ["batch.evt.*"])
     # the room audit: livekit-server's webhooks and the allocator's grant log

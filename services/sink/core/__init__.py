@@ -20,6 +20,7 @@ from .batch_doc import (
     evolve,
     flag_conflict,
     mark_incomplete,
+    set_voice,
     transcripts_expected,
 )
 from .transcript import (
@@ -40,5 +41,5 @@ __all__ = [
     "MAX_TURN", "TRANSCRIPT_INCOMPLETE", "BatchDoc", "BatchDocEvent", "ConversationEntry", "FileWrite", "Outcome",
     "Status", "Step", "Transcript", "TurnLine", "audit_fact", "audit_target", "batch_of", "decode_doc",
     "decode_line", "encode_doc", "encode_line", "event_problem", "evolve", "flag_conflict", "mark_incomplete",
-    "offer", "repeats_stored", "transcripts_expected", "turn_problem",
+    "offer", "repeats_stored", "set_voice", "transcripts_expected", "turn_problem",
 ]

@@ -30,6 +30,7 @@ from shared.contracts import (
 from shared.rooms import parse_room_full
 
 from .. import audit
+from .voice import VoiceMetrics, VoiceSummary, summary
 
 Status = Literal["running", "completed", "failed"]
 
@@ -48,6 +49,8 @@ class ConversationEntry(msgspec.Struct, frozen=True, kw_only=True):
     grants: list[audit.Grant] = []
     rooms: list[audit.RoomSeen] = []
     violations: list[audit.Violation] = []
+    # voice mode: the recording's metrics (core/voice.py), once both channels are merged
+    voice: VoiceMetrics | None = None
 
 
 class BatchDoc(msgspec.Struct, frozen=True, kw_only=True):
@@ -66,6 +69,7 @@ class BatchDoc(msgspec.Struct, frozen=True, kw_only=True):
     max_turns: int | None = None
     mode: str | None = None
     conversations: dict[str, ConversationEntry] = {}
+    voice: VoiceSummary | None = None  # voice mode: over the recorded conversations
 
 
 BatchDocEvent = (
@@ -147,6 +151,15 @@ def _entry(
     return msgspec.structs.replace(
         old, outcome=event.outcome, reason=event.reason, attempts=attempts, turns=event.turns
     )
+
+
+def set_voice(doc: BatchDoc, conversation_id: str, metrics: VoiceMetrics) -> BatchDoc:
+    """The conversation's voice metrics in, and the batch's summary over all recorded conversations."""
+    old = doc.conversations.get(conversation_id, ConversationEntry())
+    conversations = {**doc.conversations, conversation_id: msgspec.structs.replace(old, voice=metrics)}
+    recorded = [e.voice for _, e in sorted(conversations.items()) if e.voice is not None]
+    new = msgspec.structs.replace(doc, conversations=conversations, voice=summary(recorded))
+    return doc if new == doc else new
 
 
 TRANSCRIPT_INCOMPLETE = "transcript_incomplete"

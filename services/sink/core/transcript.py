@@ -47,14 +47,31 @@ class TurnLine(msgspec.Struct, frozen=True, kw_only=True):
     language: str | None = None
 
 
+class VoiceTurnLine(TurnLine, frozen=True, kw_only=True):
+    """A voice-mode line: where the turn's speech lies in ``recordings/<conversation_id>.wav``
+    (seconds), what the listener heard and how (``stt`` or ``speaker_text``)."""
+
+    audio_start_s: float | None = None
+    audio_end_s: float | None = None
+    heard_text: str | None = None
+    heard_via: str | None = None
+
+
 _line_encoder = msgspec.json.Encoder()
 _line_decoder = msgspec.json.Decoder(TurnLine)
+_voice_line_decoder = msgspec.json.Decoder(VoiceTurnLine)
 
 
 def encode_line(turn: TurnRecorded) -> bytes:
     """The turn as one JSON line: UTF-8 as is (Devanagari stays the same bytes), ``\\n`` ended."""
-    line = TurnLine(**{f: getattr(turn, f) for f in TurnLine.__struct_fields__})
+    voice = turn.heard_via is not None or turn.audio_start_s is not None or turn.heard_text is not None
+    cls = VoiceTurnLine if voice else TurnLine
+    line = cls(**{f: getattr(turn, f) for f in cls.__struct_fields__})
     return _line_encoder.encode(line) + b"\n"
+
+
+def decode_voice_line(data: bytes) -> VoiceTurnLine:
+    return _voice_line_decoder.decode(data)
 
 
 def decode_line(data: bytes) -> TurnLine:

@@ -1,0 +1,123 @@
+"""Voice metrics and the stereo merge, pure (services/sink/core/voice.py): known inputs, known answers."""
+
+from __future__ import annotations
+
+import io
+import wave
+
+import numpy as np
+import pytest
+
+from services.sink.core import voice
+from services.sink.core.voice import Channel, Turn
+
+RATE = 16000
+
+
+def tone(seconds: float, amp: int = 4000) -> np.ndarray:
+    t = np.arange(int(seconds * RATE)) / RATE
+    return (np.sin(2 * np.pi * 220 * t) * amp).astype(np.int16)
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * RATE), dtype=np.int16)
+
+
+def turn(n: int, role: str, start: float | None, end: float | None, **kw: object) -> Turn:
+    return Turn(turn=n, role=role, text=str(kw.pop("text", "hello there")), started_at=100.0 + n,
+                audio_start_s=start, audio_end_s=end, **kw)  # type: ignore[arg-type]
+
+
+def test_segments_find_speech_and_bridge_short_pauses() -> None:
+    x = np.concatenate([silence(1.0), tone(1.0), silence(0.1), tone(0.5), silence(2.0), tone(0.4)])
+    segs = voice.segments(x, RATE)
+    assert len(segs) == 2
+    assert segs[0] == pytest.approx((1.0, 2.6), abs=0.03)  # the 0.1 s pause is bridged
+    assert segs[1] == pytest.approx((4.6, 5.0), abs=0.03)
+
+
+def test_quiet_noise_is_not_speech() -> None:
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(RATE) * 50).astype(np.int16)  # about -56 dBFS
+    assert voice.segments(x, RATE) == []
+
+
+def test_merge_places_each_channel_on_the_wall_clock_from_the_origin() -> None:
+    cust = Channel(pcm=tone(1.0).tobytes(), sample_rate=RATE, start_at=10.0)  # speaks at 10.0
+    supp = Channel(pcm=np.concatenate([silence(0.5), tone(1.0)]).tobytes(), sample_rate=RATE, start_at=11.0)
+    stereo, rate = voice.merge(cust, supp, origin_at=10.0)
+    assert rate == RATE and stereo.shape == (int(2.5 * RATE), 2)
+    assert voice.segments(stereo[:, 0], RATE) == [pytest.approx((0.0, 1.0), abs=0.03)]
+    assert voice.segments(stereo[:, 1], RATE) == [pytest.approx((1.5, 2.5), abs=0.03)]
+    # a channel that started before the origin is cut to it
+    early = Channel(pcm=np.concatenate([silence(2.0), tone(1.0)]).tobytes(), sample_rate=RATE, start_at=8.0)
+    stereo, _ = voice.merge(early, None, origin_at=10.0)
+    assert voice.segments(stereo[:, 0], RATE) == [pytest.approx((0.0, 1.0), abs=0.03)]
+
+
+def test_wav_is_stereo_16_bit() -> None:
+    data = voice.wav_bytes(np.zeros((RATE, 2), dtype=np.int16), RATE)
+    with wave.open(io.BytesIO(data)) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()) == (2, 2, RATE, RATE)
+
+
+def test_heard_latency_is_next_start_minus_previous_end_negative_for_overlap() -> None:
+    turns = [turn(0, "customer", 0.0, 2.0), turn(1, "support", 2.8, 5.0), turn(2, "customer", 4.5, 6.0)]
+    assert voice.heard_latencies(turns) == [0.8, -0.5]
+    assert voice.heard_latencies([turn(0, "customer", 0.0, 2.0), turn(1, "support", None, None)]) == []
+
+
+def test_percentiles() -> None:
+    assert voice.percentile([], 95) is None
+    assert voice.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert voice.percentile([0.5] * 99 + [10.0], 99) == pytest.approx(0.595)
+
+
+def test_awkward_silences_are_gaps_over_three_seconds() -> None:
+    speech = [(0.0, 1.0), (1.5, 2.0), (5.5, 6.0), (9.1, 9.5)]
+    assert voice.awkward_silences(speech) == 2  # 3.5 s and 3.1 s; 0.5 s is not
+
+
+def test_unanswered_turns_skip_the_last_turn() -> None:
+    chans = {"customer": [(0.0, 2.0), (30.0, 31.0)], "support": [(2.5, 4.0)]}
+    turns = [turn(0, "customer", 0.0, 2.0), turn(1, "support", 2.5, 4.0), turn(2, "customer", 30.0, 31.0)]
+    # turn 1 (support, ends at 4.0): the customer only speaks again at 30 s; turn 2 is the last
+    assert voice.unanswered_turns(turns, chans) == 1
+    assert voice.unanswered_turns([turn(0, "customer", None, None), turn(1, "support", 2.5, 4.0)], chans) == 1
+
+
+def test_false_interruption_is_speech_over_the_other_that_starts_no_turn() -> None:
+    chans = {"customer": [(0.0, 3.0), (5.0, 6.0)], "support": [(1.0, 1.4), (3.5, 5.5)]}
+    turns = [turn(0, "customer", 0.0, 3.0), turn(1, "support", 3.5, 5.5), turn(2, "customer", 5.0, 6.0)]
+    # support's blip at 1.0 over the customer is one; the customer's turn 2 at 5.0 overlaps but is a turn
+    assert voice.false_interruptions(turns, chans) == 1
+
+
+def test_stt_wer_counts_only_stt_turns_and_normalises() -> None:
+    turns = [turn(0, "customer", 0, 1, text="My order 42 arrived late.", heard_text="my order forty-two arrived late",
+                  heard_via="stt"),
+             turn(1, "support", 1, 2, text="one two three four", heard_text="one two three for", heard_via="stt"),
+             turn(2, "customer", 2, 3, text="नमस्ते", heard_text="नमस्ते", heard_via="speaker_text")]
+    w, words = voice.stt_wer(turns)
+    assert words == 10 and w == pytest.approx(1 / 10, abs=1e-4)  # "forty two" is two words
+    assert voice.stt_wer(turns[2:]) == (None, 0)
+
+
+def test_conversation_metrics_and_summary_from_a_recording() -> None:
+    left = np.concatenate([tone(2.0), silence(5.0), tone(1.0), silence(1.0)])  # customer 0-2, 7-8
+    right = np.concatenate([silence(2.5), tone(2.0), silence(4.5)])  # support 2.5-4.5
+    stereo = np.stack([left, right], axis=1)
+    turns = [turn(0, "customer", 0.0, 2.0, heard_via="stt", heard_text="hello there"),
+             turn(1, "support", 2.5, 4.5, heard_via="stt", heard_text="hello there"),
+             turn(2, "customer", 7.0, 8.0, heard_via="speaker_text")]
+    m = voice.conversation_metrics(stereo, RATE, turns, origin_at=101.5, recording="recordings/c.wav")
+    assert m.heard_latency_s == [0.5, 2.5]
+    assert m.overlap_ratio == 0.0 and m.awkward_silences == 0 and m.false_interruptions == 0
+    assert m.unanswered_turns == 0
+    assert m.time_to_first_audio_s == 1.5  # origin 101.5, turn 0 asked at 100.0
+    assert m.stt_wer == 0.0 and m.stt_words == 4
+    assert m.heard_via == {"stt": 2, "speaker_text": 1}
+    s = voice.summary([m, m])
+    assert s.conversations == 2 and s.heard_latency_p50_s == 1.5
+    assert s.heard_via == {"stt": 4, "speaker_text": 2} and s.note == voice.SPEAKER_TEXT_NOTE
+    assert voice.summary([]).note is None

@@ -1,0 +1,105 @@
+"""What the room carried of the peer's voice: the listener's recording of the peer's track.
+
+:class:`Tap` sits between RoomIO's audio input (the peer agent's subscribed microphone track,
+16 kHz mono) and the ``AgentSession``: every frame the session hears is also appended to a PCM
+buffer on the audio's own sample clock, sample 0 at the wall time the first frame arrived. A
+stretch of frames lost under load (the sample clock falling more than ``GAP_S`` behind the wall
+clock) is padded with silence, so the channel stays on the room's timeline. Frames louder than
+``SPEECH_RMS`` are speech: the tap keeps the span of speech not yet reported (a turn heard), the
+conversation's first speech (the recording's time zero) and when speech was last heard.
+
+At the end of the call the channel goes to the JetStream object store and a
+:class:`~shared.contracts.RecordingChannel` event tells the sink, which merges the two channels
+(services/sink/recordings.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from livekit import rtc
+from livekit.agents.voice import io
+from nats.js import JetStreamContext
+from nats.js.api import ObjectMeta
+
+from shared import bus, streams, subjects
+from shared.contracts import JobMetadata, RecordingChannel, Role, encode
+from shared.log import kv
+
+log = logging.getLogger("worker.recorder")
+
+SPEECH_RMS = 300.0  # int16 RMS of a speech frame (about -40 dBFS); synthetic speech's pauses are near 0
+GAP_S = 0.5  # the sample clock this far behind the wall clock: frames were lost, pad with silence
+
+
+class Tap(io.AudioInput):
+    def __init__(self, source: io.AudioInput | None, *, sample_rate: int) -> None:
+        super().__init__(label="crosstalk-recorder", source=source)
+        self.rate = sample_rate
+        self.pcm = bytearray()
+        self.start_at: float | None = None  # wall time of sample 0
+        self.first_speech_at: float | None = None
+        self.last_loud_wall = 0.0  # wall time a speech frame last arrived
+        self.span: tuple[float, float] | None = None  # unreported speech: (start, end) on the sample clock
+        self.padded_s = 0.0
+
+    async def __anext__(self) -> rtc.AudioFrame:
+        frame = await super().__anext__()
+        self.add(frame, time.time())
+        return frame
+
+    @property
+    def samples(self) -> int:
+        return len(self.pcm) // 2
+
+    def add(self, frame: rtc.AudioFrame, now: float) -> None:
+        x = np.frombuffer(frame.data, dtype=np.int16)
+        if frame.num_channels > 1:
+            x = x.reshape(-1, frame.num_channels)[:, 0]
+        if frame.sample_rate != self.rate:  # RoomIO resamples to the rate asked; never expected
+            idx = (np.arange(int(len(x) * self.rate / frame.sample_rate)) * frame.sample_rate / self.rate)
+            x = x[idx.astype(np.int64)]
+        if self.start_at is None:
+            self.start_at = now - len(x) / self.rate
+        behind = (now - self.start_at) - (self.samples + len(x)) / self.rate
+        if behind > GAP_S:
+            pad = int(behind * self.rate)
+            self.pcm.extend(bytes(2 * pad))
+            self.padded_s += pad / self.rate
+        t0 = self.start_at + self.samples / self.rate
+        self.pcm.extend(x.astype("<i2").tobytes())
+        if len(x) and float(np.sqrt(np.mean(x.astype(np.float32) ** 2))) >= SPEECH_RMS:
+            t1 = t0 + len(x) / self.rate
+            self.last_loud_wall = now
+            if self.first_speech_at is None:
+                self.first_speech_at = t0
+            self.span = (t0, t1) if self.span is None else (self.span[0], t1)
+
+    def quiet_for(self, now: float) -> float:
+        """Seconds since speech was last heard (infinite if never)."""
+        return now - self.last_loud_wall if self.last_loud_wall else float("inf")
+
+    def take_span(self) -> tuple[float, float] | None:
+        """The speech heard since the last call (wall times on the sample clock), and forget it."""
+        span, self.span = self.span, None
+        return span
+
+
+async def upload(js: JetStreamContext, tap: Tap, meta: JobMetadata, speaker: Role, origin_at: float | None) -> None:
+    """The channel of ``speaker`` (the peer) to the object store, then its event to the sink."""
+    if tap.start_at is None:
+        log.warning("no audio heard: nothing to record", extra=kv(conversation=meta.conversation_id, role=speaker))
+        return
+    event = RecordingChannel(
+        batch_id=meta.batch_id, conversation_id=meta.conversation_id, attempt=meta.attempt, role=speaker,
+        sample_rate=tap.rate, start_at=tap.start_at, origin_at=origin_at, samples=tap.samples, at=time.time())
+    store = await streams.recordings(js)
+    name = streams.recording_object(meta.batch_id, meta.conversation_id, meta.attempt, speaker)
+    # the event rides along as the object's description: the sink places a channel from the object alone
+    await store.put(name, bytes(tap.pcm), meta=ObjectMeta(name=name, description=encode(event).decode()))
+    await bus.publish(js, subjects.conv_event(meta.batch_id, meta.conversation_id, "recording"), event,
+                      msg_id=f"{meta.conversation_id}:{meta.attempt}:recording:{speaker}")
+    log.info("recording stored", extra=kv(conversation=meta.conversation_id, role=speaker,
+                                          seconds=round(tap.samples / tap.rate, 2), padded_s=round(tap.padded_s, 2)))
