@@ -95,6 +95,9 @@ def validate(
     for sc in chosen:
         if (cmd.language or sc.language) != sc.language and not settings.real_model:
             return reject("language", language_mismatch(sc, language, scenarios))
+    carried = batch_plan.batch_scenarios(chosen) if planned else ()
+    if (big := batch_plan.too_large(carried)) is not None:
+        return reject(big.field, big.reason)
     requested_concurrency = cmd.concurrency or settings.max_concurrency
     return BatchSpec(
         batch_id=bid or generated_batch_id(received_at, seed),
@@ -104,7 +107,7 @@ def validate(
         language=language,
         max_turns=cmd.max_turns,
         mode=cmd.mode,
-        scenarios=batch_plan.batch_scenarios(chosen) if planned else (),
+        scenarios=carried,
         trials=trials,
         source=source,
     )
