@@ -15,8 +15,14 @@ from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 from shared import scenario_files
-from shared.contracts import BatchScenario, BatchSpec, JobMetadata
+from shared.contracts import BatchScenario, BatchSpec, JobMetadata, encode
 from shared.scenarios import Scenario
+
+# livekit-server refuses room and dispatch metadata over 512 KiB ("metadata size exceeds limits
+# 524288", measured with v1.13.5), and each job's metadata carries its scenario's entry; NATS
+# carries a message up to 1 MiB (infra/nats.conf), and BatchAccepted carries every entry.
+MAX_ENTRY_BYTES = 256 * 1024
+MAX_BATCH_SCENARIO_BYTES = 768 * 1024
 
 
 class Refusal(NamedTuple):
@@ -87,6 +93,21 @@ def requested_scenarios(raw: str | list[dict[str, object]], scenario_dir: Path |
 
 def batch_scenarios(scenarios: list[Scenario]) -> tuple[BatchScenario, ...]:
     return tuple(BatchScenario(id=sc.id, doc=scenario_files.to_doc(sc)) for sc in scenarios)
+
+
+def too_large(entries: tuple[BatchScenario, ...]) -> Refusal | None:
+    """A refusal when an entry could not ride in a job's metadata, or all of them in one NATS message."""
+    total = 0
+    for i, entry in enumerate(entries):
+        size = len(encode(entry))
+        total += size
+        if size > MAX_ENTRY_BYTES:
+            return Refusal(f"scenarios[{i}]", f"is {size} bytes as JSON; at most {MAX_ENTRY_BYTES} (it travels in "
+                                              f"LiveKit job metadata)")
+    if total > MAX_BATCH_SCENARIO_BYTES:
+        return Refusal("scenarios", f"are {total} bytes as JSON together; at most {MAX_BATCH_SCENARIO_BYTES} "
+                                    f"(they travel in one NATS message); split the batch")
+    return None
 
 
 def job_scenario(meta: JobMetadata, library: Mapping[str, Scenario], *, embed_script: bool) -> Scenario:

@@ -76,7 +76,8 @@ class Settings:
     worker_hang_s: float = 60.0  # the watchdog kills a worker whose loop has not run for this long
     worker_loop: str = "asyncio"  # "asyncio" | "uvloop": the worker process's event loop
     watchdog_dump: Path | None = None  # the watchdog saves a frozen worker's stacks here before the kill
-    # scenarios: a folder of your own JSON scenarios, besides shared/scenarios/
+    # scenarios: a folder of your own scenario files (LiveKit scenarios.yaml, or older JSON), besides
+    # shared/scenarios/; batch.start's `scenarios` paths are relative to it
     scenario_dir: Path | None = None
     # model
     model_base_url: str = "http://127.0.0.1:8088/v1"

@@ -52,11 +52,17 @@ class ToolCheck(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
 
 class LatencyCheck(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Latency limits in seconds over the agent's turns; a limit whose field no turn recorded is inconclusive."""
+    """Latency limits in seconds over the agent's turns; a limit whose field no turn recorded is inconclusive.
+
+    ``max`` / ``p95``: limits on any numeric field of a transcript line (voice mode's timing
+    fields, e.g. ``{"e2e_latency_s": 1.5}``), checked when the turns carry that field.
+    """
 
     first_token_s_max: float | None = None
     first_token_s_p95: float | None = None
     total_s_max: float | None = None
+    max: dict[str, float] = {}
+    p95: dict[str, float] = {}
 
 
 class Checks(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -98,6 +98,9 @@ def validate(
             problem = voiceplan.check(sc, cmd.language or sc.language, settings)
             if problem is not None:
                 return reject(*problem)
+    carried = batch_plan.batch_scenarios(chosen) if planned else ()
+    if (big := batch_plan.too_large(carried)) is not None:
+        return reject(big.field, big.reason)
     requested_concurrency = cmd.concurrency or settings.max_concurrency
     return BatchSpec(
         batch_id=bid or generated_batch_id(received_at, seed),
@@ -107,7 +110,7 @@ def validate(
         language=language,
         max_turns=cmd.max_turns,
         mode=cmd.mode,
-        scenarios=batch_plan.batch_scenarios(chosen) if planned else (),
+        scenarios=carried,
         trials=trials,
         source=source,
     )

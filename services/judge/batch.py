@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from shared import batch_plan, scenario_files
@@ -77,8 +77,10 @@ def ready(files: BatchFiles) -> str | None:
 
 
 async def judge_batch(files: BatchFiles, library: Mapping[str, Scenario], llm: LlmJudge | None, *,
-                      force: bool = False) -> list[Judgment]:
-    """Write a judgment for every conversation of the batch that has none (all with ``force``)."""
+                      force: bool = False, progress: Callable[[], Awaitable[object]] | None = None,
+                      ) -> list[Judgment]:
+    """Write a judgment for every conversation of the batch that has none (all with ``force``);
+    ``progress`` is awaited after each one (the service extends its message's ack deadline)."""
     doc = files.batch_doc() or {}
     spec = files.plan() or legacy_spec(files.batch_id, doc)
     entries = doc.get("conversations") or {}
@@ -110,6 +112,8 @@ async def judge_batch(files: BatchFiles, library: Mapping[str, Scenario], llm: L
                      criteria=criteria, judge_model=model, judge_error=error, now=time.time())
         files.write_judgment(j)
         written.append(j)
+        if progress is not None:
+            await progress()
     log.info("batch judged", extra=kv(batch_id=spec.batch_id, judged=len(written),
                                       llm=llm.model if llm else None))
     return written

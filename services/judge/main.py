@@ -11,6 +11,7 @@ judged is skipped. A batch the sink never finishes is judged anyway after ``wait
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -63,7 +64,7 @@ class Judge:
             if isinstance(event, BatchAccepted):
                 files = BatchFiles(self.settings.data_dir, event.spec.batch_id)
                 await asyncio.to_thread(files.write_plan, event.spec)
-            elif isinstance(event, BatchFinished) and not await self.finished(event):
+            elif isinstance(event, BatchFinished) and not await self.finished(event, msg):
                 await bus.nak([msg], delay=RETRY_S)
                 return
         except contracts.ContractError as exc:
@@ -74,7 +75,7 @@ class Judge:
             return
         await bus.ack([msg])
 
-    async def finished(self, ev: BatchFinished) -> bool:
+    async def finished(self, ev: BatchFinished, msg: Msg) -> bool:
         """Judge the batch once the sink's files are complete; False: not yet (the event comes back)."""
         files = BatchFiles(self.settings.data_dir, ev.batch_id)
         missing = await asyncio.to_thread(ready, files)
@@ -85,7 +86,11 @@ class Judge:
             log.warning("judging a batch the sink has not completed", extra=kv(batch_id=ev.batch_id, missing=missing))
         self.waiting_since.pop(ev.batch_id, None)
         started = time.monotonic()
-        written = await judge_batch(files, scenarios.library(), self.llm)
+        async def still_working() -> None:  # a long batch must not be redelivered while it is judged
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+        written = await judge_batch(files, scenarios.library(), self.llm, progress=still_working)
         self.metrics.batches.inc()
         self.metrics.batch_seconds.observe(time.monotonic() - started)
         for j in written:

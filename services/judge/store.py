@@ -29,6 +29,8 @@ _enc = msgspec.json.Encoder()
 _turn = msgspec.json.Decoder(Turn)
 _judgment = msgspec.json.Decoder(Judgment)
 _spec = msgspec.json.Decoder(BatchSpec)
+# numeric fields of a transcript line that are not timings
+_NOT_TIMINGS = frozenset({"turn", "attempt", "started_at", "ended_at", "first_token_s", "total_s"})
 
 
 def pretty(obj: Any) -> bytes:
@@ -89,9 +91,13 @@ class BatchFiles:
         out = []
         for line in raw.splitlines():
             try:
-                out.append(_turn.decode(line))
+                turn = _turn.decode(line)
+                fields = msgspec.json.decode(line)
             except msgspec.DecodeError:
                 continue
+            timings = {k: float(v) for k, v in fields.items() if k not in _NOT_TIMINGS
+                       and isinstance(v, int | float) and not isinstance(v, bool)}
+            out.append(msgspec.structs.replace(turn, timings=timings))
         return sorted(out, key=lambda t: t.turn)
 
     def plan(self) -> BatchSpec | None:

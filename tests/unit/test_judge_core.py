@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from cli.compare import Thresholds, compare
@@ -19,7 +21,8 @@ SCENARIO = scenario_files.from_entries([{
     "crosstalk": {"id": "t", "language": "hi", "checks": {
         "must_mention": ["अनलॉक"], "must_not_say": ["पिन बताइए"], "ended_by": "support", "within_turns": 4,
         "language": True, "tool_called": [{"name": "end_conversation", "by": "support"}],
-        "latency": {"first_token_s_max": 1.0, "first_token_s_p95": 0.5, "total_s_max": 2.0}}},
+        "latency": {"first_token_s_max": 1.0, "first_token_s_p95": 0.5, "total_s_max": 2.0,
+                    "max": {"e2e_latency_s": 1.5}}}},
 }])[0]
 
 
@@ -35,17 +38,20 @@ def by_name(cs: list[checks.Criterion]) -> dict[str, str]:
 def test_all_checks_pass_on_a_good_hindi_conversation() -> None:
     got = checks.run(SCENARIO, turns("नमस्ते, खाता लॉक है", "खाता अनलॉक कर दिया है"), "end_conversation: support")
     assert set(by_name(got).values()) == {"pass", "inconclusive"}
-    assert by_name(got)["latency: total_s_max <= 2.0"] == "inconclusive"  # no turn recorded total_s
+    assert by_name(got)["latency: total_s max <= 2.0"] == "inconclusive"  # no turn recorded total_s
+    assert by_name(got)["latency: e2e_latency_s max <= 1.5"] == "inconclusive"  # text mode: no voice timings
     assert "turn 1 (support): खाता अनलॉक कर दिया है" in next(c.evidence for c in got if c.name.startswith("must_m"))
 
 
 def test_each_check_fails_with_its_evidence() -> None:
-    bad = turns("hello, locked out", "कृपया पिन बताइए", "ok", "done", "bye", first=0.9)
+    bad = [msgspec.structs.replace(t, timings={"e2e_latency_s": 2.5})
+           for t in turns("hello, locked out", "कृपया पिन बताइए", "ok", "done", "bye", first=0.9)]
     got = by_name(checks.run(SCENARIO, bad, "max_turns"))
     for name in ("must_mention: अनलॉक", "must_not_say: पिन बताइए", "ended_by: support", "within_turns: 4",
-                 "language: hi", "tool_called: end_conversation by support", "latency: first_token_s_p95 <= 0.5"):
+                 "language: hi", "tool_called: end_conversation by support", "latency: first_token_s p95 <= 0.5",
+                 "latency: e2e_latency_s max <= 1.5"):
         assert got[name] == "fail", name
-    assert got["latency: first_token_s_max <= 1.0"] == "pass"
+    assert got["latency: first_token_s max <= 1.0"] == "pass"
 
 
 @pytest.mark.parametrize(("text", "lang", "fits"), [
@@ -123,3 +129,22 @@ def test_thresholds_from_a_file_then_the_command_line(tmp_path: Path) -> None:
     f.write_text("max_pass_rate_dorp: 0.05\n")
     with pytest.raises(ValueError, match="max_pass_rate_dorp"):
         load_thresholds(f, {})
+
+
+def test_batch_files_read_turns_with_timings_skip_a_torn_line_and_validate_ids(tmp_path: Path) -> None:
+    from services.judge.store import BatchFiles
+    from shared.contracts import ContractError
+
+    files = BatchFiles(tmp_path, "b-1")
+    path = files.transcript("b-1-00000")
+    path.parent.mkdir(parents=True)
+    line = {"conversation_id": "b-1-00000", "turn": 0, "role": "support", "text": "नमस्ते", "started_at": 1.0,
+            "ended_at": 2.0, "attempt": 1, "batch_id": "b-1", "first_token_s": 0.3, "e2e_latency_s": 0.9}
+    path.write_text(json.dumps(line, ensure_ascii=False) + '\n{"conversation_id": "b-1-00000", "tu', encoding="utf-8")
+    (turn,) = files.turns("b-1-00000")
+    assert turn.text == "नमस्ते" and turn.timing("first_token_s") == 0.3 and turn.timings == {"e2e_latency_s": 0.9}
+    for bad in ("../x", "a/b", ""):
+        with pytest.raises(ContractError):
+            files.judgment_path(bad)
+    with pytest.raises(ContractError):
+        BatchFiles(tmp_path, "../etc")

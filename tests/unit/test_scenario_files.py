@@ -164,3 +164,13 @@ def test_cli_validate_prints_lines_and_exits_2(tmp_path: Path) -> None:
     assert f"{good}: ok, 1 scenario(s)" in res.output
     assert f"{bad}:10: scenarios[1].tags.priority:" in res.output
     assert f"{bad}:25: scenarios[5].crosstalk.script[0].role: the customer speaks first" in res.output
+
+
+def test_entries_too_large_for_job_metadata_or_one_nats_message_are_refused() -> None:
+    big = scenario_files.from_entries([{"label": "big", "instructions": "x" * (300 * 1024)}])
+    got = batch_plan.too_large(batch_plan.batch_scenarios(big))
+    assert got is not None and got.field == "scenarios[0]" and "job metadata" in got.reason
+    many = scenario_files.from_entries([{"label": f"s{i}", "instructions": "y" * (200 * 1024)} for i in range(4)])
+    got = batch_plan.too_large(batch_plan.batch_scenarios(many))
+    assert got is not None and got.field == "scenarios" and "split the batch" in got.reason
+    assert batch_plan.too_large(batch_plan.batch_scenarios([scenarios.get("hi-account-help")])) is None
