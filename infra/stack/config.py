@@ -48,6 +48,9 @@ PORTS: dict[str, int] = {
     "CROSSTALK_NATS_CLUSTER_PORT": 6222,
     "CROSSTALK_NATS_2_PORT": 4223, "CROSSTALK_NATS_2_MONITOR_PORT": 8223, "CROSSTALK_NATS_2_CLUSTER_PORT": 6223,
     "CROSSTALK_NATS_3_PORT": 4224, "CROSSTALK_NATS_3_MONITOR_PORT": 8224, "CROSSTALK_NATS_3_CLUSTER_PORT": 6224,
+    # the two-node LiveKit profile (CROSSTALK_LIVEKIT_NODES=2): node 2, and the Redis both share
+    "CROSSTALK_LIVEKIT_2_PORT": 7882, "CROSSTALK_LIVEKIT_2_TCP_PORT": 7883, "CROSSTALK_LIVEKIT_2_METRICS_PORT": 6790,
+    "CROSSTALK_REDIS_PORT": 6379,
     "CROSSTALK_LIVEKIT_PORT": urlsplit(Settings.livekit_url).port or 7880,
     "CROSSTALK_LIVEKIT_TCP_PORT": 7881,
     "CROSSTALK_LIVEKIT_METRICS_PORT": 6789,
@@ -99,6 +102,9 @@ class Config:
     nats_conf: Path = INFRA / "nats.conf"  # CROSSTALK_NATS_CONF: e.g. the secured one (infra/stack/secure.py)
     # CROSSTALK_NATS_NODES=3: a 3-node NATS cluster on this host; per node (client, monitor, route) port
     nats_nodes: tuple[tuple[int, int, int], ...] = ()
+    # CROSSTALK_LIVEKIT_NODES=2: livekit-server nodes beyond the first, (port, rtc tcp, metrics) each
+    livekit_more_nodes: tuple[tuple[int, int, int], ...] = ()
+    redis_port: int = 6379
     settings: Settings = field(default_factory=Settings, repr=False)  # what the processes will read
 
     @classmethod
@@ -140,6 +146,11 @@ class Config:
              _port(e, f"CROSSTALK_NATS{sfx}_CLUSTER_PORT"))
             for sfx in ("", "_2", "_3")[: int(nodes_raw)]
         ) if nodes_raw == "3" else ()
+        lk_nodes = e.get("CROSSTALK_LIVEKIT_NODES", "").strip() or "1"
+        if lk_nodes not in ("1", "2"):
+            raise StackError(f"CROSSTALK_LIVEKIT_NODES: must be 1 or 2 (two nodes sharing a Redis), got {lk_nodes!r}")
+        livekit_more_nodes = ((_port(e, "CROSSTALK_LIVEKIT_2_PORT"), _port(e, "CROSSTALK_LIVEKIT_2_TCP_PORT"),
+                               _port(e, "CROSSTALK_LIVEKIT_2_METRICS_PORT")),) if lk_nodes == "2" else ()
         return cls(
             run_dir=Path(run_dir).expanduser().resolve() if run_dir else ROOT / "run",
             data_dir=settings.data_dir.expanduser().resolve() if e.get("CROSSTALK_DATA_DIR", "").strip()
@@ -165,6 +176,8 @@ class Config:
             workers_why=workers_why,
             nats_conf=nats_conf,
             nats_nodes=nats_nodes,
+            livekit_more_nodes=livekit_more_nodes,
+            redis_port=_port(e, "CROSSTALK_REDIS_PORT"),
             settings=settings,
         )
 

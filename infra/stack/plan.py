@@ -5,23 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from infra.stack.config import CROSSTALK_PROGRAMS, INFRA, ROOT, Config, StackError
+from infra.stack.nodes import livekit_programs, nats_programs
+from infra.stack.program import Program
 
-
-@dataclass(frozen=True)
-class Program:
-    name: str
-    argv: tuple[str, ...]
-    where: str  # what a user connects to (never a secret)
-    health: str | None  # URL that answers 2xx when healthy (None: RUNNING is enough)
-    ports: tuple[int, ...]  # TCP ports it listens on
-    env: dict[str, str] = field(default_factory=dict)
-    priority: int = 50
-    startsecs: int = 2
-    stopwaitsecs: int = 15
+__all__ = ["Plan", "Program", "find_binary", "plan"]
 
 
 @dataclass(frozen=True)
@@ -45,31 +36,13 @@ def find_binary(name: str, how: str, override_var: str) -> str:
     return found
 
 
-def nats_programs(cfg: Config, nats_server: str) -> list[Program]:
-    """One nats-server, or (CROSSTALK_NATS_NODES=3) a 3-node JetStream cluster on this host, routes
-    between all three, each node its own store; streams are then R3 (CROSSTALK_STREAM_REPLICAS)."""
-    h = cfg.host
-    nodes = cfg.nats_nodes or ((cfg.nats_port, cfg.nats_monitor_port, 0),)
-    routes = [f"nats://{h}:{route}" for _, _, route in nodes]
-    out = []
-    for i, (client, monitor, route) in enumerate(nodes):
-        name = "nats" if i == 0 else f"nats-{i + 1}"
-        store = cfg.run_dir / "nats" if i == 0 else cfg.run_dir / name
-        argv: tuple[str, ...] = (nats_server, "-c", str(cfg.nats_conf), "-js", "-a", h, "-p", str(client),
-                                 "-m", str(monitor), "-sd", str(store))
-        ports: tuple[int, ...] = (client, monitor)
-        if cfg.nats_nodes:
-            argv += ("-n", f"crosstalk-{i + 1}", "--cluster_name", "crosstalk", "--cluster", routes[i],
-                     "--routes", ",".join(r for j, r in enumerate(routes) if j != i))
-            ports += (route,)
-        out.append(Program(
-            name, argv,
-            f"nats://{h}:{client}  (JetStream store {store}, monitor http://{h}:{monitor})",
-            # a cluster node is healthy once JetStream is (meta leader elected, streams current)
-            f"http://{h}:{monitor}/healthz" + ("" if cfg.nats_nodes else "?js-enabled-only=true"),
-            ports, priority=10, startsecs=1,
-        ))
-    return out
+def worker_livekit(cfg: Config, name: str, i: int) -> dict[str, str]:
+    """Workers registered with every livekit-server node in turn (a two-node LiveKit): worker -> node 1,
+    worker-2 -> node 2, ...; an external or single livekit-server: nothing to add."""
+    if name != "worker" or not cfg.livekit_more_nodes or cfg.external_livekit:
+        return {}
+    ports = [cfg.livekit_port] + [port for port, _, _ in cfg.livekit_more_nodes]
+    return {"LIVEKIT_URL": f"ws://{cfg.host}:{ports[i % len(ports)]}"}
 
 
 def plan(cfg: Config) -> Plan:
@@ -90,19 +63,9 @@ def plan(cfg: Config) -> Plan:
             "livekit-server",
             "run ./ct or infra/install-tools.sh (builds it with Go), put livekit-server on PATH, "
             "or set LIVEKIT_URL to a running server", "CROSSTALK_LIVEKIT_SERVER_BIN")
-        lo, hi = cfg.livekit_udp
-        programs.append(Program(
-            "livekit",
-            (livekit_server, "--config", str(cfg.run_dir / "livekit.yaml"), "--bind", h,
-             "--port", str(cfg.livekit_port), "--rtc.tcp_port", str(cfg.livekit_tcp_port),
-             "--rtc.port_range_start", str(lo), "--rtc.port_range_end", str(hi),
-             "--prometheus_port", str(cfg.livekit_metrics_port)),
-            f"{cfg.livekit_url}  (key {cfg.livekit_key}, rtc tcp {cfg.livekit_tcp_port} udp {lo}-{hi}, "
-            f"metrics http://{h}:{cfg.livekit_metrics_port}/metrics)",
-            f"http://{h}:{cfg.livekit_port}/",
-            (cfg.livekit_port, cfg.livekit_tcp_port, cfg.livekit_metrics_port),
-            priority=10, startsecs=1,
-        ))
+        redis = find_binary("redis-server", "run ./ct (infra/install-system.sh installs Debian's redis-server)",
+                            "CROSSTALK_REDIS_SERVER_BIN") if cfg.livekit_more_nodes else None
+        programs += livekit_programs(cfg, livekit_server, redis)
     common = {
         "NATS_URL": cfg.nats_url,
         "LIVEKIT_URL": cfg.livekit_url,
@@ -137,7 +100,7 @@ def plan(cfg: Config) -> Plan:
                 pname, (sys.executable, *args),
                 where if i == 0 else f"metrics http://{h}:{port_i}/metrics",
                 f"http://{h}:{port_i}/metrics", ports if i == 0 else (port_i,),
-                env={**env, "CROSSTALK_METRICS_PORT": str(port_i)},
+                env={**env, "CROSSTALK_METRICS_PORT": str(port_i), **worker_livekit(cfg, name, i)},
                 priority=20 if name == "model" else 30 if name != "worker" else 40,
                 stopwaitsecs=40 if name == "worker" else 15,  # the worker drains its jobs (30 s)
             ))
