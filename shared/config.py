@@ -74,6 +74,7 @@ class Settings:
     worker_max_jobs: int = 16
     worker_executor: str = "thread"
     worker_hang_s: float = 60.0  # the watchdog kills a worker whose loop has not run for this long
+    worker_drain_s: float = 30.0  # SIGTERM: how long a worker lets its conversations finish
     worker_loop: str = "asyncio"  # "asyncio" | "uvloop": the worker process's event loop
     watchdog_dump: Path | None = None  # the watchdog saves a frozen worker's stacks here before the kill
     # scenarios: a folder of your own JSON scenarios, besides shared/scenarios/
@@ -147,6 +148,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         worker_max_jobs=_num(e, "CROSSTALK_WORKER_MAX_JOBS", 16, lo=1, hi=10_000, integer=True),
         worker_executor=executor,
         worker_hang_s=_num(e, "CROSSTALK_WORKER_HANG_S", 60.0, lo=5, hi=3600),
+        worker_drain_s=_num(e, "CROSSTALK_WORKER_DRAIN_S", 30.0, lo=1, hi=86400),
         worker_loop=worker_loop,
         watchdog_dump=_path(e, "CROSSTALK_WATCHDOG_DUMP"),
         scenario_dir=_path(e, "CROSSTALK_SCENARIO_DIR"),

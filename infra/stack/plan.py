@@ -102,7 +102,8 @@ def plan(cfg: Config) -> Plan:
                 f"http://{h}:{port_i}/metrics", ports if i == 0 else (port_i,),
                 env={**env, "CROSSTALK_METRICS_PORT": str(port_i), **worker_livekit(cfg, name, i)},
                 priority=20 if name == "model" else 30 if name != "worker" else 40,
-                stopwaitsecs=40 if name == "worker" else 15,  # the worker drains its jobs (30 s)
+                # the worker drains its jobs (CROSSTALK_WORKER_DRAIN_S, 30 s), then closes
+                stopwaitsecs=int(cfg.settings.worker_drain_s) + 10 if name == "worker" else 15,
             ))
     prom_cfg = INFRA / "prometheus" / "prometheus.yml"
     prometheus = shutil.which("prometheus")
