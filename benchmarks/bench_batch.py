@@ -187,7 +187,7 @@ class ProcSampler:
 
 async def collect(nats_url: str, batch_id: str) -> dict[str, Any]:
     """Everything the event log says about the batch."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url.split(","))  # a cluster: every node
     js = nc.jetstream()
     out: dict[str, Any] = {"joined": [], "settled": [], "finished": None, "turns": [], "dispatched": {}}
     for ev in await bus.replay(js, subjects.batch_events(batch_id), BatchEvent):
@@ -206,7 +206,7 @@ async def collect(nats_url: str, batch_id: str) -> dict[str, Any]:
 
 
 async def wait_finished(nats_url: str, batch_id: str, timeout: float) -> BatchFinished:
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url.split(","))  # a cluster: every node
     js = nc.jetstream()
     deadline = time.monotonic() + timeout
     try:

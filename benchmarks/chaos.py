@@ -51,6 +51,7 @@ from benchmarks.bench_batch import (
 
 KILLED = ("worker", "allocator", "dispatcher", "sink", "model")
 FAULTS = (*(f"kill-{n}" for n in KILLED), "stop-livekit", "restart-nats", "fill-data")
+CLUSTER_FAULTS = ("kill-nats-leader",)  # with --nats-nodes 3: SIGKILL the CONVERSATIONS stream's leader node
 JOIN_DEADLINE_S = 20.0
 
 
@@ -91,7 +92,7 @@ def wait_until(cond: Callable[[], bool], timeout: float, interval: float = 0.5) 
 
 def batch_done(stack: Stack, batch_id: str) -> bool:
     async def last() -> bool:
-        nc = await nats.connect(stack.nats_url, max_reconnect_attempts=0, connect_timeout=2)
+        nc = await nats.connect(stack.nats_url.split(","), max_reconnect_attempts=0, connect_timeout=2)
         try:
             from shared import subjects
             from shared.contracts import BatchEvent, BatchFinished, decode_event
@@ -114,7 +115,7 @@ def sink_caught_up(stack: Stack, timeout: float) -> float | None:
     from shared.streams import sink_consumers
 
     async def pending() -> int:
-        nc = await nats.connect(stack.nats_url, max_reconnect_attempts=0, connect_timeout=2)
+        nc = await nats.connect(stack.nats_url.split(","), max_reconnect_attempts=0, connect_timeout=2)
         try:
             js = nc.jetstream()
             total = 0
@@ -163,6 +164,19 @@ def fill(data_dir: Path, hold_s: float) -> dict[str, Any]:
 def inject(stack: Stack, fault: str) -> dict[str, Any]:
     """Inject one fault; returns when the fault is over (the process killed, the server resumed...)."""
     pids = stack.pids()
+    if fault == "kill-nats-leader":
+        async def leader() -> str:
+            nc = await nats.connect(stack.nats_url.split(","))
+            try:
+                info = await nc.jetstream().stream_info("CONVERSATIONS")
+                return str(info.cluster.leader) if info.cluster else ""
+            finally:
+                await nc.close()
+
+        node = asyncio.run(leader())  # crosstalk-<n>, the node every turn is published through
+        name = "nats" if node == "crosstalk-1" else f"nats-{node.rsplit('-', 1)[-1]}"
+        os.kill(pids[name], signal.SIGKILL)
+        return {"program": name, "signal": "SIGKILL", "pid": pids[name], "role": "CONVERSATIONS stream leader"}
     if fault.startswith("kill-"):
         name = fault.removeprefix("kill-")
         os.kill(pids[name], signal.SIGKILL)
@@ -194,7 +208,7 @@ def run_fault(stack: Stack, fault: str, n: int, c: int, turns: int, trigger: int
     batch_id = f"chaos-{fault}-{int(time.time())}"
 
     async def start() -> None:
-        nc = await nats.connect(stack.nats_url)
+        nc = await nats.connect(stack.nats_url.split(","))
         body = {"batch_id": batch_id, "conversations": n, "concurrency": c, "max_turns": turns}
         reply = await nc.request("batch.start", json.dumps(body).encode(), timeout=30)
         assert json.loads(reply.data)["accepted"], reply.data
@@ -269,7 +283,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--faults", default=",".join(FAULTS))
+    ap.add_argument("--faults", default="", help=f"comma list (default: all of {', '.join(FAULTS)}; "
+                    f"with --nats-nodes 3: {', '.join(CLUSTER_FAULTS)})")
+    ap.add_argument("--nats-nodes", type=int, choices=(1, 3), default=1, help="3: the NATS cluster profile")
     ap.add_argument("--runs", default="12x6", help="CONVERSATIONSxCONCURRENCY of each batch")
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--trigger", type=int, default=10, help="inject once this many turns are stored")
@@ -278,17 +294,18 @@ def main() -> None:
     ap.add_argument("--label", default="")
     ap.add_argument("--tmp", default=str(ROOT / "run" / "chaos"))
     args = ap.parse_args()
-    faults = [f for f in args.faults.split(",") if f]
+    known = FAULTS + (CLUSTER_FAULTS if args.nats_nodes == 3 else ())
+    faults = [f for f in args.faults.split(",") if f] or list(CLUSTER_FAULTS if args.nats_nodes == 3 else FAULTS)
     for f in faults:
-        if f not in FAULTS:
-            ap.error(f"--faults: unknown {f!r}; known: {', '.join(FAULTS)}")
+        if f not in known:
+            ap.error(f"--faults: unknown {f!r}; known: {', '.join(known)}")
     n, c = (int(x) for x in args.runs.lower().split("x"))
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="chaos-", dir=args.tmp))
     served_log = workdir / "model-served.jsonl"
     stack = Stack.create(workdir, CROSSTALK_WORKERS="2", CROSSTALK_JOIN_DEADLINE_S=str(JOIN_DEADLINE_S),
                          CROSSTALK_CONVERSATION_TIMEOUT_S="300", CROSSTALK_MAX_CONCURRENCY="200",
-                         CROSSTALK_MODEL_SERVED_LOG=str(served_log))
+                         CROSSTALK_MODEL_SERVED_LOG=str(served_log), CROSSTALK_NATS_NODES=str(args.nats_nodes))
     data = stack.data_dir
     data.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={args.tmpfs_mb}m,mode=0700", "tmpfs", str(data)],

@@ -25,7 +25,7 @@ from nats.errors import MsgAlreadyAckdError, NoRespondersError, NoServersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NoStreamResponseError
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 
 # No answer (yet): a timeout, or nobody subscribed to a request subject.
 NO_ANSWER: tuple[type[BaseException], ...] = (NatsTimeoutError, NoRespondersError, asyncio.TimeoutError)
+# A JetStream publish nobody stored yet: on a cluster, the stream's leader is being elected (a node
+# died: measured, `nats: no response from stream` for a few seconds, which failed turns and jobs).
+NOT_STORED: tuple[type[BaseException], ...] = (*NO_ANSWER, NoStreamResponseError)
+# ...so a publish keeps trying for at least this long, whatever its number of attempts.
+PUBLISH_WINDOW_S = 20.0
 
 
 def retrying(
@@ -63,7 +68,8 @@ MAX_BODY = 64 * 1024
 
 
 async def connect(url: str, name: str, *, connect_timeout_s: float = 30.0) -> Client:
-    """Connect, retrying with backoff for up to ``connect_timeout_s``; reconnect forever after."""
+    """Connect, retrying with backoff for up to ``connect_timeout_s``; reconnect forever after.
+    ``url`` may list a cluster's nodes, comma-separated (``NATS_URL=nats://a:4222,nats://b:4222``)."""
 
     async def _cb_err(e: Exception) -> None:
         log.warning("nats error", extra=kv(error=str(e)))
@@ -79,7 +85,7 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 30.0) -> Cl
             # so each try is bounded here and tenacity does the backing off.
             return await asyncio.wait_for(
                 nats.connect(
-                    url,
+                    [u.strip() for u in url.split(",") if u.strip()],  # a cluster: every seed URL
                     name=name,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
@@ -108,12 +114,14 @@ async def publish(
     headers: dict[str, str] | None = None,
     attempts: int = 6,
 ) -> PubAck:
-    """JetStream publish with retry; ``msg_id`` makes retries idempotent (dedupe window)."""
+    """JetStream publish with retry (``attempts`` and at least :data:`PUBLISH_WINDOW_S` while no stream
+    answers); ``msg_id`` makes retries idempotent (dedupe window)."""
     body = msg if isinstance(msg, bytes) else contracts.encode(msg)
     hdrs = dict(headers or {})
     if msg_id:
         hdrs["Nats-Msg-Id"] = msg_id
-    async for attempt in retrying(stop_after_attempt(attempts), NO_ANSWER, multiplier=0.05):
+    stop = stop_after_attempt(attempts) & stop_after_delay(PUBLISH_WINDOW_S)
+    async for attempt in retrying(stop, NOT_STORED, multiplier=0.05):
         with attempt:
             return await js.publish(subject, body, headers=hdrs or None)
     raise RuntimeError("unreachable")

@@ -74,6 +74,7 @@ class Settings:
     worker_max_jobs: int = 16
     worker_executor: str = "thread"
     worker_hang_s: float = 60.0  # the watchdog kills a worker whose loop has not run for this long
+    worker_drain_s: float = 30.0  # SIGTERM: how long a worker lets its conversations finish
     worker_loop: str = "asyncio"  # "asyncio" | "uvloop": the worker process's event loop
     watchdog_dump: Path | None = None  # the watchdog saves a frozen worker's stacks here before the kill
     # scenarios: a folder of your own scenario files (LiveKit scenarios.yaml, or older JSON), besides
@@ -143,6 +144,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
     from shared.contracts import TOKEN_RULE, is_token
 
     natsauth.from_env(e)  # NATS credentials/TLS variables checked at start-up, naming the variable
+    _num(e, "CROSSTALK_STREAM_REPLICAS", 1, lo=1, hi=5, integer=True)  # read by shared/streams.py
     if not is_token(agent_name):
         raise ConfigError("CROSSTALK_AGENT_NAME", TOKEN_RULE)
     if not is_token(sink_durable) or len(sink_durable) > 64:
@@ -175,6 +177,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         worker_max_jobs=_num(e, "CROSSTALK_WORKER_MAX_JOBS", 16, lo=1, hi=10_000, integer=True),
         worker_executor=executor,
         worker_hang_s=_num(e, "CROSSTALK_WORKER_HANG_S", 60.0, lo=5, hi=3600),
+        worker_drain_s=_num(e, "CROSSTALK_WORKER_DRAIN_S", 30.0, lo=1, hi=86400),
         worker_loop=worker_loop,
         watchdog_dump=_path(e, "CROSSTALK_WATCHDOG_DUMP"),
         scenario_dir=_path(e, "CROSSTALK_SCENARIO_DIR"),

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +86,9 @@ def _secret_file(path: Path, var: str) -> str:
 def from_env(env: Mapping[str, str] | None = None, service: str | None = None) -> NatsAuth:
     """The credentials ``service`` connects with (None: the shared ones only); ConfigError names the variable."""
     e = os.environ if env is None else env
-    tls = {"tls_ca": _file(e, "CROSSTALK_NATS_TLS_CA"), "tls_cert": _file(e, "CROSSTALK_NATS_TLS_CERT"),
-           "tls_key": _file(e, "CROSSTALK_NATS_TLS_KEY")}
-    if tls["tls_key"] is not None and tls["tls_cert"] is None:
+    tls = NatsAuth(tls_ca=_file(e, "CROSSTALK_NATS_TLS_CA"), tls_cert=_file(e, "CROSSTALK_NATS_TLS_CERT"),
+                   tls_key=_file(e, "CROSSTALK_NATS_TLS_KEY"))
+    if tls.tls_key is not None and tls.tls_cert is None:
         raise ConfigError("CROSSTALK_NATS_TLS_KEY", "set CROSSTALK_NATS_TLS_CERT too (a key without its certificate)")
     creds_dir = e.get("CROSSTALK_NATS_CREDENTIALS_DIR", "").strip()
     if creds_dir:
@@ -96,12 +96,12 @@ def from_env(env: Mapping[str, str] | None = None, service: str | None = None) -
         if not d.is_dir():
             raise ConfigError("CROSSTALK_NATS_CREDENTIALS_DIR", f"{creds_dir} is not a directory")
         if service is None:
-            return NatsAuth(**tls)
+            return tls
         if (d / f"{service}.nk").is_file():
-            return NatsAuth(nkey_seed_file=d / f"{service}.nk", **tls)
+            return replace(tls, nkey_seed_file=d / f"{service}.nk")
         if (d / f"{service}.password").is_file():
-            return NatsAuth(user=service, password=_secret_file(d / f"{service}.password",
-                                                                "CROSSTALK_NATS_CREDENTIALS_DIR"), **tls)
+            return replace(tls, user=service, password=_secret_file(d / f"{service}.password",
+                                                                    "CROSSTALK_NATS_CREDENTIALS_DIR"))
         raise ConfigError("CROSSTALK_NATS_CREDENTIALS_DIR", f"no {service}.nk or {service}.password in {creds_dir}")
     seed = _file(e, "CROSSTALK_NATS_NKEY_SEED_FILE")
     user = e.get("CROSSTALK_NATS_USER", "").strip() or None
@@ -115,4 +115,4 @@ def from_env(env: Mapping[str, str] | None = None, service: str | None = None) -
         raise ConfigError("CROSSTALK_NATS_USER", "must be set with a NATS password")
     if seed is not None and user:
         raise ConfigError("CROSSTALK_NATS_NKEY_SEED_FILE", "set either an nkey seed or a user/password, not both")
-    return NatsAuth(user=user, password=password, nkey_seed_file=seed, **tls)
+    return replace(tls, user=user, password=password, nkey_seed_file=seed)

