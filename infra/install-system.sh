@@ -3,6 +3,7 @@
 #   espeak-ng      offline speech synthesis (the only offline voice here that speaks Hindi)
 #   chromium       headless rendering of `crosstalk report` pages in the tests
 #   redis-server   the shared state of a multi-node LiveKit (the two-node profile)
+#   fonts-noto-core  Devanagari (and other scripts) for chromium's rendering of Hindi reports
 #   openssl        certificates of the secured NATS profile (infra/stack/secure.py)
 # Idempotent: does nothing when every command is already on PATH. Needs root or sudo for
 # apt-get; otherwise fails with one line naming the packages to install by hand.
@@ -15,6 +16,10 @@ missing=()
 for cmd in "${!pkg_of[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkg_of[$cmd]}")
 done
+# a font that covers Hindi (fontconfig's view, as chromium sees fonts)
+if ! { command -v fc-list >/dev/null 2>&1 && fc-list :lang=hi 2>/dev/null | grep -q .; }; then
+  missing+=(fonts-noto-core)
+fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 die() { echo "crosstalk: $*" >&2; exit 1; }
