@@ -109,12 +109,12 @@ async def test_livekit_plugin_speaks_and_hears_through_the_service(speech_url: s
         tts = lk_openai.TTS(model="tts-1", voice="en-joe", base_url=speech_url, api_key="x", response_format=fmt)
         stt = lk_openai.STT(model="whisper-1", base_url=speech_url, api_key="x", language="en")
         try:
-            frames = [ev.frame async for ev in tts.synthesize(ENGLISH[2])]
+            frames = [ev.frame async for ev in tts.synthesize(ENGLISH[1])]
             frame = rtc.combine_audio_frames(frames)
             assert frame.sample_rate == 24000 and frame.num_channels == 1
             assert frame.samples_per_channel / frame.sample_rate > 1.5
             event = await stt.recognize(frames)
-            assert corpus_wer([(ENGLISH[2], event.alternatives[0].text)]) < 0.2, event.alternatives[0].text
+            assert corpus_wer([(ENGLISH[1], event.alternatives[0].text)]) < 0.2, event.alternatives[0].text
         finally:
             await tts.aclose()
             await stt.aclose()
@@ -197,12 +197,12 @@ async def test_every_bad_request_is_a_400_naming_the_field(speech_url: str, spee
 
 
 async def test_transcription_formats(speech_url: str) -> None:
-    wav = await say(speech_url, ENGLISH[2], "en-joe")
+    wav = await say(speech_url, ENGLISH[1], "en-joe")
     c = client(speech_url)
     verbose = await c.audio.transcriptions.create(file=("a.wav", wav), model="whisper-1", response_format="verbose_json")
     assert verbose.language == "english" and verbose.duration > 1 and verbose.segments
     text = await c.audio.transcriptions.create(file=("a.wav", wav), model="whisper-1", response_format="text")
-    assert isinstance(text, str) and "refund" in text.lower()
+    assert isinstance(text, str) and "arrived two days late" in text.lower()
     srt = await c.audio.transcriptions.create(file=("a.wav", wav), model="whisper-1", response_format="srt")
     assert isinstance(srt, str) and srt.startswith("1\n00:00:00,000 --> ")
 
