@@ -74,6 +74,10 @@ def test_catalogue_checks_voice_and_language() -> None:
             voices.check_voice(name, lang)
         assert err.value.param == param
     assert voices.stt_offline("en") and not voices.stt_offline("hi")
+    assert voices.resolve(None, "hi", real=False) == "hi-espeak"
+    assert voices.resolve("nova", "fr", real=True) == "nova" and voices.resolve(None, "fr", real=True) == "alloy"
+    with pytest.raises(voices.VoiceError):
+        voices.resolve("nova", "en", real=False)
 
 
 def test_wer_normalises_case_punctuation_and_numbers() -> None:
