@@ -101,13 +101,18 @@ async def test_speed_changes_the_speaking_rate(speech_url: str, voice: str) -> N
 
 
 async def test_livekit_plugin_speaks_and_hears_through_the_service(speech_url: str) -> None:
-    """What the worker runs: livekit-plugins-openai's TTS (pcm and its default mp3) and STT."""
+    """What the worker runs: livekit-plugins-openai's TTS and STT. pcm with tts-1 / whisper-1 (the
+    plugin asks for raw audio and verbose_json), then the plugin's defaults: mp3 from gpt-4o-mini-tts
+    (it asks for an SSE stream; the service answers audio bytes, which the plugin reads by their
+    Content-Type) and gpt-4o-mini-transcribe (json)."""
     from livekit import rtc
     from livekit.plugins import openai as lk_openai
 
-    for fmt in ("pcm", "mp3"):
-        tts = lk_openai.TTS(model="tts-1", voice="en-joe", base_url=speech_url, api_key="x", response_format=fmt)
-        stt = lk_openai.STT(model="whisper-1", base_url=speech_url, api_key="x", language="en")
+    for tts_model, fmt, stt_model in (("tts-1", "pcm", "whisper-1"),
+                                      ("gpt-4o-mini-tts", "mp3", "gpt-4o-mini-transcribe")):
+        tts = lk_openai.TTS(model=tts_model, voice="en-joe", base_url=speech_url, api_key="x",
+                            response_format=fmt)
+        stt = lk_openai.STT(model=stt_model, base_url=speech_url, api_key="x", language="en")
         try:
             frames = [ev.frame async for ev in tts.synthesize(ENGLISH[1])]
             frame = rtc.combine_audio_frames(frames)
