@@ -269,3 +269,11 @@ async def test_a_client_leaving_mid_stream_stops_the_synthesis_cleanly(speech_ur
     assert speech_service.alive()
     assert b"Error handling request" not in speech_service.output()
     assert "still here" in (await hear(speech_url, await say(speech_url, "Still here.", "en-joe"))).lower()
+
+
+async def test_concurrent_requests_each_get_their_own_answer(speech_url: str) -> None:
+    """Eight requests at once on the pool of two: every transcription is of its own clip."""
+    clips = [await say(speech_url, text, "en-joe") for text in ENGLISH[:2]]
+    heard = await asyncio.gather(*(hear(speech_url, clips[i % 2]) for i in range(8)))
+    for i, text in enumerate(heard):
+        assert corpus_wer([(ENGLISH[i % 2], text)]) < 0.2, (i, text)
