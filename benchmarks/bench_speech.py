@@ -145,8 +145,9 @@ def _client(url: str) -> openai.AsyncOpenAI:
 
 
 def cpu_s(proc: psutil.Process) -> float:
+    """The service's CPU seconds so far, with its finished children's (each espeak-ng run)."""
     t = proc.cpu_times()
-    return t.user + t.system
+    return t.user + t.system + t.children_user + t.children_system
 
 
 async def bench(url: str, full_window_url: str, proc: psutil.Process, full_proc: psutil.Process, metrics_url: str,
