@@ -104,6 +104,7 @@ class Settings:
     speech_tts_threads: int = 1  # onnxruntime intra-op threads per Piper synthesis
     speech_stt_threads: int = 1  # ctranslate2 threads per Whisper recognition
     speech_stt_beam_size: int = 1  # Whisper beam size (1 = greedy: fastest; 5 = OpenAI's default)
+    speech_stt_window: str = "adaptive"  # Whisper's encoder window: fitted to the clip ("adaptive") or 30 s ("full")
     speech_max_input_chars: int = 4096  # OpenAI's limit for /v1/audio/speech input
     speech_max_upload_mb: float = 25.0  # OpenAI's limit for /v1/audio/transcriptions files
     # livekit-server webhook receiver (services/webhook)
@@ -155,6 +156,9 @@ def load(env: dict[str, str] | None = None) -> Settings:
     if speech_mode == "real" and not real_model:
         raise ConfigError("CROSSTALK_SPEECH", "'real' needs OPENAI_API_KEY or OPENAI_BASE_URL")
     real_speech = speech_mode == "real" or (speech_mode == "auto" and real_model)
+    stt_window = _str(e, "CROSSTALK_SPEECH_STT_WINDOW", "adaptive")
+    if stt_window not in ("adaptive", "full"):
+        raise ConfigError("CROSSTALK_SPEECH_STT_WINDOW", f"must be 'adaptive' or 'full', got {stt_window!r}")
     return Settings(
         nats_url=_str(e, "NATS_URL", "nats://127.0.0.1:4222"),
         livekit_url=_str(e, "LIVEKIT_URL", "ws://127.0.0.1:7880"),
@@ -205,6 +209,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         speech_tts_threads=_num(e, "CROSSTALK_SPEECH_TTS_THREADS", 1, lo=1, hi=64, integer=True),
         speech_stt_threads=_num(e, "CROSSTALK_SPEECH_STT_THREADS", 1, lo=1, hi=64, integer=True),
         speech_stt_beam_size=_num(e, "CROSSTALK_SPEECH_STT_BEAM_SIZE", 1, lo=1, hi=10, integer=True),
+        speech_stt_window=stt_window,
         speech_max_input_chars=_num(e, "CROSSTALK_SPEECH_MAX_INPUT_CHARS", 4096, lo=1, hi=1_000_000, integer=True),
         speech_max_upload_mb=_num(e, "CROSSTALK_SPEECH_MAX_UPLOAD_MB", 25.0, lo=0.01, hi=1024),
         webhook_host=_str(e, "CROSSTALK_WEBHOOK_HOST", "127.0.0.1"),

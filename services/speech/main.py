@@ -85,7 +85,7 @@ class SpeechServer:
         self.engines = engines
         self.metrics = metrics
         self.limits = limits
-        size = workers or engines.threads.workers
+        size = workers or engines.options.workers
         self.pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="speech")
         self._slots = asyncio.Semaphore(size)
 

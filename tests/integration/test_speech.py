@@ -101,20 +101,25 @@ async def test_speed_changes_the_speaking_rate(speech_url: str, voice: str) -> N
 
 
 async def test_livekit_plugin_speaks_and_hears_through_the_service(speech_url: str) -> None:
-    """What the worker runs: livekit-plugins-openai's TTS (pcm and its default mp3) and STT."""
+    """What the worker runs: livekit-plugins-openai's TTS and STT. pcm with tts-1 / whisper-1 (the
+    plugin asks for raw audio and verbose_json), then the plugin's defaults: mp3 from gpt-4o-mini-tts
+    (it asks for an SSE stream; the service answers audio bytes, which the plugin reads by their
+    Content-Type) and gpt-4o-mini-transcribe (json)."""
     from livekit import rtc
     from livekit.plugins import openai as lk_openai
 
-    for fmt in ("pcm", "mp3"):
-        tts = lk_openai.TTS(model="tts-1", voice="en-joe", base_url=speech_url, api_key="x", response_format=fmt)
-        stt = lk_openai.STT(model="whisper-1", base_url=speech_url, api_key="x", language="en")
+    for tts_model, fmt, stt_model in (("tts-1", "pcm", "whisper-1"),
+                                      ("gpt-4o-mini-tts", "mp3", "gpt-4o-mini-transcribe")):
+        tts = lk_openai.TTS(model=tts_model, voice="en-joe", base_url=speech_url, api_key="x",
+                            response_format=fmt)
+        stt = lk_openai.STT(model=stt_model, base_url=speech_url, api_key="x", language="en")
         try:
-            frames = [ev.frame async for ev in tts.synthesize(ENGLISH[2])]
+            frames = [ev.frame async for ev in tts.synthesize(ENGLISH[1])]
             frame = rtc.combine_audio_frames(frames)
             assert frame.sample_rate == 24000 and frame.num_channels == 1
             assert frame.samples_per_channel / frame.sample_rate > 1.5
             event = await stt.recognize(frames)
-            assert corpus_wer([(ENGLISH[2], event.alternatives[0].text)]) < 0.2, event.alternatives[0].text
+            assert corpus_wer([(ENGLISH[1], event.alternatives[0].text)]) < 0.2, event.alternatives[0].text
         finally:
             await tts.aclose()
             await stt.aclose()
@@ -197,12 +202,12 @@ async def test_every_bad_request_is_a_400_naming_the_field(speech_url: str, spee
 
 
 async def test_transcription_formats(speech_url: str) -> None:
-    wav = await say(speech_url, ENGLISH[2], "en-joe")
+    wav = await say(speech_url, ENGLISH[1], "en-joe")
     c = client(speech_url)
     verbose = await c.audio.transcriptions.create(file=("a.wav", wav), model="whisper-1", response_format="verbose_json")
     assert verbose.language == "english" and verbose.duration > 1 and verbose.segments
     text = await c.audio.transcriptions.create(file=("a.wav", wav), model="whisper-1", response_format="text")
-    assert isinstance(text, str) and "refund" in text.lower()
+    assert isinstance(text, str) and "arrived two days late" in text.lower()
     srt = await c.audio.transcriptions.create(file=("a.wav", wav), model="whisper-1", response_format="srt")
     assert isinstance(srt, str) and srt.startswith("1\n00:00:00,000 --> ")
 
@@ -264,3 +269,11 @@ async def test_a_client_leaving_mid_stream_stops_the_synthesis_cleanly(speech_ur
     assert speech_service.alive()
     assert b"Error handling request" not in speech_service.output()
     assert "still here" in (await hear(speech_url, await say(speech_url, "Still here.", "en-joe"))).lower()
+
+
+async def test_concurrent_requests_each_get_their_own_answer(speech_url: str) -> None:
+    """Eight requests at once on the pool of two: every transcription is of its own clip."""
+    clips = [await say(speech_url, text, "en-joe") for text in ENGLISH[:2]]
+    heard = await asyncio.gather(*(hear(speech_url, clips[i % 2]) for i in range(8)))
+    for i, text in enumerate(heard):
+        assert corpus_wer([(ENGLISH[i % 2], text)]) < 0.2, (i, text)

@@ -74,6 +74,10 @@ def test_catalogue_checks_voice_and_language() -> None:
             voices.check_voice(name, lang)
         assert err.value.param == param
     assert voices.stt_offline("en") and not voices.stt_offline("hi")
+    assert voices.resolve(None, "hi", real=False) == "hi-espeak"
+    assert voices.resolve("nova", "fr", real=True) == "nova" and voices.resolve(None, "fr", real=True) == "alloy"
+    with pytest.raises(voices.VoiceError):
+        voices.resolve("nova", "en", real=False)
 
 
 def test_wer_normalises_case_punctuation_and_numbers() -> None:
@@ -115,7 +119,14 @@ def test_speech_settings_name_the_variable() -> None:
     for env, var in [({"CROSSTALK_SPEECH": "real"}, "CROSSTALK_SPEECH"), ({"CROSSTALK_SPEECH": "x"}, "CROSSTALK_SPEECH"),
                      ({"CROSSTALK_SPEECH_WORKERS": "0"}, "CROSSTALK_SPEECH_WORKERS"),
                      ({"CROSSTALK_SPEECH_STT_THREADS": "two"}, "CROSSTALK_SPEECH_STT_THREADS"),
-                     ({"CROSSTALK_SPEECH_PORT": "70000"}, "CROSSTALK_SPEECH_PORT")]:
+                     ({"CROSSTALK_SPEECH_PORT": "70000"}, "CROSSTALK_SPEECH_PORT"),
+                     ({"CROSSTALK_SPEECH_STT_WINDOW": "10"}, "CROSSTALK_SPEECH_STT_WINDOW")]:
         with pytest.raises(ConfigError) as err:
             load(env)
         assert err.value.var == var
+
+
+def test_whisper_window_fits_the_clip() -> None:
+    from services.speech.recognizer import window_s
+
+    assert [window_s(s) for s in (0.2, 3.4, 9.0, 12.2, 27.5, 28.0)] == [10, 10, 10, 14, 29, 29]
