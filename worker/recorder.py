@@ -35,44 +35,26 @@ GAP_S = 0.5  # the sample clock this far behind the wall clock: frames were lost
 
 
 class Tap(io.AudioInput):
-    def __init__(self, source: io.AudioInput | None, *, sample_rate: int, hold_s: float = 1.5) -> None:
+    def __init__(self, source: io.AudioInput | None, *, sample_rate: int) -> None:
         super().__init__(label="crosstalk-recorder", source=source)
         self.rate = sample_rate
-        self.hold_s = hold_s  # silence passed on to the session after speech (> the VAD's min silence)
-        self.gated_s = 0.0  # seconds of silence not passed on
         self.pcm = bytearray()
         self.start_at: float | None = None  # wall time of sample 0
         self.first_speech_at: float | None = None
         self.last_loud_wall = 0.0  # wall time a speech frame last arrived
         self.span: tuple[float, float] | None = None  # unreported speech: (start, end) on the sample clock
         self.padded_s = 0.0
-        self.span_end: float | None = None  # where speech last ended, on the sample clock
 
     async def __anext__(self) -> rtc.AudioFrame:
-        # Every frame is recorded; the session (its VAD and STT) gets the frames from the peer's first
-        # speech on, except long silences: once the peer has been quiet for ``hold_s`` (well past the
-        # VAD's end of speech) the silent frames are not passed on until it speaks again. Silero
-        # runs one inference per 32 ms of what it is given, and a listener's peer is silent about
-        # half the call (benchmarks/README.md, "Voice").
-        while True:
-            frame = await super().__anext__()
-            now = time.time()
-            loud = self.add(frame, now)
-            if loud or (self.span_end is not None and self.clock - self.span_end < self.hold_s):
-                return frame
-            self.gated_s += frame.duration
-
-    @property
-    def clock(self) -> float:
-        """The sample clock now: the wall time of the end of what is recorded."""
-        return (self.start_at or 0.0) + self.samples / self.rate
+        frame = await super().__anext__()
+        self.add(frame, time.time())
+        return frame
 
     @property
     def samples(self) -> int:
         return len(self.pcm) // 2
 
-    def add(self, frame: rtc.AudioFrame, now: float) -> bool:
-        """Record ``frame`` (arrived at ``now``); True if it carries speech."""
+    def add(self, frame: rtc.AudioFrame, now: float) -> None:
         x = np.frombuffer(frame.data, dtype=np.int16)
         if frame.num_channels > 1:
             x = x.reshape(-1, frame.num_channels)[:, 0]
@@ -94,9 +76,6 @@ class Tap(io.AudioInput):
             if self.first_speech_at is None:
                 self.first_speech_at = t0
             self.span = (t0, t1) if self.span is None else (self.span[0], t1)
-            self.span_end = t1
-            return True
-        return False
 
     def quiet_for(self, now: float) -> float:
         """Seconds since speech was last heard (infinite if never)."""
@@ -123,5 +102,4 @@ async def upload(js: JetStreamContext, tap: Tap, meta: JobMetadata, speaker: Rol
     await bus.publish(js, subjects.conv_event(meta.batch_id, meta.conversation_id, "recording"), event,
                       msg_id=f"{meta.conversation_id}:{meta.attempt}:recording:{speaker}")
     log.info("recording stored", extra=kv(conversation=meta.conversation_id, role=speaker,
-                                          seconds=round(tap.samples / tap.rate, 2), padded_s=round(tap.padded_s, 2),
-                                          silence_not_passed_s=round(tap.gated_s, 2)))
+                                          seconds=round(tap.samples / tap.rate, 2), padded_s=round(tap.padded_s, 2)))

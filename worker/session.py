@@ -150,7 +150,6 @@ async def start(ctx: JobContext, settings: Settings, meta: JobMetadata, role: Ro
     )
     if isinstance(conv, VoiceConversation):
         # the peer's track as the session hears it is also the recording of the peer's channel
-        conv.tap = Tap(session.input.audio, sample_rate=voice_mode.INPUT_RATE,
-                       hold_s=max(1.5, 4 * settings.vad_min_silence_s))
+        conv.tap = Tap(session.input.audio, sample_rate=voice_mode.INPUT_RATE)
         session.input.audio = conv.tap
     return Session(session, transcription, client, speech)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 from livekit import rtc
-from livekit.agents.voice import io
 
 from worker.recorder import Tap
 
@@ -45,31 +44,3 @@ def test_a_lost_stretch_is_padded_with_silence_and_a_late_frame_is_not() -> None
     # the span runs on the sample clock: it ends where the last frame sits in the recording
     span = tap.take_span()
     assert span is not None and round(span[1] - span[0], 2) == 1.5
-
-
-class Frames(io.AudioInput):
-    """A source of given frames (RoomIO's input in the worker)."""
-
-    def __init__(self, frames: list[rtc.AudioFrame]) -> None:
-        super().__init__(label="frames")
-        self._frames = iter(frames)
-
-    async def __anext__(self) -> rtc.AudioFrame:
-        try:
-            return next(self._frames)
-        except StopIteration:
-            raise StopAsyncIteration from None
-
-
-async def test_the_session_gets_speech_and_the_silence_after_it_but_not_long_silences() -> None:
-    pattern = [False] * 10 + [True] * 4 + [False] * 40 + [True] * 2  # 0.5 s, speech, 2 s quiet, speech
-    tap = Tap(Frames([frame(loud) for loud in pattern]), sample_rate=RATE, hold_s=0.5)
-    passed = []
-    async for f in tap:
-        passed.append(f)
-    assert tap.samples == len(pattern) * FRAME  # everything recorded
-    # the leading silence and the quiet past hold_s are not passed on; speech and 0.5 s after it are
-    # (on the sample clock: these frames arrive at once)
-    loud = [np.abs(np.frombuffer(f.data, dtype=np.int16)).max() > 1000 for f in passed]
-    assert loud == [True] * 4 + [False] * 9 + [True] * 2  # quiet passed while under 0.5 s after speech
-    assert round(tap.gated_s, 2) == round((10 + 31) * 0.05, 2)
