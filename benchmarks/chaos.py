@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -48,11 +47,14 @@ from benchmarks.bench_batch import (
     read_served,
     wait_finished,
 )
-
-KILLED = ("worker", "allocator", "dispatcher", "sink", "model")
-FAULTS = (*(f"kill-{n}" for n in KILLED), "stop-livekit", "restart-nats", "fill-data")
-CLUSTER_FAULTS = ("kill-nats-leader",)  # with --nats-nodes 3: SIGKILL the CONVERSATIONS stream's leader node
-JOIN_DEADLINE_S = 20.0
+from benchmarks.chaos_faults import (
+    CLUSTER_FAULTS,
+    FAULTS,
+    JOIN_DEADLINE_S,
+    LIVEKIT_FAULTS,
+    inject,
+    unsettled_elsewhere,
+)
 
 
 def stored_turns(stack: Stack, batch_id: str) -> int:
@@ -137,72 +139,6 @@ def sink_caught_up(stack: Stack, timeout: float) -> float | None:
     return round(time.monotonic() - t0, 1) if wait_until(done, timeout, interval=1) else None
 
 
-def fill(data_dir: Path, hold_s: float) -> dict[str, Any]:
-    """Fill the data dir's filesystem until ENOSPC (down to single bytes), hold it full, free it."""
-    filler = data_dir / ".chaos-fill"
-    written = 0
-    try:
-        try:
-            with open(filler, "wb", buffering=0) as fh:
-                for size in (1 << 20, 4096, 64, 1):
-                    chunk = b"\0" * size
-                    while True:
-                        try:
-                            written += fh.write(chunk) or 0
-                        except OSError:
-                            break
-        except OSError:
-            pass
-        st = os.statvfs(data_dir)
-        free = st.f_bavail * st.f_frsize
-        time.sleep(hold_s)
-        return {"filled_bytes": written, "free_bytes_while_full": free, "held_full_s": hold_s}
-    finally:
-        filler.unlink(missing_ok=True)
-
-
-def inject(stack: Stack, fault: str) -> dict[str, Any]:
-    """Inject one fault; returns when the fault is over (the process killed, the server resumed...)."""
-    pids = stack.pids()
-    if fault == "kill-nats-leader":
-        async def leader() -> str:
-            nc = await nats.connect(stack.nats_url.split(","))
-            try:
-                info = await nc.jetstream().stream_info("CONVERSATIONS")
-                return str(info.cluster.leader) if info.cluster else ""
-            finally:
-                await nc.close()
-
-        node = asyncio.run(leader())  # crosstalk-<n>, the node every turn is published through
-        name = "nats" if node == "crosstalk-1" else f"nats-{node.rsplit('-', 1)[-1]}"
-        os.kill(pids[name], signal.SIGKILL)
-        return {"program": name, "signal": "SIGKILL", "pid": pids[name], "role": "CONVERSATIONS stream leader"}
-    if fault.startswith("kill-"):
-        name = fault.removeprefix("kill-")
-        os.kill(pids[name], signal.SIGKILL)
-        return {"program": name, "signal": "SIGKILL", "pid": pids[name]}
-    if fault == "stop-livekit":
-        hold = JOIN_DEADLINE_S + 10
-        os.kill(pids["livekit"], signal.SIGSTOP)
-        try:
-            time.sleep(hold)
-        finally:
-            os.kill(pids["livekit"], signal.SIGCONT)
-        return {"program": "livekit", "signal": "SIGSTOP then SIGCONT", "stopped_s": hold,
-                "join_deadline_s": JOIN_DEADLINE_S}
-    if fault == "restart-nats":
-        from infra.stack import supervisor
-
-        server = supervisor.rpc(stack.config()).supervisor
-        server.stopProcess("nats", True)
-        time.sleep(2)
-        server.startProcess("nats", True)
-        return {"program": "nats", "how": "supervisord stop (SIGTERM), 2 s down, start"}
-    if fault == "fill-data":
-        return {"program": "sink", **fill(stack.data_dir, hold_s=20)}
-    raise ValueError(f"unknown fault {fault!r}")
-
-
 def run_fault(stack: Stack, fault: str, n: int, c: int, turns: int, trigger: int, served_log: Path,
               timeout: float) -> dict[str, Any]:
     batch_id = f"chaos-{fault}-{int(time.time())}"
@@ -231,6 +167,8 @@ def run_fault(stack: Stack, fault: str, n: int, c: int, turns: int, trigger: int
     events = asyncio.run(collect(stack.nats_url, batch_id))
     integrity = check_transcripts(stack.data_dir, batch_id, events["settled"], read_served(served_log))
     roles = check_roles(stack.data_dir, batch_id, events["settled"])
+    if fault == "kill-livekit-node" and detail.get("node_id"):
+        roles["unsettled_participants_not_on_the_killed_node"] = unsettled_elsewhere(stack, batch_id, detail["node_id"])
     final = [s for s in events["settled"] if not s.retry]
     reasons: dict[str, int] = {}
     for s in final:
@@ -260,6 +198,9 @@ def bad(r: dict[str, Any]) -> list[str]:
                        "misordered_conversations", "double_grants", "agent_participants_without_a_grant",
                        "rooms_with_a_third_agent", "completed_rooms_without_one_of_each_role",
                        "audit_unsettled_conversations", "failed_without_reason") if r.get(k)]
+    if "unsettled_participants_not_on_the_killed_node" in r and not r["unsettled_participants_not_on_the_killed_node"]:
+        # every participant never reported gone was on the node that was killed (it cannot report)
+        out = [k for k in out if k != "audit_unsettled_conversations"]
     if r["settled_conversations"] != r["conversations"] or r["completed"] + r["failed"] != r["conversations"]:
         out.append("not every conversation settled")
     if r["sink_caught_up_after_finish_s"] is None:
@@ -284,8 +225,10 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--faults", default="", help=f"comma list (default: all of {', '.join(FAULTS)}; "
-                    f"with --nats-nodes 3: {', '.join(CLUSTER_FAULTS)})")
+                    f"with --nats-nodes 3: {', '.join(CLUSTER_FAULTS)}; with --livekit-nodes 2: "
+                    f"{', '.join(LIVEKIT_FAULTS)})")
     ap.add_argument("--nats-nodes", type=int, choices=(1, 3), default=1, help="3: the NATS cluster profile")
+    ap.add_argument("--livekit-nodes", type=int, choices=(1, 2), default=1, help="2: the two-node LiveKit profile")
     ap.add_argument("--runs", default="12x6", help="CONVERSATIONSxCONCURRENCY of each batch")
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--trigger", type=int, default=10, help="inject once this many turns are stored")
@@ -294,8 +237,9 @@ def main() -> None:
     ap.add_argument("--label", default="")
     ap.add_argument("--tmp", default=str(ROOT / "run" / "chaos"))
     args = ap.parse_args()
-    known = FAULTS + (CLUSTER_FAULTS if args.nats_nodes == 3 else ())
-    faults = [f for f in args.faults.split(",") if f] or list(CLUSTER_FAULTS if args.nats_nodes == 3 else FAULTS)
+    extra = (CLUSTER_FAULTS if args.nats_nodes == 3 else ()) + (LIVEKIT_FAULTS if args.livekit_nodes == 2 else ())
+    known = FAULTS + extra
+    faults = [f for f in args.faults.split(",") if f] or list(extra or FAULTS)
     for f in faults:
         if f not in known:
             ap.error(f"--faults: unknown {f!r}; known: {', '.join(known)}")
@@ -305,7 +249,8 @@ def main() -> None:
     served_log = workdir / "model-served.jsonl"
     stack = Stack.create(workdir, CROSSTALK_WORKERS="2", CROSSTALK_JOIN_DEADLINE_S=str(JOIN_DEADLINE_S),
                          CROSSTALK_CONVERSATION_TIMEOUT_S="300", CROSSTALK_MAX_CONCURRENCY="200",
-                         CROSSTALK_MODEL_SERVED_LOG=str(served_log), CROSSTALK_NATS_NODES=str(args.nats_nodes))
+                         CROSSTALK_MODEL_SERVED_LOG=str(served_log), CROSSTALK_NATS_NODES=str(args.nats_nodes),
+                         CROSSTALK_LIVEKIT_NODES=str(args.livekit_nodes))
     data = stack.data_dir
     data.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={args.tmpfs_mb}m,mode=0700", "tmpfs", str(data)],
