@@ -81,7 +81,8 @@ def test_catalogue_checks_voice_and_language() -> None:
 
 
 def test_wer_normalises_case_punctuation_and_numbers() -> None:
-    assert normalize("Order #42, ok?  It's 3.5%!") == "order forty two ok its three point five percent"
+    assert normalize("Order #42, ok?  It's 3.5%!") == "order forty two ok it is three point five percent"
+    assert wer("Great, that is everything I needed.", "Great, that’s everything I needed.") == 0.0
     assert wer("My order 42 arrived late.", "my order forty-two arrived late") == 0.0
     assert wer("one two three four", "one two four") == 0.25
     assert wer("", "") == 0.0 and wer("hello", "") == 1.0
