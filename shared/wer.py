@@ -2,8 +2,9 @@
 
 Both sides are normalised first, so only real recognition errors count: case, punctuation and
 spacing are dropped, English contractions expanded ("that's" = "that is"), numbers compared as
-spoken ("42" = "forty two", "3.5" = "three point five"), "%" is "percent", "&" is "and". jiwer computes the edit distance (a well-kept library
-for exactly this); num2words spells the numbers.
+spoken ("42" = "forty two", "3.5" = "three point five"), "%" is "percent", "&" is "and".
+jiwer computes the edit distance (a well-kept library for exactly this); num2words spells the
+numbers.
 
     wer("My order 42 arrived late.", "my order forty-two arrived late")  # 0.0
 """
