@@ -98,6 +98,9 @@ class Settings:
     # CROSSTALK_SPEECH=auto (default: real when OPENAI_API_KEY / OPENAI_BASE_URL are set, as the model)
     # | offline (always services/speech at CROSSTALK_SPEECH_URL) | real (that provider's speech models)
     real_speech: bool = False
+    # the model names the agents' TTS and STT ask for (offline: the service's own; real: OpenAI's)
+    speech_tts_model: str = "crosstalk-tts"
+    speech_stt_model: str = "whisper-tiny.en"
     speech_host: str = "127.0.0.1"
     speech_port: int = 8090
     speech_workers: int = 2  # synthesis/recognition jobs at once (a bounded thread pool)
@@ -203,6 +206,9 @@ def load(env: dict[str, str] | None = None) -> Settings:
         ),
         speech_api_key=(e.get("OPENAI_API_KEY") or "crosstalk-offline") if real_speech else "crosstalk-offline",
         real_speech=real_speech,
+        speech_tts_model=_str(e, "CROSSTALK_TTS_MODEL", "gpt-4o-mini-tts" if real_speech else "crosstalk-tts"),
+        speech_stt_model=_str(e, "CROSSTALK_STT_MODEL",
+                              "gpt-4o-mini-transcribe" if real_speech else "whisper-tiny.en"),
         speech_host=_str(e, "CROSSTALK_SPEECH_HOST", "127.0.0.1"),
         speech_port=_num(e, "CROSSTALK_SPEECH_PORT", 8090, lo=1, hi=65535, integer=True),
         speech_workers=_num(e, "CROSSTALK_SPEECH_WORKERS", 2, lo=1, hi=64, integer=True),

@@ -104,12 +104,14 @@ async def test_livekit_plugin_speaks_and_hears_through_the_service(speech_url: s
     """What the worker runs: livekit-plugins-openai's TTS and STT. pcm with tts-1 / whisper-1 (the
     plugin asks for raw audio and verbose_json), then the plugin's defaults: mp3 from gpt-4o-mini-tts
     (it asks for an SSE stream; the service answers audio bytes, which the plugin reads by their
-    Content-Type) and gpt-4o-mini-transcribe (json)."""
+    Content-Type) and gpt-4o-mini-transcribe (json); then the service's own model names (what
+    CROSSTALK_TTS_MODEL / CROSSTALK_STT_MODEL default to offline) with wav."""
     from livekit import rtc
     from livekit.plugins import openai as lk_openai
 
     for tts_model, fmt, stt_model in (("tts-1", "pcm", "whisper-1"),
-                                      ("gpt-4o-mini-tts", "mp3", "gpt-4o-mini-transcribe")):
+                                      ("gpt-4o-mini-tts", "mp3", "gpt-4o-mini-transcribe"),
+                                      (voices.TTS_MODEL, "wav", voices.STT_MODEL)):
         tts = lk_openai.TTS(model=tts_model, voice="en-joe", base_url=speech_url, api_key="x",
                             response_format=fmt)
         stt = lk_openai.STT(model=stt_model, base_url=speech_url, api_key="x", language="en")

@@ -81,7 +81,8 @@ def test_catalogue_checks_voice_and_language() -> None:
 
 
 def test_wer_normalises_case_punctuation_and_numbers() -> None:
-    assert normalize("Order #42, ok?  It's 3.5%!") == "order forty two ok its three point five percent"
+    assert normalize("Order #42, ok?  It's 3.5%!") == "order forty two ok it is three point five percent"
+    assert wer("Great, that is everything I needed.", "Great, that’s everything I needed.") == 0.0
     assert wer("My order 42 arrived late.", "my order forty-two arrived late") == 0.0
     assert wer("one two three four", "one two four") == 0.25
     assert wer("", "") == 0.0 and wer("hello", "") == 1.0
@@ -113,6 +114,8 @@ def test_speech_settings_name_the_variable() -> None:
     assert (offline.real_speech, offline.speech_base_url, offline.speech_port) == (False, "http://127.0.0.1:8090/v1", 8090)
     real = load({"OPENAI_API_KEY": "sk-test"})
     assert real.real_speech and real.speech_base_url == "https://api.openai.com/v1"
+    assert (real.speech_tts_model, real.speech_stt_model) == ("gpt-4o-mini-tts", "gpt-4o-mini-transcribe")
+    assert (offline.speech_tts_model, offline.speech_stt_model) == (voices.TTS_MODEL, voices.STT_MODEL)
     assert "sk-test" not in str(real)  # the key never reaches a log line
     mixed = load({"OPENAI_API_KEY": "sk-test", "CROSSTALK_SPEECH": "offline", "CROSSTALK_SPEECH_URL": "http://h:1/v1"})
     assert (mixed.real_speech, mixed.speech_base_url, mixed.speech_api_key) == (False, "http://h:1/v1", "crosstalk-offline")
