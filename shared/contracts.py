@@ -37,6 +37,9 @@ from shared.ids import (
 Role = Literal["customer", "support"]
 Mode = Literal["text", "voice"]
 ROLES: tuple[Role, Role] = ("customer", "support")
+# ``target_metadata`` is handed to the user's agent as its dispatch metadata: bounded, like any input.
+TARGET_METADATA_MAX_CHARS = 16384
+TargetMetadata = Annotated[str, msgspec.Meta(max_length=TARGET_METADATA_MAX_CHARS)]
 
 class Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=False, omit_defaults=False):
     pass
@@ -59,6 +62,9 @@ class StartBatch(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     language: Annotated[str, msgspec.Meta(pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?\Z")] | None = None
     max_turns: Annotated[int, msgspec.Meta(ge=1, le=200)] = 8
     mode: Mode = "text"
+    # The user's own agent (its registered agent name) takes the support role: services/dispatcher/target.py
+    target_agent: Token | None = None
+    target_metadata: TargetMetadata | None = None
 
 
 class BatchSpec(Struct, frozen=True, kw_only=True):
@@ -71,6 +77,8 @@ class BatchSpec(Struct, frozen=True, kw_only=True):
     language: str
     max_turns: int
     mode: Mode
+    target_agent: str | None = None
+    target_metadata: str | None = None
 
 
 class BatchReply(Struct, frozen=True, kw_only=True):
@@ -233,6 +241,9 @@ class JobMetadata(Struct, frozen=True, kw_only=True):
     language: str
     mode: Mode
     max_turns: Annotated[int, msgspec.Meta(ge=1)]
+    # set: this job is crosstalk's customer against the user's agent of that name (worker/simulator.py)
+    target_agent: Token | None = None
+    target_metadata: TargetMetadata | None = None  # the target's dispatch only; never in crosstalk's own
 
 
 class AgentJoined(Struct, frozen=True, kw_only=True, tag="agent_joined"):
@@ -273,6 +284,7 @@ class ConversationEnded(Struct, frozen=True, kw_only=True, tag="conversation_end
     role: Role | None = None
     at: float
     lease: int | None = None
+    target_identity: str | None = None  # the user's agent in the room (target_agent batches)
 
 
 ConversationEvent = AgentJoined | TurnRecorded | ConversationEnded

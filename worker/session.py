@@ -62,8 +62,8 @@ class Session:
         await self.client.close()
 
 
-async def start(ctx: JobContext, settings: Settings, meta: JobMetadata, role: Role, scenario: Scenario,
-                conv: Conversation, peer: rtc.RemoteParticipant) -> Session:
+def text_session(settings: Settings, meta: JobMetadata, conv: Conversation) -> tuple[AgentSession, openai.AsyncClient]:
+    """A text-only ``AgentSession`` on the job's model client, its assistant messages fed to ``conv``."""
     client = model_client(settings, f"{meta.batch_id}/{meta.conversation_id}/{meta.attempt}")
     session: AgentSession = AgentSession(
         llm=lk_openai.LLM(model=settings.model_name, client=client),
@@ -77,6 +77,12 @@ async def start(ctx: JobContext, settings: Settings, meta: JobMetadata, role: Ro
         },
     )
     session.on("conversation_item_added", conv.on_item)
+    return session, client
+
+
+async def start(ctx: JobContext, settings: Settings, meta: JobMetadata, role: Role, scenario: Scenario,
+                conv: Conversation, peer: rtc.RemoteParticipant) -> Session:
+    session, client = text_session(settings, meta, conv)
     # what the agent says, on lk.transcription for anyone watching the room, a few chunks per
     # second instead of one data packet per token (worker/transcription.py)
     transcription = CoalescedTranscription(ctx.room)

@@ -53,6 +53,8 @@ def job_metadata(spec: BatchSpec, conv_id: str, attempt: int) -> JobMetadata:
         language=spec.language,
         mode=spec.mode,
         max_turns=spec.max_turns,
+        target_agent=spec.target_agent,
+        target_metadata=spec.target_metadata,
     )
 
 

@@ -19,8 +19,9 @@ from shared.contracts import BatchSpec, ContractError, StartBatch
 from shared.scenarios import DEFAULT_SCENARIO, Scenario
 
 VOICE_UNAVAILABLE = "voice mode is not available in this build"
+TARGET_VOICE_UNAVAILABLE = "voice with target_agent is not supported yet"
 # Public batch.start fields that this version does not implement yet: refused by name.
-PLANNED_FIELDS = frozenset({"target_agent", "target_metadata", "scenarios", "trials"})
+PLANNED_FIELDS = frozenset({"scenarios", "trials"})
 
 
 class Rejection(msgspec.Struct, frozen=True, kw_only=True):
@@ -66,6 +67,12 @@ def validate(
     if scenario is None:
         known = ", ".join(sorted(scenarios))
         return reject("scenario", f"unknown scenario {scenario_id!r}; known: {known}")
+    if cmd.target_agent is not None:
+        problem = target_problem(cmd, settings)
+        if problem is not None:
+            return reject(*problem)
+    elif cmd.target_metadata is not None:
+        return reject("target_metadata", "is only used with target_agent (the agent it is handed to)")
     if cmd.mode == "voice":
         return reject("mode", VOICE_UNAVAILABLE)
     language = cmd.language or scenario.language
@@ -80,7 +87,19 @@ def validate(
         language=language,
         max_turns=cmd.max_turns,
         mode=cmd.mode,
+        target_agent=cmd.target_agent,
+        target_metadata=cmd.target_metadata,
     )
+
+
+def target_problem(cmd: StartBatch, settings: Settings) -> tuple[str, str] | None:
+    """``(field, reason)`` when a ``target_agent`` batch cannot run here (the name itself was decoded as a token)."""
+    if cmd.target_agent == settings.agent_name:
+        return "target_agent", (f"{cmd.target_agent!r} is crosstalk's own agent name (CROSSTALK_AGENT_NAME); "
+                                "name the agent your own worker registers")
+    if cmd.mode == "voice":
+        return "mode", TARGET_VOICE_UNAVAILABLE
+    return None
 
 
 def unknown_field_reason(name: str) -> str:

@@ -10,19 +10,23 @@ line, where k is the number of assistant messages with text already in the reque
 ``end_conversation`` tool call when the request offers that tool; an exhausted script
 gets a short closing line and the same call. Once the request holds the result of an
 ``end_conversation`` call after the last assistant message, the reply is empty.
-Without a marker the reply is a short generic line, so a plain client still works.
+Without a marker (a user's own agent under test, or a plain client) the reply comes from the
+scripts themselves: the support line after the script line equal to the last user message
+(:mod:`.unmarked`); the generic line when no scenarios are given.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import msgspec
 
 from shared.contracts import ROLES, Role
 from shared.scenarios import END_TOOL, Scenario
+
+from . import unmarked
 
 MessageRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -213,10 +217,13 @@ def spoken_turns(messages: list[Message]) -> int:
     return sum(1 for m in messages if m.role == "assistant" and m.text().strip())
 
 
-def plan_reply(req: ChatRequest, lookup: Callable[[str], Scenario | None]) -> Reply:
+def plan_reply(req: ChatRequest, lookup: Callable[[str], Scenario | None],
+               scripts: Callable[[], Iterable[Scenario]] | None = None) -> Reply:
     marker = find_marker(req.messages)
     if marker is None:
-        return Reply(GENERIC_REPLY, False, "none")
+        if scripts is None:
+            return Reply(GENERIC_REPLY, False, "none")
+        return Reply(*unmarked.plan(req.messages, req.offers(END_TOOL), scripts()))
     scenario = lookup(marker.scenario)
     if scenario is None:
         raise RequestError(f"messages[{marker.index}].content", f"unknown scenario {marker.scenario!r}")
