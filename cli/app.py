@@ -103,6 +103,10 @@ def batch_start(
     max_turns: Annotated[int | None, typer.Option("--max-turns", help="Hard cap on turns per conversation.")] = None,
     mode: Annotated[str | None, typer.Option("--mode", help="text or voice.")] = None,
     batch_id: Annotated[str | None, typer.Option("--batch-id", help="Batch id; repeating one is idempotent.")] = None,
+    target_agent: Annotated[str | None, typer.Option(
+        "--target-agent", help="Your own agent's name: crosstalk's customer calls it (it takes the support role).")] = None,
+    target_metadata: Annotated[str | None, typer.Option(
+        "--target-metadata", help="Dispatch metadata handed to your agent (with --target-agent).")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Then watch the batch until it finishes.")] = False,
     request_timeout: Annotated[
         float, typer.Option("--request-timeout", min=0.1, help="Seconds to wait for the dispatcher's verdict.")
@@ -115,7 +119,8 @@ def batch_start(
     try:
         body = start_body(
             batch_id=batch_id, conversations=conversations, concurrency=concurrency, scenario=scenario,
-            language=language, max_turns=max_turns, mode=mode,
+            language=language, max_turns=max_turns, mode=mode, target_agent=target_agent,
+            target_metadata=target_metadata,
         )
     except ContractError as exc:
         err.print(f"rejected: {exc.field}: {exc.reason}", markup=False)

@@ -243,7 +243,7 @@ class JobMetadata(Struct, frozen=True, kw_only=True):
     max_turns: Annotated[int, msgspec.Meta(ge=1)]
     # set: this job is crosstalk's customer against the user's agent of that name (worker/simulator.py)
     target_agent: Token | None = None
-    target_metadata: TargetMetadata | None = None  # the target's dispatch only; never in crosstalk's own
+    target_metadata: TargetMetadata | None = None  # handed on as the target's dispatch metadata
 
 
 class AgentJoined(Struct, frozen=True, kw_only=True, tag="agent_joined"):

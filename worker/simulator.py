@@ -6,9 +6,10 @@ checked against livekit-server 1.13.5, docs/ARCHITECTURE.md "Testing your own ag
 * it never joins as the job's own (agent) participant: RoomIO ignores agents, so the customer
   joins with a token of its own as a standard participant ``sim-<job id>`` carrying the
   ``lk.simulator`` attribute; when it leaves, livekit-agents ends the target's job;
-* the target's dispatch carries ``lk.simulator.dispatch`` (services/dispatcher/target.py): its
-  ``ctx.simulation_context()`` has the scenario and ``userdata``, and in text mode its session
-  drops STT/TTS/VAD by itself;
+* once in the room, it dispatches the target (worker/target_dispatch.py), so the target finds the
+  customer in the room when it joins; that dispatch carries ``lk.simulator.dispatch``: the
+  target's ``ctx.simulation_context()`` has the scenario and ``userdata``, and in text mode its
+  session drops STT/TTS/VAD by itself;
 * the customer writes on ``lk.chat`` as a person typing would, and reads the target's words on
   ``lk.transcription``; a reply ends as worker/target_reply.py says;
 * the support role is the target's: this job asks ``role.request`` for it on the target's behalf
@@ -40,7 +41,7 @@ from shared.config import Settings
 from shared.contracts import JobMetadata, RoleRequest
 from shared.log import kv
 from shared.scenarios import Scenario
-from worker import lease
+from worker import lease, target_dispatch
 from worker import session as sessions
 from worker.agents import agent_for
 from worker.bridge import ATTR_ROLE
@@ -166,9 +167,13 @@ class TargetLink:
             self._check(reply)
 
     def _check(self, reply: Reply) -> None:
-        if reply is self.reply and reply.complete():
-            self.reply = None
-            self.on_reply(reply)
+        if reply is not self.reply or not reply.complete():
+            return
+        if not reply.text.strip():  # an empty transcription is no answer: keep waiting for one
+            self.reply = Reply(reply.sent_at, reply.state)
+            return
+        self.reply = None
+        self.on_reply(reply)
 
 
 class SimConversation(Conversation):
@@ -248,6 +253,13 @@ async def talk(ctx: JobContext, settings: Settings, meta: JobMetadata, scenario:
     marks["connected"] = time.monotonic()
     try:
         await reports.joined(ctx.job.id, me)
+        try:  # only now: the target must find the customer in the room when it joins (target_dispatch.py)
+            await target_dispatch.dispatch_target(settings, reports.room, meta, scenario)
+        except Exception as exc:
+            await reports.ended(End(f"target_no_show: could not dispatch agent {meta.target_agent!r}: "
+                                    f"{type(exc).__name__}: {exc}"[:300], ok=False, mine=True), 0)
+            return
+        marks["dispatched"] = time.monotonic()
         peer = await link.wait_ready(settings.target_join_s)
         if peer is None:
             await reports.ended(End(

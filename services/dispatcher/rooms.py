@@ -19,7 +19,7 @@ import aiohttp
 from livekit import api
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from shared import contracts, scenarios
+from shared import contracts
 from shared.config import Settings
 from shared.contracts import ConversationDispatched, JobMetadata
 from shared.log import kv
@@ -96,13 +96,13 @@ class Rooms:
         return target.missing(wanted, (d.agent_name for d in existing))
 
     async def _dispatches(self, room: str, meta: JobMetadata, *, fresh: bool) -> None:
-        """Create the room's missing dispatches (two of crosstalk's, or one and the target's: target.py).
+        """Create the room's missing dispatches (two of crosstalk's, or one customer against a target: target.py).
 
         A ``create_dispatch`` that failed in transit (timeout, reset, 5xx) may still have landed: it is
         never retried blindly (a second dispatch would put a third agent in the room); the room's
         dispatches are listed first and only what is really missing is created again.
         """
-        wanted = target.dispatches(room, meta, self._settings.agent_name, scenarios.library().get(meta.scenario))
+        wanted = target.dispatches(room, meta, self._settings.agent_name)
         missing: list[api.CreateAgentDispatchRequest] | None = list(wanted) if fresh else None
         for attempt in range(self._attempts):
             if missing is None:
