@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +19,8 @@ from typing import Any
 
 import nats
 import pytest
-from stack import ROOT, running_stack
+from stack import running_stack
+from support.target import Target
 from test_batch import read_audit, read_batch, read_turns, wait_finished
 
 from shared import contracts, subjects
@@ -31,7 +29,6 @@ from shared.rooms import room_name
 
 pytestmark = pytest.mark.e2e
 
-EXAMPLE = ROOT / "examples" / "target_agent" / "agent.py"
 USERDATA = {"account_id": "ACME-4417", "holder": "राज शर्मा", "plan": {"tier": "gold", "since": 2019}}
 SCENARIO = {
     "id": "acme-locked-out",
@@ -67,46 +64,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
                        CROSSTALK_SCENARIO_DIR=str(scenarios),
                        CROSSTALK_MODEL_SERVED_LOG=str(tmp / "served.jsonl")) as s:
         yield s
-
-
-class Target:
-    """examples/target_agent as its own worker process (its own environment, nothing of crosstalk's)."""
-
-    def __init__(self, stack: Any, tmp: Path, name: str, **knobs: str) -> None:
-        cfg = stack.config()
-        self.name = name
-        self.job_log = tmp / f"{name}.jsonl"
-        self.out = tmp / f"{name}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CROSSTALK_", "LIVEKIT_", "OPENAI_"))}
-        env |= {
-            "LIVEKIT_URL": stack.livekit_url, "LIVEKIT_API_KEY": cfg.livekit_key,
-            "LIVEKIT_API_SECRET": cfg.settings.livekit_api_secret,
-            "OPENAI_BASE_URL": f"http://127.0.0.1:{cfg.model_port}/v1", "OPENAI_API_KEY": "offline",
-            "ACME_AGENT_NAME": name, "ACME_LLM_MODEL": "crosstalk-scripted", "ACME_EXECUTOR": "thread",
-            "ACME_MAX_JOBS": "20", "ACME_HEALTH_PORT": "0", "ACME_JOB_LOG": str(self.job_log), **knobs,
-        }
-        # run from a folder outside the repository: the example imports nothing from crosstalk
-        self.proc = subprocess.Popen([sys.executable, str(EXAMPLE), "start"], cwd=tmp, env=env,
-                                     stdout=open(self.out, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
-        deadline = time.monotonic() + 90
-        while b"registered worker" not in self.out.read_bytes():
-            assert self.proc.poll() is None, self.out.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, f"{name} never registered:\n{self.out.read_text()[-3000:]}"
-            time.sleep(0.2)
-
-    def events(self, kind: str) -> list[dict[str, Any]]:
-        if not self.job_log.exists():
-            return []
-        lines = self.job_log.read_text(encoding="utf-8").splitlines()
-        return [e for e in map(json.loads, lines) if e["event"] == kind]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture
