@@ -160,7 +160,7 @@ def check(data_dir: Path, batch_id: str, settled: list[Any], served: dict[str, d
 
 
 def run_one(conversations: int, concurrency: int, turns: int, target_workers: int, target_jobs: int,
-            tmp: Path, keep: bool) -> dict[str, Any]:
+            tmp: Path, keep: bool, env: dict[str, str] | None = None) -> dict[str, Any]:
     batch_id = f"bench-target-{conversations}x{concurrency}"
     agent = "acme-support"
     workdir = Path(tempfile.mkdtemp(prefix=f"{batch_id}-", dir=tmp))
@@ -168,7 +168,8 @@ def run_one(conversations: int, concurrency: int, turns: int, target_workers: in
     overrides = {"CROSSTALK_MAX_CONCURRENCY": str(max(concurrency, 200)), "CROSSTALK_WORKER_MAX_JOBS": "20",
                  # one crosstalk session (the customer) per conversation, plus a spare worker
                  "CROSSTALK_WORKERS": str(-(-concurrency // 20) + 1),
-                 "CROSSTALK_SCENARIO_DIR": str(scenario_dir(workdir)), "CROSSTALK_MODEL_SERVED_LOG": str(served_log)}
+                 "CROSSTALK_SCENARIO_DIR": str(scenario_dir(workdir)), "CROSSTALK_MODEL_SERVED_LOG": str(served_log),
+                 **(env or {})}
     load_before = os.getloadavg()
     with running_stack(workdir, **overrides) as stack:
         targets = [Target(stack, workdir, agent, max_jobs=target_jobs, log_name=f"{agent}-{i}")
@@ -202,16 +203,20 @@ def run_one(conversations: int, concurrency: int, turns: int, target_workers: in
                 t.stop()
     if not keep:
         shutil.rmtree(workdir, ignore_errors=True)
-    final = [s for s in events["settled"] if not s.retry]
     reasons: dict[str, int] = {}
-    for s in final:
+    retried: dict[str, int] = {}
+    for s in events["settled"]:
         if s.outcome == "failed":
-            reasons[s.reason.split(":", 1)[0]] = reasons.get(s.reason.split(":", 1)[0], 0) + 1
+            tally = retried if s.retry else reasons
+            tally[s.reason.split(":", 1)[0]] = tally.get(s.reason.split(":", 1)[0], 0) + 1
     support = [t for t in events["turns"] if t.role == "support"]
     return {
         "batch_id": batch_id, "conversations": conversations, "concurrency": concurrency, "max_turns": turns,
         "target_agent": agent, "target_worker_processes": target_workers, "target_jobs_per_worker": target_jobs,
+        "stack_env": {k: v for k, v in overrides.items() if k.startswith("CROSSTALK_") and "DIR" not in k
+                      and "LOG" not in k},
         "completed": finished.completed, "failed": finished.failed, "failure_reasons": reasons,
+        "retried_attempt_reasons": retried,
         "attempts": len(events["settled"]), "wall_s": round(wall, 2),
         "conversations_per_min": round(finished.completed / wall * 60, 2),
         "peak_rooms_with_target_lk_view": poll.peak_target, "peak_rooms_with_customer_and_target_lk_view": poll.peak_both,
@@ -236,6 +241,8 @@ def main() -> None:
     ap.add_argument("--target-workers", type=int, default=2, help="example agent worker processes")
     ap.add_argument("--target-jobs", type=int, default=30, help="jobs at which each target worker reports full")
     ap.add_argument("--label", default="100-c50")
+    ap.add_argument("--env", action="append", default=[], metavar="VAR=VALUE",
+                    help="extra stack setting, e.g. CROSSTALK_MAX_JOINING=50 (repeatable)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--tmp", default=str(ROOT / "run" / "bench"))
     args = ap.parse_args()
@@ -244,7 +251,8 @@ def main() -> None:
     results = []
     for spec in args.runs.split(","):
         n, c = (int(x) for x in spec.split("x"))
-        r = run_one(n, c, args.turns, args.target_workers, args.target_jobs, tmp, args.keep)
+        r = run_one(n, c, args.turns, args.target_workers, args.target_jobs, tmp, args.keep,
+                    dict(kv.split("=", 1) for kv in args.env))
         print(json.dumps(r, indent=2, ensure_ascii=False), flush=True)
         results.append(r)
     RESULTS.mkdir(parents=True, exist_ok=True)
