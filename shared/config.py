@@ -65,8 +65,8 @@ class Settings:
     max_attempts: int = 3
     room_empty_timeout_s: int = 900
     # the user's own agent (batch.start target_agent; worker/simulator.py): how long the customer waits
-    # for it to join and be ready (target_no_show), and for each of its replies (target_silent,
-    # target_unresponsive)
+    # for it to join and be ready (target_no_show; below join_deadline_s, by default 20 s or half of it),
+    # and for each of its replies (target_silent, target_unresponsive)
     target_join_s: float = 20.0
     target_reply_s: float = 30.0
     # allocator
@@ -128,7 +128,8 @@ def load(env: dict[str, str] | None = None) -> Settings:
     if not is_token(sink_durable) or len(sink_durable) > 64:
         raise ConfigError("CROSSTALK_SINK_DURABLE", "must be 1-64 of [A-Za-z0-9_-]")
     join_deadline_s = _num(e, "CROSSTALK_JOIN_DEADLINE_S", 60.0, lo=1, hi=3600)
-    target_join_s = _num(e, "CROSSTALK_TARGET_JOIN_S", 20.0, lo=1, hi=3600)
+    # default: 20 s, or half the join deadline when that is shorter
+    target_join_s = _num(e, "CROSSTALK_TARGET_JOIN_S", min(20.0, join_deadline_s / 2), lo=0.5, hi=3600)
     if target_join_s >= join_deadline_s:
         # the customer must name a target that never came before the dispatcher calls it a join_timeout
         raise ConfigError("CROSSTALK_TARGET_JOIN_S", f"must be below CROSSTALK_JOIN_DEADLINE_S ({join_deadline_s:g}), "

@@ -65,6 +65,9 @@ def test_the_target_deadline_must_come_before_the_dispatchers() -> None:
     assert err.value.var == "CROSSTALK_TARGET_REPLY_S"
     ok = config.load({"CROSSTALK_TARGET_JOIN_S": "5", "CROSSTALK_TARGET_REPLY_S": "7"})
     assert (ok.target_join_s, ok.target_reply_s) == (5.0, 7.0)
+    # unset, it stays below a short join deadline instead of refusing it
+    assert config.load({"CROSSTALK_JOIN_DEADLINE_S": "15"}).target_join_s == 7.5
+    assert config.load({}).target_join_s == 20.0
 
 
 # --------------------------------------------------------------------------- admission and settling
