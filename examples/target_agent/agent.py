@@ -15,7 +15,7 @@ Settings (environment):
     ACME_MAX_JOBS          report full at this many jobs (default: livekit-agents' CPU-based load)
     ACME_EXECUTOR          process (default) | thread: where jobs run
     ACME_HEALTH_PORT       the worker's health/HTTP port (default 8081; 0 picks a free one)
-    ACME_JOB_LOG           append one JSON line per job and per reply (what this agent saw and said)
+    ACME_JOB_LOG           append one JSON line per job start, reply and job end (what this agent saw and said)
 
 Test knobs (misbehaviour on purpose, for the failure tests): ACME_NEVER_SPEAK=1 never answers;
 ACME_STOP_AFTER=N stops answering after N replies; ACME_LEAVE_AFTER=N leaves the room when
@@ -115,6 +115,10 @@ def build_server() -> AgentServer:
     return server
 
 
+async def _ended(ctx: JobContext, reason: str) -> None:
+    record(event="ended", room=ctx.room.name, job_id=ctx.job.id, reason=str(reason))
+
+
 async def entrypoint(ctx: JobContext) -> None:
     instructions = BASE_INSTRUCTIONS
     sim = ctx.simulation_context()
@@ -127,6 +131,7 @@ async def entrypoint(ctx: JobContext) -> None:
                            "tags": dict(sim.scenario.tags)})
     else:
         record(event="job", room=ctx.room.name, job_id=ctx.job.id, metadata=ctx.job.metadata, simulation=None)
+    ctx.add_shutdown_callback(lambda reason="": _ended(ctx, reason))
     await ctx.connect()
 
     session: AgentSession = AgentSession(

@@ -33,7 +33,7 @@ from shared.contracts import (
 from shared.metrics import REASONS, reason_label
 
 from .state import BatchState, Conversation, conversation_id, room_name
-from .target import our_sessions
+from .target import full_not_absent, our_sessions
 from .validate import Rejection
 
 # Consecutive liveness checks that must see fewer than two agents before an attempt is failed.
@@ -219,7 +219,8 @@ def on_conversation_ended(state: BatchState, ev: ConversationEnded, now: float, 
         return [ConversationSettled(
             batch_id=state.spec.batch_id, conversation_id=conv.conversation_id, attempt=conv.attempt,
             outcome="completed", reason=normalize_reason(ev.reason), retry=False, turns=max(ev.turns, 0), at=now)]
-    return [replace(settle_failed(state, conv, ev.reason, now, settings), turns=max(ev.turns, 0))]
+    reason = full_not_absent(state, ev) or ev.reason
+    return [replace(settle_failed(state, conv, reason, now, settings), turns=max(ev.turns, 0))]
 
 
 def on_dispatch_failed(state: BatchState, msg: DispatchFailed, now: float, settings: Settings) -> list[BatchEvent]:

@@ -11,7 +11,10 @@ rooms of one test run).
 Admission counts one of crosstalk's agent sessions per target conversation (:func:`our_sessions`);
 the target's own sessions are bounded by the batch's concurrency (one target job per room in
 flight), and its worker refuses jobs above the load it reports to livekit-server, which then
-never places the dispatch: that attempt ends ``target_no_show``.
+never places the dispatch. crosstalk cannot see that load, but it can tell "full" from "absent":
+a ``target_no_show`` in a batch whose target has already joined other conversations becomes
+``no_capacity`` (:func:`full_not_absent`), re-queued without using one of the conversation's
+attempts, so the batch waits for the target's workers instead of failing on them.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from collections.abc import Iterable
 from livekit import api
 
 from shared import contracts
-from shared.contracts import BatchSpec, JobMetadata
+from shared.contracts import BatchSpec, ConversationEnded, JobMetadata
+from shared.metrics import reason_label
+
+from .state import BatchState
 
 AGENTS_PER_ROOM = 2
 
@@ -49,3 +55,13 @@ def missing(wanted: Iterable[api.CreateAgentDispatchRequest], existing_agent_nam
         else:
             out.append(req)
     return out
+
+
+def full_not_absent(state: BatchState, ev: ConversationEnded) -> str | None:
+    """The ``no_capacity`` reason for a ``target_no_show`` whose target served this batch before, else None."""
+    if not state.spec.target_agent or reason_label(ev.reason) != "target_no_show":
+        return None
+    if not any(c.joined_at is not None for cid, c in state.convs.items() if cid != ev.conversation_id):
+        return None  # never seen: absent (no worker registered under that name), not full
+    return (f"no_capacity: agent {state.spec.target_agent!r} took no job while it serves this batch "
+            f"(its workers report full): {ev.reason}")

@@ -168,6 +168,25 @@ async def test_a_misbehaving_target_fails_with_its_named_reason_and_the_batch_go
             assert [t["role"] for t in read_turns(stack, bid, cid)] == ["customer", "support", "customer"]
 
 
+@pytest.mark.parametrize("target", [("acme-one-at-a-time", {"ACME_MAX_JOBS": "1"})], indirect=True, ids=["max1"])
+async def test_a_target_that_reports_full_is_waited_for_never_overloaded(stack: Any, target: Target) -> None:
+    """A target worker full at one call, a batch of 3 at concurrency 3: livekit-server places no job
+    beyond the load the worker reports; those attempts are re-queued as no_capacity (the target served
+    the batch: full, not absent), and every conversation completes, one call at a time."""
+    bid = f"tgt-full-{int(time.time())}"
+    batch = await run_batch(stack, {"batch_id": bid, "conversations": 3, "concurrency": 3,
+                                    "scenario": "acme-locked-out", "max_turns": 4, "target_agent": target.name},
+                            timeout=300)
+    assert (batch["status"], batch["completed"]) == ("completed", 3), batch
+    assert sum(c["attempts"] for c in batch["conversations"].values()) > 3  # some waited for a free slot
+    # the target's own record: never two calls at once
+    spans = sorted((s["at"], e["at"]) for s, e in zip(
+        sorted(target.events("job"), key=lambda e: e["job_id"]),
+        sorted(target.events("ended"), key=lambda e: e["job_id"]), strict=True))
+    assert len(spans) == 3
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
+
+
 async def test_a_target_without_a_worker_is_a_no_show_named_within_the_deadline(stack: Any) -> None:
     bid = f"tgt-noshow-{int(time.time())}"
     started = time.monotonic()

@@ -103,6 +103,28 @@ def test_a_targets_failure_is_the_result_and_is_not_retried() -> None:
         assert settled.outcome == "failed" and not settled.retry and settled.reason == reason
 
 
+def test_a_no_show_of_a_target_that_served_the_batch_is_full_and_requeued() -> None:
+    state = admit_all([accepted(spec(n=3, concurrency=2))], Capacity(workers=1, capacity=4, free=4))[0]
+    first, second = sorted(state.in_flight)
+
+    def no_show(cid: str) -> ConversationEnded:
+        return ConversationEnded(batch_id="b1", conversation_id=cid, attempt=1, room="r", ok=False, turns=0, at=2.0,
+                                 reason="target_no_show: agent 'acme-support' did not join within 20 s")
+
+    # never seen in this batch: absent, a failure for good
+    (absent,) = core.on_conversation_ended(state, no_show(first), 2.0, SETTINGS)
+    assert absent.reason.startswith("target_no_show") and not absent.retry
+    # the target joined another conversation of the batch: its workers exist and are full
+    joined = evolve(state, core.ConversationJoined(batch_id="b1", conversation_id=second, attempt=1,
+                                                   join_seconds=1.0, at=1.0), state.seq + 1)
+    assert joined is not None
+    (full,) = core.on_conversation_ended(joined, no_show(first), 2.0, SETTINGS)
+    assert full.reason.startswith("no_capacity: agent 'acme-support' took no job") and full.retry
+    assert "target_no_show" in full.reason  # what the customer saw stays in the reason
+    requeued = evolve(joined, full, joined.seq + 1)
+    assert requeued is not None and requeued.convs[first].requeues == 1  # no attempt used
+
+
 def test_the_dispatcher_dispatches_only_the_customer_of_a_target_room() -> None:
     reqs = target.dispatches("room-1", meta(), "crosstalk")
     assert [(r.agent_name, r.room) for r in reqs] == [("crosstalk", "room-1")]
