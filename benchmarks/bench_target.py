@@ -46,6 +46,7 @@ from benchmarks.bench_batch import (
     RESULTS,
     ROOT,
     ProcSampler,
+    check_transcripts,
     collect,
     machine,
     quantiles,
@@ -126,31 +127,16 @@ def check(data_dir: Path, batch_id: str, settled: list[Any], served: dict[str, d
         for e in t.events("job"):
             seen[e["room"]] = (e.get("simulation") or {}).get("userdata")
     doc = json.loads((data_dir / "batches" / batch_id / "batch.json").read_bytes())
-    lost = altered = duplicated = misordered = stored = 0
     final = [s for s in settled if not s.retry and s.outcome == "completed"]
-    for s in final:
-        room = room_name(s.conversation_id, s.attempt)
-        path = data_dir / "batches" / batch_id / "conversations" / f"{s.conversation_id}.jsonl"
-        lines = [json.loads(x) for x in path.read_bytes().splitlines()] if path.exists() else []
-        stored += len(lines)
-        got = [x["turn"] for x in lines]
-        duplicated += len(got) - len(set(got))
-        misordered += int(got != list(range(len(got))))
-        by_turn = {x["turn"]: x for x in lines if x.get("attempt") == s.attempt}
-        sources = {"customer": served.get(f"{batch_id}/{s.conversation_id}/{s.attempt}", {}).get("customer", []),
-                   "support": said.get(room, [])}
-        for t in range(s.turns):
-            role = "customer" if t % 2 == 0 else "support"
-            texts, line = sources[role], by_turn.get(t)
-            if line is None:
-                lost += 1
-            elif line["role"] != role or t // 2 >= len(texts) or line["text"] != texts[t // 2]:
-                altered += 1
+    # bench_batch's check, with each role's source: the customer's served log, the target's own log
+    sources = {key: {"customer": served.get(key, {}).get("customer", []), "support": said.get(room, [])}
+               for s in final for key, room in [(f"{batch_id}/{s.conversation_id}/{s.attempt}",
+                                                 room_name(s.conversation_id, s.attempt))]}
+    integrity = check_transcripts(data_dir, batch_id, settled, sources)
     violations = [v for c in doc["conversations"].values() for v in c.get("violations", [])]
     rooms = {room_name(s.conversation_id, s.attempt) for s in final}
     return {
-        "stored_turns": stored, "lost_turns": lost, "altered_turns": altered, "duplicated_turns": duplicated,
-        "misordered_conversations": misordered,
+        **integrity,
         "integrity_sources": "customer turns vs the scripted model's served log; target turns vs the target's own log",
         "target_saw_userdata": sum(seen.get(r) == USERDATA for r in rooms),
         "room_audit_violations": len(violations),

@@ -70,6 +70,16 @@ def test_the_target_deadline_must_come_before_the_dispatchers() -> None:
     assert config.load({}).target_join_s == 20.0
 
 
+def test_the_cli_sends_the_target_fields_and_names_a_bad_one() -> None:
+    from cli.app import start_body
+
+    body = json.loads(start_body(target_agent="acme-support", target_metadata='{"t": 1}', conversations=2))
+    assert body == {"target_agent": "acme-support", "target_metadata": '{"t": 1}', "conversations": 2}
+    with pytest.raises(contracts.ContractError) as err:
+        start_body(target_agent="acme support")
+    assert err.value.field == "target_agent"
+
+
 # --------------------------------------------------------------------------- admission and settling
 
 
