@@ -21,8 +21,9 @@ checked against livekit-server 1.13.5, docs/ARCHITECTURE.md "Testing your own ag
   within ``CROSSTALK_TARGET_JOIN_S``), ``target_silent`` / ``target_unresponsive`` (no reply
   within ``CROSSTALK_TARGET_REPLY_S``), ``target_left`` (left before the end).
 
-The customer speaks first. Text the target publishes before it was spoken to (a greeting) is
-not a turn: it is counted and logged, never stored.
+The customer speaks first, once the target is quiet (``listening`` for ``QUIET_S``): a greeting
+the target says on its own is over by then. Text the target publishes while nobody asked (a
+greeting) is not a turn: it is counted and logged, never stored.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ CONNECT_TIMEOUT_S = 20.0
 # livekit-agents publishes lk.agent.state once its session's RoomIO reads lk.chat; a message sent
 # before that is dropped. An agent that never publishes a state is taken as ready this long after joining.
 READY_GRACE_S = 3.0
+QUIET_S = 0.5
 AGENT = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
 
 
@@ -109,16 +111,33 @@ class TargetLink:
         return p.kind == AGENT and (name is None or name == self.agent_name)
 
     async def wait_ready(self, timeout: float) -> rtc.RemoteParticipant | None:
-        """The target once it can hear the customer (None if it never joined within ``timeout``)."""
+        """The target once it can hear the customer and is quiet (None if it never joined within ``timeout``).
+
+        Quiet: ``listening`` for ``QUIET_S`` with none of its text being read, so a greeting it says on
+        its own (not a turn: counted, logged) is over before the customer's first words, and is
+        never taken for the answer to them.
+        """
         loop = asyncio.get_running_loop()
         deadline, seen = loop.time() + timeout, {}
+        quiet_since: float | None = None
         while loop.time() < deadline:
             for p in list(self.room.remote_participants.values()):
                 if not self.is_target(p):
                     continue
-                first = seen.setdefault(p.identity, loop.time())
-                if ATTR_AGENT_STATE in p.attributes or loop.time() - first >= READY_GRACE_S:
-                    self.peer = p
+                now = loop.time()
+                first = seen.setdefault(p.identity, now)
+                state = p.attributes.get(ATTR_AGENT_STATE)
+                if state is None:
+                    if now - first >= READY_GRACE_S:  # an agent that publishes no state
+                        self.peer = p
+                        return p
+                    continue
+                self.peer = p  # its text is read (and counted) from now on
+                if state != "listening" or self._reads:
+                    quiet_since = None
+                elif quiet_since is None:
+                    quiet_since = now
+                elif now - quiet_since >= QUIET_S:
                     return p
             await asyncio.sleep(0.05)
         return None
@@ -262,8 +281,9 @@ async def talk(ctx: JobContext, settings: Settings, meta: JobMetadata, scenario:
         marks["dispatched"] = time.monotonic()
         peer = await link.wait_ready(settings.target_join_s)
         if peer is None:
+            what = ("joined but was never listening" if link.peer is not None else "did not join")
             await reports.ended(End(
-                f"target_no_show: agent {meta.target_agent!r} did not join within {settings.target_join_s:g} s "
+                f"target_no_show: agent {meta.target_agent!r} {what} within {settings.target_join_s:g} s "
                 "(CROSSTALK_TARGET_JOIN_S): is a worker registered under that agent name, with room for a job?",
                 ok=False, mine=True), 0)
             return

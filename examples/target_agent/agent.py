@@ -16,6 +16,7 @@ Settings (environment):
     ACME_EXECUTOR          process (default) | thread: where jobs run
     ACME_HEALTH_PORT       the worker's health/HTTP port (default 8081; 0 picks a free one)
     ACME_JOB_LOG           append one JSON line per job start, reply and job end (what this agent saw and said)
+    ACME_GREETING          say this first, before the caller speaks (as many production agents do)
 
 Test knobs (misbehaviour on purpose, for the failure tests): ACME_NEVER_SPEAK=1 never answers;
 ACME_STOP_AFTER=N stops answering after N replies; ACME_LEAVE_AFTER=N leaves the room when
@@ -148,6 +149,8 @@ async def entrypoint(ctx: JobContext) -> None:
                    text=item.text_content)
 
     await session.start(AcmeSupport(ctx, instructions), room=ctx.room)
+    if greeting := os.environ.get("ACME_GREETING", ""):
+        session.say(greeting)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,27 @@ async def test_a_batch_of_10_against_the_example_agent(stack: Any, target: Targe
         assert kinds[conv["target_identity"]] == "agent" and kinds[holders["customer"]] == "standard"
 
 
+GREETING = "Welcome to Acme Bank! एक्मे बैंक में आपका स्वागत है।"
+
+
+@pytest.mark.parametrize("target", [("acme-greets", {"ACME_GREETING": GREETING})], indirect=True, ids=["greets"])
+async def test_a_target_that_greets_first_is_heard_out_and_never_misattributed(stack: Any, target: Target) -> None:
+    bid = f"tgt-greet-{int(time.time())}"
+    batch = await run_batch(stack, {"batch_id": bid, "conversations": 3, "concurrency": 3,
+                                    "scenario": "acme-locked-out", "max_turns": 6, "target_agent": target.name})
+    assert (batch["status"], batch["completed"]) == ("completed", 3), batch
+    replies: dict[str, list[str]] = {}
+    for e in target.events("reply"):
+        replies.setdefault(e["room"], []).append(e["text"])
+    for cid, conv in batch["conversations"].items():
+        turns = read_turns(stack, bid, cid)
+        assert [t["role"] for t in turns] == ["customer", "support"] * 3
+        said = [t["text"] for t in turns if t["role"] == "support"]
+        room = replies[room_name(cid, conv["attempts"])]
+        assert room[0] == GREETING and said == room[1:4]  # the greeting first, then one answer per turn
+        assert said == [line["text"] for line in SCENARIO["script"] if line["role"] == "support"]
+
+
 FAILURES = [
     ("acme-silent", {"ACME_NEVER_SPEAK": "1"}, "target_silent"),
     ("acme-stops", {"ACME_STOP_AFTER": "1"}, "target_unresponsive"),
