@@ -115,6 +115,10 @@ def batch_start(
         "--scenarios-file", help="A local scenarios.yaml, sent inline.")] = None,
     trials: Annotated[int | None, typer.Option("--trials", "-k", help="Runs of each scenario (pass^k).")] = None,
     batch_id: Annotated[str | None, typer.Option("--batch-id", help="Batch id; repeating one is idempotent.")] = None,
+    target_agent: Annotated[str | None, typer.Option(
+        "--target-agent", help="Your own agent's name: crosstalk's customer calls it (it takes the support role).")] = None,
+    target_metadata: Annotated[str | None, typer.Option(
+        "--target-metadata", help="Dispatch metadata handed to your agent (with --target-agent).")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Then watch the batch until it finishes.")] = False,
     request_timeout: Annotated[
         float, typer.Option("--request-timeout", min=0.1, help="Seconds to wait for the dispatcher's verdict.")
@@ -130,6 +134,7 @@ def batch_start(
             batch_id=batch_id, conversations=conversations, concurrency=concurrency, scenario=scenario,
             language=language, max_turns=max_turns, mode=mode, trials=trials,
             scenarios=inline if inline is not None else scenarios_path,
+            target_agent=target_agent, target_metadata=target_metadata,
         )
     except ContractError as exc:
         err.print(f"rejected: {exc.field}: {exc.reason}", markup=False)

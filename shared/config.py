@@ -64,6 +64,11 @@ class Settings:
     conversation_timeout_s: float = 900.0
     max_attempts: int = 3
     room_empty_timeout_s: int = 900
+    # the user's own agent (batch.start target_agent; worker/simulator.py): how long the customer waits
+    # for it to join and be ready (target_no_show; below join_deadline_s, by default 20 s or half of it),
+    # and for each of its replies (target_silent, target_unresponsive)
+    target_join_s: float = 20.0
+    target_reply_s: float = 30.0
     # allocator
     lease_s: float = 30.0
     # transcript sink: durable consumer names derive from sink_durable; one sink per name
@@ -162,6 +167,13 @@ def load(env: dict[str, str] | None = None) -> Settings:
     stt_window = _str(e, "CROSSTALK_SPEECH_STT_WINDOW", "adaptive")
     if stt_window not in ("adaptive", "full"):
         raise ConfigError("CROSSTALK_SPEECH_STT_WINDOW", f"must be 'adaptive' or 'full', got {stt_window!r}")
+    join_deadline_s = _num(e, "CROSSTALK_JOIN_DEADLINE_S", 60.0, lo=1, hi=3600)
+    # default: 20 s, or half the join deadline when that is shorter
+    target_join_s = _num(e, "CROSSTALK_TARGET_JOIN_S", min(20.0, join_deadline_s / 2), lo=0.5, hi=3600)
+    if target_join_s >= join_deadline_s:
+        # the customer must name a target that never came before the dispatcher calls it a join_timeout
+        raise ConfigError("CROSSTALK_TARGET_JOIN_S", f"must be below CROSSTALK_JOIN_DEADLINE_S ({join_deadline_s:g}), "
+                                                     f"got {target_join_s:g}")
     return Settings(
         nats_url=_str(e, "NATS_URL", "nats://127.0.0.1:4222"),
         livekit_url=_str(e, "LIVEKIT_URL", "ws://127.0.0.1:7880"),
@@ -173,7 +185,9 @@ def load(env: dict[str, str] | None = None) -> Settings:
         max_concurrency=_num(e, "CROSSTALK_MAX_CONCURRENCY", 200, lo=1, hi=100_000, integer=True),
         dispatch_rate=_num(e, "CROSSTALK_DISPATCH_RATE", 20.0, lo=0.01, hi=10_000),
         max_joining=_num(e, "CROSSTALK_MAX_JOINING", 10, lo=1, hi=100_000, integer=True),
-        join_deadline_s=_num(e, "CROSSTALK_JOIN_DEADLINE_S", 60.0, lo=1, hi=3600),
+        join_deadline_s=join_deadline_s,
+        target_join_s=target_join_s,
+        target_reply_s=_num(e, "CROSSTALK_TARGET_REPLY_S", 30.0, lo=1, hi=3600),
         conversation_timeout_s=_num(e, "CROSSTALK_CONVERSATION_TIMEOUT_S", 900.0, lo=5, hi=86400),
         max_attempts=_num(e, "CROSSTALK_MAX_ATTEMPTS", 3, lo=1, hi=20, integer=True),
         room_empty_timeout_s=_num(e, "CROSSTALK_ROOM_EMPTY_TIMEOUT_S", 900, lo=10, hi=86400, integer=True),

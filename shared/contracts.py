@@ -38,6 +38,9 @@ Role = Literal["customer", "support"]
 HeardVia = Literal["stt", "speaker_text"]
 Mode = Literal["text", "voice"]
 ROLES: tuple[Role, Role] = ("customer", "support")
+# ``target_metadata`` is handed to the user's agent as its dispatch metadata: bounded, like any input.
+TARGET_METADATA_MAX_CHARS = 16384
+TargetMetadata = Annotated[str, msgspec.Meta(max_length=TARGET_METADATA_MAX_CHARS)]
 
 class Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=False, omit_defaults=False):
     pass
@@ -66,6 +69,9 @@ class StartBatch(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     scenarios: str | list[dict[str, Any]] | None = None
     # Each scenario runs this many times (pass^k is computed over them).
     trials: Annotated[int, msgspec.Meta(ge=1, le=1000)] | None = None
+    # The user's own agent (its registered agent name) takes the support role: services/dispatcher/target.py
+    target_agent: Token | None = None
+    target_metadata: TargetMetadata | None = None
 
 
 class BatchScenario(Struct, frozen=True, kw_only=True):
@@ -90,6 +96,8 @@ class BatchSpec(Struct, frozen=True, kw_only=True):
     scenarios: tuple[BatchScenario, ...] = ()
     trials: int = 1
     source: str | None = None  # the scenarios file it came from (relative path), None when inline
+    target_agent: str | None = None
+    target_metadata: str | None = None
 
 
 class BatchReply(Struct, frozen=True, kw_only=True):
@@ -256,6 +264,9 @@ class JobMetadata(Struct, frozen=True, kw_only=True):
     # worker builds the scenario from it instead of its own library.
     scenario_doc: dict[str, Any] | None = None
     trial: int | None = None
+    # set: this job is crosstalk's customer against the user's agent of that name (worker/simulator.py)
+    target_agent: Token | None = None
+    target_metadata: TargetMetadata | None = None  # handed on as the target's dispatch metadata
 
 
 class AgentJoined(Struct, frozen=True, kw_only=True, tag="agent_joined"):
@@ -303,6 +314,7 @@ class ConversationEnded(Struct, frozen=True, kw_only=True, tag="conversation_end
     role: Role | None = None
     at: float
     lease: int | None = None
+    target_identity: str | None = None  # the user's agent in the room (target_agent batches)
 
 
 class RecordingChannel(Struct, frozen=True, kw_only=True, tag="recording"):

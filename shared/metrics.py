@@ -38,6 +38,10 @@ REASONS = (
     "dispatch_error",
     "no_capacity",
     "lease_lost",
+    "target_no_show",
+    "target_silent",
+    "target_unresponsive",
+    "target_left",
     "other",
 )
 

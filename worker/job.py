@@ -26,7 +26,7 @@ from shared.log import kv
 from shared.metrics import WorkerMetrics
 from shared.scenario_files import ScenarioFileError
 from shared.scenarios import Scenario
-from worker import lease, recorder, session
+from worker import lease, recorder, session, simulator
 from worker.bridge import RoomBridge, peer_role
 from worker.conversation import Conversation
 from worker.reports import Reports
@@ -63,8 +63,11 @@ async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> No
         await bus.publish(js, subject, msg, msg_id=msg_id)
 
     try:
-        keeper = await lease.acquire(nc, RoleRequest(room=room, job_id=job_id, identity=ctx.local_participant_identity),
-                                     settings.lease_s)
+        # against a user's agent (target_agent) this job is the customer, as its own standard participant
+        request = (RoleRequest(room=room, job_id=job_id, identity=simulator.identity(job_id), prefer="customer")
+                   if meta.target_agent else
+                   RoleRequest(room=room, job_id=job_id, identity=ctx.local_participant_identity))
+        keeper = await lease.acquire(nc, request, settings.lease_s)
         if isinstance(keeper, str):
             log.info("role denied, leaving", extra=kv(job_id=job_id, room=room, reason=keeper))
             metrics.jobs.labels("denied").inc()
@@ -74,7 +77,10 @@ async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> No
         reports = Reports(publish, meta=meta, room=room, role=keeper.role, metrics=metrics, lease=keeper)
         async with keeper.kept():
             try:
-                await talk(ctx, settings, meta, scenario, reports, keeper, marks, js)
+                if meta.target_agent:
+                    await simulator.talk(ctx, settings, meta, scenario, reports, keeper, marks)
+                else:
+                    await talk(ctx, settings, meta, scenario, reports, keeper, marks, js)
             except Exception as exc:
                 log.exception("job failed", extra=kv(job_id=job_id, room=room))
                 metrics.jobs.labels("error").inc()

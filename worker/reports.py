@@ -74,11 +74,12 @@ class Reports:
             self.metrics.first_token.labels(self.role).observe(first_token_s)
         self.metrics.turn_seconds.labels(self.role).observe(ended_at - started_at)
 
-    async def ended(self, end: End, turns: int) -> None:
+    async def ended(self, end: End, turns: int, target_identity: str | None = None) -> None:
         m = self.meta
         await self.publish(self._subject("ended"), ConversationEnded(
             batch_id=m.batch_id, conversation_id=m.conversation_id, attempt=m.attempt, room=self.room,
-            reason=end.reason, ok=end.ok, turns=turns, role=self.role, at=time.time(), lease=self._token),
+            reason=end.reason, ok=end.ok, turns=turns, role=self.role, at=time.time(), lease=self._token,
+            target_identity=target_identity),
             msg_id=self._msg_id("ended"))
 
     async def failed(self, exc: BaseException) -> None:

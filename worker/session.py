@@ -87,8 +87,10 @@ class Session:
             await self.speech.close()
 
 
-async def start(ctx: JobContext, settings: Settings, meta: JobMetadata, role: Role, scenario: Scenario,
-                conv: Conversation, peer: rtc.RemoteParticipant) -> Session:
+def new_session(settings: Settings, meta: JobMetadata, conv: Conversation
+                ) -> tuple[AgentSession, openai.AsyncClient, openai.AsyncClient | None]:
+    """The job's ``AgentSession`` (text, or voice with STT/TTS on the speech service), its model
+    client and its speech client (voice), the assistant messages fed to ``conv``."""
     client = model_client(settings, f"{meta.batch_id}/{meta.conversation_id}/{meta.attempt}")
     voice = isinstance(conv, VoiceConversation)
     speech = speech_client(settings) if voice else None
@@ -126,6 +128,19 @@ async def start(ctx: JobContext, settings: Settings, meta: JobMetadata, role: Ro
     session.on("error", conv.on_error)  # a broken completion ends the call before its partial text is recorded
     if isinstance(conv, VoiceConversation):
         session.on("user_state_changed", conv.on_user_state)
+    return session, client, speech
+
+
+def text_session(settings: Settings, meta: JobMetadata, conv: Conversation) -> tuple[AgentSession, openai.AsyncClient]:
+    """A text-only ``AgentSession`` on the job's model client, its assistant messages fed to ``conv``."""
+    session, client, _ = new_session(settings, meta, conv)
+    return session, client
+
+
+async def start(ctx: JobContext, settings: Settings, meta: JobMetadata, role: Role, scenario: Scenario,
+                conv: Conversation, peer: rtc.RemoteParticipant) -> Session:
+    session, client, speech = new_session(settings, meta, conv)
+    voice = isinstance(conv, VoiceConversation)
     # what the agent says, on lk.transcription for anyone watching the room, a few chunks per
     # second instead of one data packet per token (worker/transcription.py)
     transcription = CoalescedTranscription(ctx.room)

@@ -33,6 +33,7 @@ from shared.contracts import (
 from shared.metrics import REASONS, reason_label
 
 from .state import BatchState, Conversation, conversation_id, room_name
+from .target import full_not_absent, our_sessions
 from .validate import Rejection
 
 # Consecutive liveness checks that must see fewer than two agents before an attempt is failed.
@@ -110,6 +111,8 @@ def settle_failed(state: BatchState, conv: Conversation, reason: str, now: float
     reason = normalize_reason(reason)
     if reason_label(reason) == "no_capacity":
         retry = conv.requeues < MAX_NO_CAPACITY_REQUEUES  # ours, not the conversation's: no attempt used
+    elif reason_label(reason).startswith("target_"):
+        retry = False  # the user's agent failed: that is the result this batch measures, not a fault to hide
     else:
         retry = conv.attempt - conv.requeues < settings.max_attempts
     return ConversationSettled(
@@ -135,17 +138,18 @@ def joining(state: BatchState) -> int:
 def reserved(states: Iterable[BatchState], capacity: Capacity) -> int:
     """Agent sessions admitted but not yet running on a live worker.
 
-    Every in-flight conversation holds two sessions; those the workers' heartbeats already show
-    in its room are counted in their ``free`` and are not reserved again. (A conversation whose
-    job ended but that is not settled yet is reserved again: conservative for a moment.)
+    Every in-flight conversation holds two sessions (one with a ``target_agent``: the other is the
+    user's agent, on its own worker); those the workers' heartbeats already show in its room are
+    counted in their ``free`` and are not reserved again. (A conversation whose job ended but that
+    is not settled yet is reserved again: conservative for a moment.)
     """
-    return sum(AGENTS_PER_ROOM - min(AGENTS_PER_ROOM, capacity.placed.get(s.convs[cid].room, 0))
+    return sum(our_sessions(s.spec) - min(our_sessions(s.spec), capacity.placed.get(s.convs[cid].room, 0))
                for s in states if s.running for cid in s.in_flight)
 
 
-def admissible(states: Iterable[BatchState], capacity: Capacity) -> int:
-    """Conversations the live workers can take on top of what is already admitted."""
-    return max(0, capacity.free - reserved(states, capacity)) // AGENTS_PER_ROOM
+def admissible(states: Iterable[BatchState], capacity: Capacity, sessions: int = AGENTS_PER_ROOM) -> int:
+    """Conversations of ``sessions`` agent sessions each the live workers can take on top of what is admitted."""
+    return max(0, capacity.free - reserved(states, capacity)) // sessions
 
 
 def queued(state: BatchState) -> int:
@@ -172,14 +176,14 @@ def plan_dispatch(states: Iterable[BatchState], global_cap: int, now: float,
     running = [s for s in states if s.running]
     if sum(len(s.in_flight) for s in running) >= global_cap:
         return None
-    if capacity is not None and admissible(running, capacity) < 1:
-        return None
     if max_joining is not None and sum(joining(s) for s in running) >= max_joining:
         return None
     eligible = [s for s in running if s.pending > 0 and len(s.in_flight) < s.spec.concurrency]
     if not eligible:
         return None
     state = min(eligible, key=lambda s: (len(s.in_flight), s.started_at, s.spec.batch_id))
+    if capacity is not None and admissible(running, capacity, our_sessions(state.spec)) < 1:
+        return None
     if state.retry_queue:
         cid = state.retry_queue[0]
         attempt = state.convs[cid].attempt + 1
@@ -215,7 +219,8 @@ def on_conversation_ended(state: BatchState, ev: ConversationEnded, now: float, 
         return [ConversationSettled(
             batch_id=state.spec.batch_id, conversation_id=conv.conversation_id, attempt=conv.attempt,
             outcome="completed", reason=normalize_reason(ev.reason), retry=False, turns=max(ev.turns, 0), at=now)]
-    return [replace(settle_failed(state, conv, ev.reason, now, settings), turns=max(ev.turns, 0))]
+    reason = full_not_absent(state, ev) or ev.reason
+    return [replace(settle_failed(state, conv, reason, now, settings), turns=max(ev.turns, 0))]
 
 
 def on_dispatch_failed(state: BatchState, msg: DispatchFailed, now: float, settings: Settings) -> list[BatchEvent]:

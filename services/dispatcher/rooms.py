@@ -25,14 +25,15 @@ from shared.contracts import ConversationDispatched, JobMetadata
 from shared.log import kv
 from shared.metrics import DispatcherMetrics
 
+from . import target
 from .core import DispatchFailed
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DISPATCHES_PER_ROOM = 2
 DEPARTURE_TIMEOUT_S = 20
+ATTR_SIMULATOR = "lk.simulator"  # livekit-agents' ATTRIBUTE_SIMULATOR
 
 
 def _transient(exc: BaseException) -> bool:
@@ -81,36 +82,35 @@ class Rooms:
         raise RuntimeError("unreachable")
 
     async def open(self, room: str, meta: JobMetadata) -> None:
-        """Create the room and its two dispatches (a fresh attempt)."""
-        body = contracts.encode(meta).decode()
-        await self._create_room(room, body)
-        await self._dispatches(room, body, known_missing=DISPATCHES_PER_ROOM)
+        """Create the room and its dispatches (a fresh attempt)."""
+        await self._create_room(room, contracts.encode(meta).decode())
+        await self._dispatches(room, meta, fresh=True)
 
     async def ensure(self, room: str, meta: JobMetadata) -> None:
         """Idempotent :meth:`open` for an attempt resumed after a restart: create only what is missing."""
-        body = contracts.encode(meta).decode()
-        await self._create_room(room, body)  # returns the existing room if there is one
-        await self._dispatches(room, body)
+        await self._create_room(room, contracts.encode(meta).decode())  # returns the existing room if there is one
+        await self._dispatches(room, meta, fresh=False)
 
-    async def _missing(self, room: str) -> int:
+    async def _missing(self, room: str, wanted: list[api.CreateAgentDispatchRequest]) -> list[api.CreateAgentDispatchRequest]:
         existing = await self._call("list_dispatch", lambda: self._api.agent_dispatch.list_dispatch(room))
-        return DISPATCHES_PER_ROOM - sum(1 for d in existing if d.agent_name == self._settings.agent_name)
+        return target.missing(wanted, (d.agent_name for d in existing))
 
-    async def _dispatches(self, room: str, metadata: str, *, known_missing: int | None = None) -> None:
-        """Create the room's missing dispatches.
+    async def _dispatches(self, room: str, meta: JobMetadata, *, fresh: bool) -> None:
+        """Create the room's missing dispatches (two of crosstalk's, or one customer against a target: target.py).
 
         A ``create_dispatch`` that failed in transit (timeout, reset, 5xx) may still have landed: it is
         never retried blindly (a second dispatch would put a third agent in the room); the room's
         dispatches are listed first and only what is really missing is created again.
         """
-        missing = known_missing
+        wanted = target.dispatches(room, meta, self._settings.agent_name)
+        missing: list[api.CreateAgentDispatchRequest] | None = list(wanted) if fresh else None
         for attempt in range(self._attempts):
             if missing is None:
-                missing = await self._missing(room)
+                missing = await self._missing(room, wanted)
             try:
-                for _ in range(missing):
-                    await self._dispatch(room, metadata)
-                    missing -= 1
+                while missing:
+                    await self._dispatch(missing[0])
+                    missing.pop(0)
                 return
             except Exception as exc:
                 if not _transient(exc) or attempt == self._attempts - 1:
@@ -123,8 +123,7 @@ class Rooms:
                                     departure_timeout=DEPARTURE_TIMEOUT_S, metadata=metadata)
         await self._call("create_room", lambda: self._api.room.create_room(req))
 
-    async def _dispatch(self, room: str, metadata: str) -> None:
-        req = api.CreateAgentDispatchRequest(agent_name=self._settings.agent_name, room=room, metadata=metadata)
+    async def _dispatch(self, req: api.CreateAgentDispatchRequest) -> None:
         # one try: a retry is decided by _dispatches after listing what landed
         await self._call("create_dispatch", lambda: self._api.agent_dispatch.create_dispatch(req), attempts=1)
 
@@ -136,7 +135,8 @@ class Rooms:
                 raise
 
     async def agent_count(self, room: str) -> int:
-        """Agent participants now in ``room`` (0 if the room is gone)."""
+        """Agent participants now in ``room`` (0 if the room is gone), crosstalk's simulated customer
+        included: a standard participant carrying ``lk.simulator`` (target batches, worker/simulator.py)."""
         try:
             res = await self._call("list_participants", lambda: self._api.room.list_participants(
                 api.ListParticipantsRequest(room=room)))
@@ -144,7 +144,8 @@ class Rooms:
             if _not_found(exc):
                 return 0
             raise
-        return sum(1 for p in res.participants if p.kind == api.ParticipantInfo.Kind.AGENT)
+        return sum(1 for p in res.participants
+                   if p.kind == api.ParticipantInfo.Kind.AGENT or ATTR_SIMULATOR in p.attributes)
 
     async def names(self) -> list[str]:
         res = await self._call("list_rooms", lambda: self._api.room.list_rooms(api.ListRoomsRequest()))

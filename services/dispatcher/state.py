@@ -62,6 +62,8 @@ def job_metadata(spec: BatchSpec, conv_id: str, attempt: int) -> JobMetadata:
         max_turns=max_turns,
         scenario_doc=doc,
         trial=slot.trial if spec.scenarios else None,
+        target_agent=spec.target_agent,
+        target_metadata=spec.target_metadata,
     )
 
 

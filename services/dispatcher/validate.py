@@ -19,8 +19,7 @@ from shared.config import Settings
 from shared.contracts import BatchSpec, ContractError, StartBatch
 from shared.scenarios import DEFAULT_SCENARIO, Scenario
 
-# Public batch.start fields that this version does not implement yet: refused by name.
-PLANNED_FIELDS = frozenset({"target_agent", "target_metadata"})
+TARGET_VOICE_UNAVAILABLE = "voice with target_agent is not supported yet"
 
 
 class Rejection(msgspec.Struct, frozen=True, kw_only=True):
@@ -76,6 +75,12 @@ def validate(
             return reject("scenario", f"unknown scenario {scenario_id!r}; known: {known}")
         chosen = [found]
     scenario = chosen[0]
+    if cmd.target_agent is not None:
+        problem = target_problem(cmd, settings)
+        if problem is not None:
+            return reject(*problem)
+    elif cmd.target_metadata is not None:
+        return reject("target_metadata", "is only used with target_agent (the agent it is handed to)")
     planned = cmd.scenarios is not None or cmd.trials is not None
     trials = cmd.trials or 1
     given = cmd.conversations if isinstance(cmd.conversations, int) else None
@@ -113,13 +118,23 @@ def validate(
         scenarios=carried,
         trials=trials,
         source=source,
+        target_agent=cmd.target_agent,
+        target_metadata=cmd.target_metadata,
     )
+
+
+def target_problem(cmd: StartBatch, settings: Settings) -> tuple[str, str] | None:
+    """``(field, reason)`` when a ``target_agent`` batch cannot run here (the name itself was decoded as a token)."""
+    if cmd.target_agent == settings.agent_name:
+        return "target_agent", (f"{cmd.target_agent!r} is crosstalk's own agent name (CROSSTALK_AGENT_NAME); "
+                                "name the agent your own worker registers")
+    if cmd.mode == "voice":
+        return "mode", TARGET_VOICE_UNAVAILABLE
+    return None
 
 
 def unknown_field_reason(name: str) -> str:
     """Why an unknown ``batch.start`` field is refused, with the field the user probably meant."""
-    if name in PLANNED_FIELDS:
-        return f"{name!r} is not supported by this version of crosstalk; nothing was started"
     known = StartBatch.__struct_fields__
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""

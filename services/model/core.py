@@ -10,7 +10,9 @@ line, where k is the number of assistant messages with text already in the reque
 ``end_conversation`` tool call when the request offers that tool; an exhausted script
 gets a short closing line and the same call. Once the request holds the result of an
 ``end_conversation`` call after the last assistant message, the reply is empty.
-Without a marker the reply is a short generic line, so a plain client still works.
+Without a marker (a user's own agent under test, or a plain client) the reply comes from the
+scripts themselves: the support line after the script line equal to the last user message
+(:mod:`.unmarked`); the generic line when no scenarios are given.
 
 The script comes from the line after the marker when there is one
 (``[crosstalk script] [{"text": ..., "end": ...}, ...]``, written by
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import msgspec
@@ -32,7 +34,7 @@ from shared.contracts import ROLES, Role
 from shared.openai_errors import RequestError, decode_json
 from shared.scenarios import END_TOOL, SCRIPT_PREFIX, Scenario, ScriptLine
 
-from . import judge
+from . import judge, unmarked
 
 MessageRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -198,13 +200,16 @@ def embedded_script(messages: list[Message], marker: Marker) -> list[ScriptLine]
     return None
 
 
-def plan_reply(req: ChatRequest, lookup: Callable[[str], Scenario | None]) -> Reply:
+def plan_reply(req: ChatRequest, lookup: Callable[[str], Scenario | None],
+               scripts: Callable[[], Iterable[Scenario]] | None = None) -> Reply:
     if req.offers(judge.VERDICT_TOOL):
         prompt = "\n".join(m.text() for m in req.messages if m.role == "user")
         return Reply("", True, "judge", judge.VERDICT_TOOL, judge.arguments(prompt))
     marker = find_marker(req.messages)
     if marker is None:
-        return Reply(GENERIC_REPLY, False, "none")
+        if scripts is None:
+            return Reply(GENERIC_REPLY, False, "none")
+        return Reply(*unmarked.plan(req.messages, req.offers(END_TOOL), scripts()))
     lines = embedded_script(req.messages, marker)
     if lines is None:
         scenario = lookup(marker.scenario)

@@ -77,6 +77,8 @@ class ModelServer:
         self.config = config
         self.metrics = metrics
         self.lookup = lookup
+        # prompts without crosstalk's marker (a user's own agent) are answered from every script
+        self.scripts = lambda: library().values()
         self._served: IO[bytes] | None = None
         if config.served_log is not None:
             config.served_log.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +115,7 @@ class ModelServer:
         started = loop.time()
         try:
             req = core.decode_request(await request.read())
-            reply = core.plan_reply(req, self.lookup)
+            reply = core.plan_reply(req, self.lookup, self.scripts)
         except core.RequestError as exc:
             log.warning("bad chat request", extra=kv(param=exc.param, reason=exc.reason))
             return _json(exc.body(), status=400)

@@ -143,7 +143,8 @@ CORPUS: list[tuple[bytes, str]] = [
     (b'{"language": "../x"}', "language"),
     (b'{"language": "hi"}', "language"),  # the default scenario's offline script is English
     (b'{"conversation": 200}', "conversation"),  # a typo is refused, not run as the default single conversation
-    (b'{"target_agent": "my-agent"}', "target_agent"),  # not in this version: refused by name
+    (b'{"target_agent": "my agent"}', "target_agent"),  # the user's agent name must be a token
+    (b'{"target_agent": "acme", "target_metadata": 5}', "target_metadata"),
 ]
 
 

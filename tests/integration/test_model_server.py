@@ -26,8 +26,9 @@ from livekit.agents import llm
 from livekit.plugins import openai as lk_openai
 from support.servers import free_port
 
-from services.model.core import CLOSING_LINES, GENERIC_REPLY
+from services.model.core import CLOSING_LINES
 from services.model.main import serve_in_background
+from services.model.unmarked import UNMATCHED_REPLY
 from shared.contracts import ROLES, Role
 from shared.scenarios import END_TOOL, get
 
@@ -127,16 +128,20 @@ async def test_livekit_llm_exhausted_script_closes_with_the_end_call(base_url: s
     assert no_tool.text == CLOSING_LINES["hi"] and no_tool.calls == []
 
 
-async def test_livekit_llm_without_a_marker_gets_a_generic_reply(base_url: str) -> None:
-    ctx = llm.ChatContext.empty()
-    ctx.add_message(role="system", content="You are a helpful assistant.")
-    ctx.add_message(role="user", content="Hi there")
+async def test_livekit_llm_without_a_marker_is_answered_from_the_scripts(base_url: str) -> None:
+    """A user's own agent (target_agent) has its own prompt: it gets the support line that follows
+    the script line it was just told, or a fixed line when its last user message is in no script."""
+    script = get("hi-account-help").script
     model = lk_openai.LLM(model=MODEL, base_url=base_url, api_key=KEY)
     try:
-        said = await ask(model, ctx, [end_conversation])
+        for user, expected in (("Hi there", UNMATCHED_REPLY), (script[0].text, script[1].text)):
+            ctx = llm.ChatContext.empty()
+            ctx.add_message(role="system", content="You are a helpful assistant.")
+            ctx.add_message(role="user", content=user)
+            said = await ask(model, ctx, [end_conversation])
+            assert said.text == expected and said.calls == []
     finally:
         await model.aclose()
-    assert said.text == GENERIC_REPLY and said.calls == []
 
 
 async def test_time_to_first_token_and_rate_are_respected() -> None:

@@ -122,8 +122,15 @@ def test_a_generated_batch_id_is_deterministic_per_stored_command() -> None:
     (b'{"conversation": 200}', "conversation", "did you mean 'conversations'?"),
     (b'{"concurency": 5}', "concurency", "did you mean 'concurrency'?"),
     (b'{"zzz": 1}', "zzz", "known fields: batch_id, conversations"),
-    (b'{"target_agent": "my-agent"}', "target_agent", "not supported by this version"),
     (b'{"trials": 3, "conversations": 2}', "conversations", "contradicts scenarios x trials = 1 x 3 = 3"),
+    # the user's own agent: a token, not crosstalk's own name, metadata bounded and only with a target
+    (b'{"target_agent": "my.agent"}', "target_agent", "[A-Za-z0-9_-]"),
+    (b'{"target_agent": ""}', "target_agent", "[A-Za-z0-9_-]"),
+    (b'{"target_agent": 7}', "target_agent", "Expected `str"),
+    (b'{"target_agent": "crosstalk"}', "target_agent", "crosstalk's own agent name"),
+    (b'{"target_agent": "acme", "target_metadata": "' + b"x" * 16385 + b'"}', "target_metadata", "16384"),
+    (b'{"target_metadata": "{}"}', "target_metadata", "only used with target_agent"),
+    (b'{"target_agent": "acme", "mode": "voice"}', "mode", "voice with target_agent is not supported yet"),
     # a value out of range, of the wrong kind, or no JSON object at all
     (b'{"conversations": 1001}', "conversations", "at most 1000"),
     (b'{"conversations": 0}', "conversations", ">= 1"),

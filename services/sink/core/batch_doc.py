@@ -43,6 +43,7 @@ class ConversationEntry(msgspec.Struct, frozen=True, kw_only=True):
     attempts: int = 0
     turns: int = 0
     ended: str | None = None  # how its latest attempt ended (ConversationEnded.reason)
+    target_identity: str | None = None  # target_agent batches: the user's agent in the latest attempt's room
     conflicts: int = 0  # turn events kept out: an index already stored, with a different text
     # Room audit (livekit-server's webhooks joined with the allocator's grants; see audit.py).
     participants: list[audit.Participant] = []
@@ -68,6 +69,7 @@ class BatchDoc(msgspec.Struct, frozen=True, kw_only=True):
     language: str | None = None
     max_turns: int | None = None
     mode: str | None = None
+    target_agent: str | None = None  # the user's agent under test (batch.start target_agent)
     conversations: dict[str, ConversationEntry] = {}
     voice: VoiceSummary | None = None  # voice mode: over the recorded conversations
 
@@ -107,7 +109,7 @@ def evolve(doc: BatchDoc, event: BatchDocEvent) -> BatchDoc:
     if isinstance(event, BatchAccepted):
         spec = event.spec
         return _copied(
-            doc, spec, ("concurrency", "scenario", "language", "max_turns", "mode"),
+            doc, spec, ("concurrency", "scenario", "language", "max_turns", "mode", "target_agent"),
             requested=spec.conversations if doc.status == "running" else doc.requested,
             started_at=doc.started_at if doc.started_at is not None else event.at,
         )
@@ -142,8 +144,10 @@ def _entry(
     if isinstance(event, ConversationDispatched):
         return msgspec.structs.replace(old, attempts=attempts)
     if isinstance(event, ConversationEnded):
-        ended = event.reason if event.attempt >= old.attempts else old.ended
-        return msgspec.structs.replace(old, attempts=attempts, ended=ended)
+        latest = event.attempt >= old.attempts
+        ended = event.reason if latest else old.ended
+        target = event.target_identity if latest and event.target_identity else old.target_identity
+        return msgspec.structs.replace(old, attempts=attempts, ended=ended, target_identity=target)
     if event.retry:  # not the final word: another attempt follows
         return msgspec.structs.replace(old, attempts=attempts)
     if old.outcome is not None and event.attempt < old.attempts:

@@ -1,0 +1,230 @@
+"""crosstalk's customer against a user's own agent: examples/target_agent run as its own worker process.
+
+Everything is real (nats-server, livekit-server, every crosstalk service under `just up`, the
+example agent as a separate livekit-agents worker, registered under its own agent name); only
+the target's LLM is crosstalk's scripted model, as no paid API is reachable here (the example
+points its livekit-plugins-openai client at it through OPENAI_BASE_URL, as any user could).
+What the target saw and said is read from the target's own log (ACME_JOB_LOG), never from
+crosstalk's events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from stack import running_stack
+from support.target import Target
+from test_batch import read_audit, read_batch, read_turns, wait_finished
+
+from shared import contracts, subjects
+from shared.contracts import BatchReply
+from shared.rooms import room_name
+
+pytestmark = pytest.mark.e2e
+
+USERDATA = {"account_id": "ACME-4417", "holder": "राज शर्मा", "plan": {"tier": "gold", "since": 2019}}
+SCENARIO = {
+    "id": "acme-locked-out",
+    "title": "Locked out, account on file",
+    "language": "en",
+    "label": "locked-out caller with an account on file",
+    "agent_expectations": "verifies the caller before unlocking",
+    "tags": {"suite": "target-e2e"},
+    "userdata": USERDATA,
+    "roles": {
+        "customer": {"name": "Raj", "persona": "You are Raj, a busy bank customer.", "goal": "Get back into your account."},
+        "support": {"name": "Acme", "persona": "You are Acme support.", "goal": "Unlock the account safely."},
+    },
+    "script": [
+        {"role": "customer", "text": "Hello, I am locked out of my account since this morning."},
+        {"role": "support", "text": "I can help with that. Could you confirm your registered mobile number?"},
+        {"role": "customer", "text": "It ends in 4417. मेरा नाम राज शर्मा है।"},
+        {"role": "support", "text": "Thank you, you are verified. I have unlocked the account."},
+        {"role": "customer", "text": "Great, I can log in again. Thanks!"},
+        {"role": "support", "text": "Glad to help. Have a good day!", "end": True},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    tmp = tmp_path_factory.mktemp("target")
+    scenarios = tmp / "scenarios"
+    scenarios.mkdir()
+    (scenarios / "acme-locked-out.json").write_text(json.dumps(SCENARIO, ensure_ascii=False), encoding="utf-8")
+    with running_stack(tmp, CROSSTALK_MODEL_TTFT_MS="20", CROSSTALK_MODEL_TOKENS_PER_S="2000",
+                       CROSSTALK_JOIN_DEADLINE_S="40", CROSSTALK_TARGET_JOIN_S="12", CROSSTALK_TARGET_REPLY_S="8",
+                       CROSSTALK_SCENARIO_DIR=str(scenarios),
+                       CROSSTALK_MODEL_SERVED_LOG=str(tmp / "served.jsonl")) as s:
+        yield s
+
+
+@pytest.fixture
+def target(stack: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Target]:
+    name, knobs = getattr(request, "param", ("acme-support", {}))
+    t = Target(stack, tmp_path, name, **knobs)
+    yield t
+    t.stop()
+    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+        print(f"----- {name} (last lines)", t.out.read_text(errors="replace")[-4000:], sep="\n")
+
+
+async def start(stack: Any, body: dict[str, Any]) -> BatchReply:
+    nc = await nats.connect(stack.nats_url)
+    try:
+        msg = await nc.request(subjects.BATCH_START, json.dumps(body).encode(), timeout=15)
+        return contracts.decode(msg.data, BatchReply)
+    finally:
+        await nc.drain()
+
+
+async def run_batch(stack: Any, body: dict[str, Any], timeout: float = 240) -> dict[str, Any]:
+    reply = await start(stack, body)
+    assert reply.accepted, reply
+    nc = await nats.connect(stack.nats_url)
+    try:
+        await wait_finished(nc.jetstream(), body["batch_id"], timeout=timeout)
+    finally:
+        await nc.drain()
+    return read_batch(stack, body["batch_id"])
+
+
+async def test_a_batch_of_10_against_the_example_agent(stack: Any, target: Target) -> None:
+    bid = f"tgt-{int(time.time())}"
+    started = time.time()
+    batch = await run_batch(stack, {"batch_id": bid, "conversations": 10, "concurrency": 10,
+                                    "scenario": "acme-locked-out", "max_turns": 8, "target_agent": "acme-support",
+                                    "target_metadata": '{"tenant": "acme-eu"}'})
+    assert (batch["status"], batch["completed"], batch["failed"]) == ("completed", 10, 0), batch
+    assert batch["target_agent"] == "acme-support"
+    jobs = {e["room"]: e for e in target.events("job")}
+    replies: dict[str, list[str]] = {}
+    for e in target.events("reply"):
+        replies.setdefault(e["room"], []).append(e["text"])
+    for cid, conv in batch["conversations"].items():
+        room = room_name(cid, conv["attempts"])
+        turns = read_turns(stack, bid, cid)
+        assert [t["turn"] for t in turns] == list(range(len(turns))) and len(turns) >= 4, turns
+        assert [t["role"] for t in turns] == ["customer", "support"] * (len(turns) // 2) + ["customer"] * (len(turns) % 2)
+        # the target's words, exactly as the target itself says it published them, in order
+        said = [t["text"] for t in turns if t["role"] == "support"]
+        assert said == replies[room][:len(said)], (said, replies.get(room))
+        assert any("मेरा नाम राज शर्मा है।" in t["text"] for t in turns)  # Devanagari byte-exact both ways
+        for a, b in zip(turns, turns[1:], strict=False):
+            assert started <= a["started_at"] <= a["ended_at"] <= b["ended_at"]
+        # the scenario reached the target through simulation_context(), as the target logged it
+        sim = jobs[room]["simulation"]
+        assert sim["userdata"] == USERDATA and sim["run_id"] == bid and sim["label"] == SCENARIO["label"]
+        assert sim["mode"] == 1 and sim["tags"] == SCENARIO["tags"]  # SIMULATION_MODE_TEXT
+        assert jobs[room]["metadata"] == '{"tenant": "acme-eu"}'
+        identity = {e["identity"] for e in target.events("reply") if e["room"] == room}
+        assert conv["target_identity"] in identity, (conv["target_identity"], identity)
+    # the room audit from livekit-server's webhooks: one customer, one support (the target's), no violation
+    assert b"ignoring text input" not in target.out.read_bytes()  # every customer message reached the target
+    audited = read_audit(stack, bid)
+    for conv in audited["conversations"].values():
+        assert conv["violations"] == [], conv["violations"]
+        holders = {g["role"]: g["identity"] for g in conv["grants"]}
+        assert holders["support"] == conv["target_identity"] and holders["customer"].startswith("sim-")
+        kinds = {p["identity"]: p["kind"] for p in conv["participants"]}
+        assert kinds[conv["target_identity"]] == "agent" and kinds[holders["customer"]] == "standard"
+
+
+GREETING = "Welcome to Acme Bank! एक्मे बैंक में आपका स्वागत है।"
+
+
+@pytest.mark.parametrize("target", [("acme-greets", {"ACME_GREETING": GREETING})], indirect=True, ids=["greets"])
+async def test_a_target_that_greets_first_is_heard_out_and_never_misattributed(stack: Any, target: Target) -> None:
+    bid = f"tgt-greet-{int(time.time())}"
+    batch = await run_batch(stack, {"batch_id": bid, "conversations": 3, "concurrency": 3,
+                                    "scenario": "acme-locked-out", "max_turns": 6, "target_agent": target.name})
+    assert (batch["status"], batch["completed"]) == ("completed", 3), batch
+    replies: dict[str, list[str]] = {}
+    for e in target.events("reply"):
+        replies.setdefault(e["room"], []).append(e["text"])
+    for cid, conv in batch["conversations"].items():
+        turns = read_turns(stack, bid, cid)
+        assert [t["role"] for t in turns] == ["customer", "support"] * 3
+        said = [t["text"] for t in turns if t["role"] == "support"]
+        room = replies[room_name(cid, conv["attempts"])]
+        assert room[0] == GREETING and said == room[1:4]  # the greeting first, then one answer per turn
+        assert said == [line["text"] for line in SCENARIO["script"] if line["role"] == "support"]
+
+
+FAILURES = [
+    ("acme-silent", {"ACME_NEVER_SPEAK": "1"}, "target_silent"),
+    ("acme-stops", {"ACME_STOP_AFTER": "1"}, "target_unresponsive"),
+    ("acme-leaves", {"ACME_LEAVE_AFTER": "1"}, "target_left"),
+]
+
+
+@pytest.mark.parametrize(("target", "reason"), [((n, k), r) for n, k, r in FAILURES], indirect=["target"],
+                         ids=[r for _, _, r in FAILURES])
+async def test_a_misbehaving_target_fails_with_its_named_reason_and_the_batch_goes_on(
+        stack: Any, target: Target, reason: str) -> None:
+    bid = f"tgt-{reason.replace('_', '-')}-{int(time.time())}"
+    batch = await run_batch(stack, {"batch_id": bid, "conversations": 2, "concurrency": 2,
+                                    "scenario": "acme-locked-out", "target_agent": target.name}, timeout=120)
+    assert (batch["status"], batch["completed"], batch["failed"]) == ("failed", 0, 2), batch
+    for conv in batch["conversations"].values():
+        assert conv["reason"].startswith(reason), conv["reason"]
+        assert conv["attempts"] == 1  # the target's failure is the result, not retried
+    assert len({e["room"] for e in target.events("job")}) == 2, "the target got its jobs"
+    # what the target itself logged: it heard the customer, and misbehaved as asked
+    assert b"ignoring text input" not in target.out.read_bytes()
+    replies = target.events("reply")
+    expected = {"target_silent": 0, "target_unresponsive": 2, "target_left": 2}[reason]
+    assert len(replies) == expected, replies
+    if reason == "target_left":
+        assert len(target.events("leaving")) == 2
+    if reason == "target_unresponsive":  # the one answer is in each transcript, then nothing
+        for cid in batch["conversations"]:
+            assert [t["role"] for t in read_turns(stack, bid, cid)] == ["customer", "support", "customer"]
+
+
+@pytest.mark.parametrize("target", [("acme-one-at-a-time", {"ACME_MAX_JOBS": "1"})], indirect=True, ids=["max1"])
+async def test_a_target_that_reports_full_is_waited_for_never_overloaded(stack: Any, target: Target) -> None:
+    """A target worker full at one call, a batch of 3 at concurrency 3: livekit-server places no job
+    beyond the load the worker reports; those attempts are re-queued as no_capacity (the target served
+    the batch: full, not absent), and every conversation completes, one call at a time."""
+    bid = f"tgt-full-{int(time.time())}"
+    batch = await run_batch(stack, {"batch_id": bid, "conversations": 3, "concurrency": 3,
+                                    "scenario": "acme-locked-out", "max_turns": 4, "target_agent": target.name},
+                            timeout=300)
+    assert (batch["status"], batch["completed"]) == ("completed", 3), batch
+    assert sum(c["attempts"] for c in batch["conversations"].values()) > 3  # some waited for a free slot
+    # the target's own record: never two calls at once
+    spans = sorted((s["at"], e["at"]) for s, e in zip(
+        sorted(target.events("job"), key=lambda e: e["job_id"]),
+        sorted(target.events("ended"), key=lambda e: e["job_id"]), strict=True))
+    assert len(spans) == 3
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
+
+
+async def test_a_target_without_a_worker_is_a_no_show_named_within_the_deadline(stack: Any) -> None:
+    bid = f"tgt-noshow-{int(time.time())}"
+    started = time.monotonic()
+    batch = await run_batch(stack, {"batch_id": bid, "conversations": 3, "concurrency": 3,
+                                    "scenario": "acme-locked-out", "target_agent": "nobody-registered"}, timeout=120)
+    assert (batch["status"], batch["failed"]) == ("failed", 3), batch
+    for conv in batch["conversations"].values():
+        assert conv["reason"].startswith("target_no_show: agent 'nobody-registered' did not join"), conv["reason"]
+        assert "CROSSTALK_TARGET_JOIN_S" in conv["reason"]
+    assert time.monotonic() - started < 60  # one deadline (12 s) and a margin, not a hang
+
+
+async def test_bad_target_fields_are_rejected_naming_the_field(stack: Any) -> None:
+    for body, field in [({"target_agent": "acme support"}, "target_agent"),
+                        ({"target_agent": "acme", "target_metadata": "x" * 20000}, "target_metadata"),
+                        ({"target_agent": "acme", "mode": "voice"}, "mode"),
+                        ({"target_metadata": "{}"}, "target_metadata")]:
+        reply = await start(stack, body)
+        assert not reply.accepted and reply.field == field, (body, reply)
+    await asyncio.sleep(0)
