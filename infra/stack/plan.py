@@ -73,7 +73,10 @@ def plan(cfg: Config) -> Plan:
         "CROSSTALK_DATA_DIR": str(cfg.data_dir),
         **({"CROSSTALK_STREAM_REPLICAS": os.environ.get("CROSSTALK_STREAM_REPLICAS") or "3"} if cfg.nats_nodes else {}),
         "CROSSTALK_MODEL_PORT": str(cfg.model_port),
-        "CROSSTALK_MODEL_URL": f"http://{h}:{cfg.model_port}/v1",
+        # this stack's model, or (a host running only workers: CROSSTALK_SERVICES) the one configured
+        "CROSSTALK_MODEL_URL": f"http://{h}:{cfg.model_port}/v1" if cfg.wanted("model") or "CROSSTALK_MODEL_URL"
+        not in os.environ else cfg.settings.model_base_url,
+        "CROSSTALK_MODEL_HOST": h,  # the model listens where its URL says
         "CROSSTALK_METRICS_HOST": h,
         "PYTHONUNBUFFERED": "1",
     }
