@@ -8,7 +8,8 @@ served, the time on the client's clock, the CPU from the process's own counters 
 from what it transcribed against the text that was spoken. The service's own engine-only RTF
 (its /metrics histogram) is reported beside, to show what HTTP, resampling and encoding add.
 RTF = seconds of compute (wall) per second of audio: below 1 is faster than real time.
-Writes benchmarks/results/speech.json.
+Recognition runs on two services side by side, clip by clip: Whisper's encoder window fitted to
+the clip (the default) and its full 30-s window. Writes benchmarks/results/speech.json.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import asyncio
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +33,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 from support.harness import Procs
 
+from benchmarks.bench_batch import machine
 from shared.wer import corpus_wer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,44 +120,76 @@ async def ttfa_pcm(client: openai.AsyncOpenAI, text: str) -> tuple[float, float]
     return first or 0.0, time.perf_counter() - t0
 
 
-async def stt_run(client: openai.AsyncOpenAI, clips: list[bytes], texts: list[str]) -> dict[str, Any]:
-    walls, audio, pairs = [], [], []
+async def stt_run(clients: dict[str, openai.AsyncOpenAI], clips: list[bytes], texts: list[str]) -> dict[str, Any]:
+    """Each clip to every service in turn (one per Whisper window mode), so machine load that comes
+    and goes falls on both alike."""
+    walls: dict[str, list[float]] = {k: [] for k in clients}
+    pairs: dict[str, list[tuple[str, str]]] = {k: [] for k in clients}
+    audio = [wav_seconds(c) for c in clips]
     for clip, text in zip(clips, texts, strict=True):
-        t0 = time.perf_counter()
-        tr = await client.audio.transcriptions.create(file=("a.wav", clip, "audio/wav"), model="whisper-1",
-                                                      language="en")
-        walls.append(time.perf_counter() - t0)
-        audio.append(wav_seconds(clip))
-        pairs.append((text, tr.text))
-    return {"requests": len(clips), "audio_s": round(sum(audio), 3),
-            "request_rtf": stats([w / a for w, a in zip(walls, audio, strict=True)]),
-            "wer": round(corpus_wer(pairs), 4),
-            "worst": max(pairs, key=lambda p: corpus_wer([p]))}
+        for window, client in clients.items():
+            t0 = time.perf_counter()
+            tr = await client.audio.transcriptions.create(file=("a.wav", clip, "audio/wav"), model="whisper-1",
+                                                          language="en")
+            walls[window].append(time.perf_counter() - t0)
+            pairs[window].append((text, tr.text))
+    return {window: {"requests": len(clips), "audio_s": round(sum(audio), 3),
+                     "request_rtf": stats([w / a for w, a in zip(walls[window], audio, strict=True)]),
+                     "wer": round(corpus_wer(pairs[window]), 4),
+                     "worst": max(pairs[window], key=lambda p: corpus_wer([p]))}
+            for window in clients}
 
 
-async def bench(url: str, proc: psutil.Process, metrics_url: str, rounds: int, concurrency: int) -> dict[str, Any]:
-    client = openai.AsyncOpenAI(base_url=url, api_key="crosstalk-offline", max_retries=0, timeout=600)
+def _client(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=url, api_key="crosstalk-offline", max_retries=0, timeout=600)
+
+
+def cpu_s(proc: psutil.Process) -> float:
+    """The service's CPU seconds so far, with its finished children's (each espeak-ng run)."""
+    t = proc.cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+async def bench(url: str, full_window_url: str, proc: psutil.Process, full_proc: psutil.Process, metrics_url: str,
+                rounds: int, concurrency: int) -> dict[str, Any]:
+    client = _client(url)
     out: dict[str, Any] = {"tts": [], "stt": {}}
-    cpu0 = proc.cpu_times()
+    cpu0 = cpu_s(proc)
     clips: dict[str, list[bytes]] = {}
     for voice, texts in (("en-joe", ENGLISH), ("en-espeak", ENGLISH), ("hi-espeak", HINDI)):
         for conc in (1, concurrency):
+            before = cpu_s(proc)
             run = await tts_run(client, voice, texts * rounds, conc)
+            # CPU, not wall: the cost whatever else the machine runs (the service's own counters)
+            run["cpu_s_per_audio_s"] = round((cpu_s(proc) - before) / run["audio_s"], 4)
             if conc == 1:
                 clips[voice] = run["audio"][:len(texts)]
             del run["audio"]
             out["tts"].append(run)
             print(f"tts {voice} x{conc}: request RTF {run['request_rtf']['mean']}, "
-                  f"{run['throughput_audio_s_per_s']} audio s/s", flush=True)
+                  f"{run['throughput_audio_s_per_s']} audio s/s, {run['cpu_s_per_audio_s']} CPU-s per audio-s",
+                  flush=True)
+    full = _client(full_window_url)
+    stt_cpu0 = {"adaptive": cpu_s(proc), "full": cpu_s(full_proc)}
+    stt_audio = 0.0
     for voice in ("en-joe", "en-espeak"):
-        run = await stt_run(client, clips[voice], ENGLISH)
-        out["stt"][f"on_{voice}"] = run
-        print(f"stt on {voice}: request RTF {run['request_rtf']['mean']}, WER {run['wer']}", flush=True)
+        runs = await stt_run({"adaptive": client, "full": full}, clips[voice], ENGLISH)
+        out["stt"][f"on_{voice}"] = runs["adaptive"]
+        out["stt"][f"on_{voice}_full_30s_window"] = runs["full"]
+        for window, run in runs.items():
+            print(f"stt on {voice} ({window} window): request RTF {run['request_rtf']['mean']}, WER {run['wer']}",
+                  flush=True)
+        stt_audio += runs["adaptive"]["audio_s"]
+    # CPU, not wall: what recognition costs whatever else the machine runs (the service's own counters)
+    out["stt"]["cpu_s_per_audio_s"] = {
+        "adaptive": round((cpu_s(proc) - stt_cpu0["adaptive"]) / stt_audio, 4),
+        "full_30s_window": round((cpu_s(full_proc) - stt_cpu0["full"]) / stt_audio, 4)}
+    print(f"stt CPU-s per audio-s: {out['stt']['cpu_s_per_audio_s']}", flush=True)
+    await full.close()
     firsts = [await ttfa_pcm(client, " ".join(ENGLISH[:3])) for _ in range(3)]
     out["pcm_stream_en_joe_3_sentences"] = {"first_audio_s": stats([f for f, _ in firsts]),
                                             "total_s": stats([t for _, t in firsts])}
-    cpu1 = proc.cpu_times()
-    out["service_cpu_s"] = round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 2)
+    out["service_cpu_s"] = round(cpu_s(proc) - cpu0, 2)
     out["service_engine_rtf_mean"] = engine_rtf(metrics_url)
     out["service_rss_mb"] = round(proc.memory_info().rss / 2**20, 1)
     await client.close()
@@ -179,8 +212,11 @@ def main(argv: list[str] | None = None) -> None:
         try:
             svc = procs.speech(CROSSTALK_SPEECH_WORKERS=str(args.workers))
             startup = time.perf_counter() - t0
-            assert svc.popen is not None
-            report = asyncio.run(bench(svc.info["url"], psutil.Process(svc.popen.pid),
+            # the same service with Whisper's full 30-s window, for the STT comparison only
+            full = procs.speech(CROSSTALK_SPEECH_WORKERS=str(args.workers), CROSSTALK_SPEECH_STT_WINDOW="full")
+            assert svc.popen is not None and full.popen is not None
+            report = asyncio.run(bench(svc.info["url"], full.info["url"], psutil.Process(svc.popen.pid),
+                                       psutil.Process(full.popen.pid),
                                        f"http://127.0.0.1:{svc.metrics_port}/metrics", args.rounds, args.concurrency))
         except BaseException:
             print(procs.logs(), file=sys.stderr)
@@ -189,12 +225,10 @@ def main(argv: list[str] | None = None) -> None:
             procs.stop_all()
     report = {
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "cpu_model": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                                       if ln.startswith("model name")), "?"),
-                    "loadavg_1m_before": round(load_before[0], 2), "loadavg_1m_after": round(os.getloadavg()[0], 2),
+        "machine": {**machine(), "loadavg_1m_before": round(load_before[0], 2), "loadavg_1m_after": round(os.getloadavg()[0], 2),
                     "note": "2 cores shared with other work while this ran: see the load averages"},
         "service": {"workers": args.workers, "tts_threads": 1, "stt_threads": 1, "stt_beam_size": 1,
+                    "stt_window": "adaptive (the clip + 1 s, at least 10 s; *_full_30s_window: a second service, 30 s)",
                     "startup_s": round(startup, 2)},
         **report,
     }

@@ -96,12 +96,16 @@ class Settings:
     # CROSSTALK_SPEECH=auto (default: real when OPENAI_API_KEY / OPENAI_BASE_URL are set, as the model)
     # | offline (always services/speech at CROSSTALK_SPEECH_URL) | real (that provider's speech models)
     real_speech: bool = False
+    # the model names the agents' TTS and STT ask for (offline: the service's own; real: OpenAI's)
+    speech_tts_model: str = "crosstalk-tts"
+    speech_stt_model: str = "whisper-tiny.en"
     speech_host: str = "127.0.0.1"
     speech_port: int = 8090
     speech_workers: int = 2  # synthesis/recognition jobs at once (a bounded thread pool)
     speech_tts_threads: int = 1  # onnxruntime intra-op threads per Piper synthesis
     speech_stt_threads: int = 1  # ctranslate2 threads per Whisper recognition
     speech_stt_beam_size: int = 1  # Whisper beam size (1 = greedy: fastest; 5 = OpenAI's default)
+    speech_stt_window: str = "adaptive"  # Whisper's encoder window: fitted to the clip ("adaptive") or 30 s ("full")
     speech_max_input_chars: int = 4096  # OpenAI's limit for /v1/audio/speech input
     speech_max_upload_mb: float = 25.0  # OpenAI's limit for /v1/audio/transcriptions files
     # livekit-server webhook receiver (services/webhook)
@@ -110,13 +114,9 @@ class Settings:
     # observability
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0  # 0: pick per process default (see shared.metrics)
-    # voice mode (worker/voice.py): the models asked of the speech API (the offline service accepts
-    # these OpenAI names; a real provider gets its own defaults) and the end of a speaker's turn:
-    # this much silence after its speech (Silero VAD)
-    voice_stt_model: str = "whisper-1"
-    voice_tts_model: str = "tts-1"
-    # 0.35 s: the speaker's end-of-turn message guards against a pause inside a turn (Silero's own
-    # default, 0.55 s, is tuned for people)
+    # voice mode (worker/voice.py): the end of a speaker's turn, this much silence after its speech
+    # (Silero VAD); 0.35 s: the speaker's end-of-turn message guards against a pause inside a turn
+    # (Silero's own default, 0.55 s, is tuned for people)
     vad_min_silence_s: float = 0.35
 
     def __str__(self) -> str:  # safe to log
@@ -150,6 +150,9 @@ def load(env: dict[str, str] | None = None) -> Settings:
     if speech_mode == "real" and not real_model:
         raise ConfigError("CROSSTALK_SPEECH", "'real' needs OPENAI_API_KEY or OPENAI_BASE_URL")
     real_speech = speech_mode == "real" or (speech_mode == "auto" and real_model)
+    stt_window = _str(e, "CROSSTALK_SPEECH_STT_WINDOW", "adaptive")
+    if stt_window not in ("adaptive", "full"):
+        raise ConfigError("CROSSTALK_SPEECH_STT_WINDOW", f"must be 'adaptive' or 'full', got {stt_window!r}")
     return Settings(
         nats_url=_str(e, "NATS_URL", "nats://127.0.0.1:4222"),
         livekit_url=_str(e, "LIVEKIT_URL", "ws://127.0.0.1:7880"),
@@ -193,12 +196,16 @@ def load(env: dict[str, str] | None = None) -> Settings:
         ),
         speech_api_key=(e.get("OPENAI_API_KEY") or "crosstalk-offline") if real_speech else "crosstalk-offline",
         real_speech=real_speech,
+        speech_tts_model=_str(e, "CROSSTALK_TTS_MODEL", "gpt-4o-mini-tts" if real_speech else "crosstalk-tts"),
+        speech_stt_model=_str(e, "CROSSTALK_STT_MODEL",
+                              "gpt-4o-mini-transcribe" if real_speech else "whisper-tiny.en"),
         speech_host=_str(e, "CROSSTALK_SPEECH_HOST", "127.0.0.1"),
         speech_port=_num(e, "CROSSTALK_SPEECH_PORT", 8090, lo=1, hi=65535, integer=True),
         speech_workers=_num(e, "CROSSTALK_SPEECH_WORKERS", 2, lo=1, hi=64, integer=True),
         speech_tts_threads=_num(e, "CROSSTALK_SPEECH_TTS_THREADS", 1, lo=1, hi=64, integer=True),
         speech_stt_threads=_num(e, "CROSSTALK_SPEECH_STT_THREADS", 1, lo=1, hi=64, integer=True),
         speech_stt_beam_size=_num(e, "CROSSTALK_SPEECH_STT_BEAM_SIZE", 1, lo=1, hi=10, integer=True),
+        speech_stt_window=stt_window,
         speech_max_input_chars=_num(e, "CROSSTALK_SPEECH_MAX_INPUT_CHARS", 4096, lo=1, hi=1_000_000, integer=True),
         speech_max_upload_mb=_num(e, "CROSSTALK_SPEECH_MAX_UPLOAD_MB", 25.0, lo=0.01, hi=1024),
         webhook_host=_str(e, "CROSSTALK_WEBHOOK_HOST", "127.0.0.1"),
@@ -206,8 +213,6 @@ def load(env: dict[str, str] | None = None) -> Settings:
         metrics_host=_str(e, "CROSSTALK_METRICS_HOST", "127.0.0.1"),
         metrics_port=_num(e, "CROSSTALK_METRICS_PORT", 0, lo=0, hi=65535, integer=True),
         real_model=real_model,
-        voice_stt_model=_str(e, "CROSSTALK_STT_MODEL", "gpt-4o-mini-transcribe" if real_speech else "whisper-1"),
-        voice_tts_model=_str(e, "CROSSTALK_TTS_MODEL", "gpt-4o-mini-tts" if real_speech else "tts-1"),
         vad_min_silence_s=_num(e, "CROSSTALK_VAD_MIN_SILENCE_S", 0.35, lo=0.05, hi=10),
         model_served_log=_path(e, "CROSSTALK_MODEL_SERVED_LOG"),
     )

@@ -269,7 +269,7 @@ class SpeechMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.requests = Counter(
             "crosstalk_speech_requests_total", "speech API requests by endpoint and outcome",
-            ["endpoint", "outcome"], registry=registry)  # outcome: ok|bad_request|error
+            ["endpoint", "outcome"], registry=registry)  # outcome: ok|bad_request|error|aborted (client left)
         self.request_seconds = Histogram(
             "crosstalk_speech_request_seconds", "request received to last byte sent", ["endpoint"],
             buckets=LATENCY_BUCKETS, registry=registry)
@@ -289,7 +289,7 @@ class SpeechMetrics:
                              registry=registry)
         for endpoint in SPEECH_ENDPOINTS:
             self.request_seconds.labels(endpoint)
-            for outcome in ("ok", "bad_request", "error"):
+            for outcome in ("ok", "bad_request", "error", "aborted"):
                 self.requests.labels(endpoint, outcome)
         for engine in SPEECH_ENGINES:
             self.rtf.labels(engine)

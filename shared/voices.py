@@ -118,6 +118,22 @@ def check_voice(name: str | None, language: str | None) -> Voice:
     return voice
 
 
+# With real speech models (CROSSTALK_SPEECH=real, or auto with OPENAI_API_KEY), voices are the
+# provider's: not checked here, and this one when none is given.
+REAL_DEFAULT_VOICE = "alloy"
+
+
+def resolve(name: str | None, language: str | None, *, real: bool) -> str:
+    """The voice name to ask TTS for. Offline: :func:`check_voice` (VoiceError naming ``voice`` or
+    ``language``); real speech: ``name`` as given (the provider knows its voices and speaks any
+    language), else :data:`REAL_DEFAULT_VOICE`."""
+    if real:
+        if name is not None and not name.strip():
+            raise VoiceError("voice", "must not be empty")
+        return name or REAL_DEFAULT_VOICE
+    return check_voice(name, language).name
+
+
 def stt_offline(language: str) -> bool:
     """Whether the offline recogniser transcribes ``language`` (otherwise a listener needs another way)."""
     return primary(language) in STT_LANGUAGES

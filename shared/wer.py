@@ -1,9 +1,10 @@
 """Word error rate of what a listener heard against what the speaker said.
 
 Both sides are normalised first, so only real recognition errors count: case, punctuation and
-spacing are dropped, numbers are compared as spoken ("42" = "forty two", "3.5" = "three point
-five"), "%" is "percent", "&" is "and". jiwer computes the edit distance (a well-kept library
-for exactly this); num2words spells the numbers.
+spacing are dropped, English contractions expanded ("that's" = "that is"), numbers compared as
+spoken ("42" = "forty two", "3.5" = "three point five"), "%" is "percent", "&" is "and".
+jiwer computes the edit distance (a well-kept library for exactly this); num2words spells the
+numbers.
 
     wer("My order 42 arrived late.", "my order forty-two arrived late")  # 0.0
 """
@@ -18,6 +19,7 @@ import jiwer
 from num2words import num2words
 
 _NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*")
+_CONTRACTIONS = jiwer.ExpandCommonEnglishContractions()  # "that's" = "that is", "won't" = "will not"
 _SYMBOLS = {"%": " percent ", "&": " and ", "+": " plus ", "@": " at ", "$": " dollars "}
 
 
@@ -39,8 +41,10 @@ def normalize(text: str, language: str = "en") -> str:
     text = _NUMBER.sub(lambda m: _spell(m, lang), text)
     for sym, word in _SYMBOLS.items():
         text = text.replace(sym, word)
-    text = text.lower().replace("-", " ")
-    text = re.sub(r"(?<=\w)['\u2019](?=\w)", "", text)  # "don't" -> "dont", as a recogniser may write it
+    text = text.lower().replace("-", " ").replace("\u2019", "'")
+    if lang == "en":
+        text = _CONTRACTIONS(text)
+    text = re.sub(r"(?<=\w)'(?=\w)", "", text)  # other apostrophes inside words: "o'clock" -> "oclock"
     # drop every punctuation/symbol character; keep letters, marks (Devanagari vowel signs), digits
     kept = "".join(ch if unicodedata.category(ch)[0] in "LMN" or ch.isspace() else " " for ch in text)
     return " ".join(kept.split())

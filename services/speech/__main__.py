@@ -19,7 +19,7 @@ from shared.config import load_or_exit  # noqa: E402
 from shared.log import kv, setup  # noqa: E402
 from shared.metrics import SpeechMetrics, serve  # noqa: E402
 
-from .engines import EngineMissing, Engines, Threads  # noqa: E402
+from .engines import EngineMissing, Engines, Options  # noqa: E402
 from .main import Limits, serve_in_background  # noqa: E402
 
 
@@ -27,16 +27,17 @@ def main() -> None:
     log = setup("speech")
     logging.getLogger("faster_whisper").setLevel(logging.WARNING)  # it logs every request at INFO
     settings = load_or_exit(log)
-    threads = Threads(tts=settings.speech_tts_threads, stt=settings.speech_stt_threads,
-                      workers=settings.speech_workers, beam_size=settings.speech_stt_beam_size)
+    options = Options(tts_threads=settings.speech_tts_threads, stt_threads=settings.speech_stt_threads,
+                      workers=settings.speech_workers, beam_size=settings.speech_stt_beam_size,
+                      stt_window=settings.speech_stt_window)
     started = time.perf_counter()
     try:
-        engines = Engines(threads)
+        engines = Engines(options)
         engines.warm_up()
     except EngineMissing as exc:
         log.error("speech engine missing", extra=kv(reason=str(exc)))
         raise SystemExit(3) from None
-    log.info("engines loaded", extra=kv(seconds=round(time.perf_counter() - started, 2), threads=str(threads)))
+    log.info("engines loaded", extra=kv(seconds=round(time.perf_counter() - started, 2), options=str(options)))
     metrics = SpeechMetrics()
     limits = Limits(settings.speech_max_input_chars, settings.speech_max_upload_mb)
 

@@ -82,12 +82,13 @@ def encode(pcm: bytes, fmt: str, rate: int = OUTPUT_SAMPLE_RATE) -> bytes:
     out = io.BytesIO()
     with av.open(out, "w", format=container) as dst:
         stream = dst.add_stream(codec, rate=rate, layout="mono")
-        samples = np.frombuffer(pcm, dtype="<i2").reshape(1, -1)
-        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
-        frame.sample_rate = rate
-        frame.pts = 0
-        for packet in stream.encode(frame):
-            dst.mux(packet)
+        if pcm:  # no audio: a valid container with no frames (an empty frame is an FFmpeg error)
+            samples = np.frombuffer(pcm, dtype="<i2").reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+            frame.sample_rate = rate
+            frame.pts = 0
+            for packet in stream.encode(frame):
+                dst.mux(packet)
         for packet in stream.encode(None):
             dst.mux(packet)
     return out.getvalue()

@@ -75,6 +75,8 @@ def decode_speech(body: bytes, max_chars: int) -> SpeechJob:
         raise RequestError(exc.param, exc.reason) from None
     if not req.input.strip():
         raise RequestError("input", "must not be empty")
+    if not any(ch.isalnum() for ch in req.input):
+        raise RequestError("input", "has nothing to say (no letters or digits)")
     if len(req.input) > max_chars:
         raise RequestError("input", f"is {len(req.input)} characters; at most {max_chars}")
     if req.response_format not in CONTENT_TYPES:

