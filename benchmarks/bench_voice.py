@@ -13,8 +13,9 @@ from the stereo files in ``batch.json``; the benchmark re-reads the files), the 
 per agent session), and conversation-minutes from the recordings' durations.
 
 ``--search`` (default on) then raises the concurrency from the largest run that held (every
-conversation completed, heard-latency p95 < 2 s) in ``--step`` steps until one does not hold, and
-reports the largest that held and what limited the next one. ``--profile`` samples the worker
+conversation completed, heard-latency p95 < 2 s) in ``--step`` steps until one does not hold (or,
+when none held, halves it from the smallest run until one holds), and reports the largest that
+held and what limited the next one. ``--profile`` samples the worker
 processes with py-spy during the first voice run and keeps the top frames. The machine's load
 average before and after each run is recorded: a shared machine makes every figure pessimistic.
 Writes benchmarks/results/voice-<label>.json.
@@ -258,6 +259,11 @@ def main() -> None:
         c = max(good) + args.step
         while c <= args.search_max and one(c, False)["held"]:
             c += args.step
+    elif args.search and not good:
+        # none held: halve down from the smallest run until one holds
+        c = min(r["voice"]["concurrency"] for r in results) // 2
+        while c >= 1 and not one(c, False)["held"]:
+            c //= 2
     save(out_path, results, args)
     print(f"wrote {out_path}")
 
