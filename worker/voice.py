@@ -60,9 +60,9 @@ def speech_models(settings: Settings, p: VoicePlan, client: openai.AsyncClient) 
     stt = None
     if p.hears_via == "stt":
         stt = lk_stt.StreamAdapter(
-            stt=lk_openai.STT(model=settings.voice_stt_model, language=p.peer_language.split("-")[0],
+            stt=lk_openai.STT(model=settings.speech_stt_model, language=p.peer_language.split("-")[0],
                               client=client, use_realtime=False),
             vad=process_vad(settings))
-    tts = lk_openai.TTS(model=settings.voice_tts_model, voice=p.voice, speed=p.speed, client=client,
+    tts = lk_openai.TTS(model=settings.speech_tts_model, voice=p.voice, speed=p.speed, client=client,
                         response_format="pcm")
     return stt, tts
