@@ -40,6 +40,7 @@ from bench_batch import ROOT, ProcSampler, machine, quantiles, wait_finished
 from e2e.stack import running_stack
 
 from services.sink.core import voice as vm
+from shared import config
 
 RESULTS = ROOT / "benchmarks" / "results"
 P95_LIMIT_S = 2.0
@@ -136,6 +137,7 @@ def run(mode: str, conversations: int, concurrency: int, turns: int, tmp: Path, 
         rec = recordings(folder) if mode == "voice" else {}
     shutil.rmtree(workdir, ignore_errors=True)
     cpu = sampler.cpu_end - sampler.cpu_start
+    pacing = config.load({**os.environ, **overrides})
     minutes = rec.get("conversation_minutes") or 0.0
     out: dict[str, Any] = {
         "mode": mode, "conversations": conversations, "concurrency": concurrency, "max_turns": turns,
@@ -151,6 +153,9 @@ def run(mode: str, conversations: int, concurrency: int, turns: int, tmp: Path, 
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "stack_env": overrides,
+        # the scripted model's simulated latency, part of every turn's latency (not the pipeline's cost)
+        "model_pacing": {"ttft_ms": pacing.model_ttft_ms, "tokens_per_s": pacing.model_tokens_per_s,
+                         "vad_min_silence_s": pacing.vad_min_silence_s},
     }
     if mode == "voice":
         out.update({"conversation_minutes": round(minutes, 2),

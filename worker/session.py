@@ -154,10 +154,19 @@ async def start(ctx: JobContext, settings: Settings, meta: JobMetadata, role: Ro
         session_host=False,
         room_options=room_io.RoomOptions(
             text_input=room_io.TextInputOptions(text_input_cb=conv.on_peer_text),
+            # no auto gain control: RoomIO turns WebRTC's AGC on by default, one FFI round trip and a
+            # pass over every frame of every listener, to level a synthetic peer voice that needs none
+            # (and that the recording should carry as the room did)
             audio_input=room_io.AudioInputOptions(
-                sample_rate=voice_mode.INPUT_RATE, frame_size_ms=voice_mode.INPUT_FRAME_MS, pre_connect_audio=False)
+                sample_rate=voice_mode.INPUT_RATE, frame_size_ms=voice_mode.INPUT_FRAME_MS, pre_connect_audio=False,
+                auto_gain_control=False)
             if voice else False,
-            audio_output=room_io.AudioOutputOptions(sample_rate=voice_mode.OUTPUT_RATE) if voice else False,
+            # no RED (each packet carrying the previous one again): loopback/LAN rooms lose no packets,
+            # and it doubles what livekit-server forwards and the listener unpacks
+            audio_output=room_io.AudioOutputOptions(
+                sample_rate=voice_mode.OUTPUT_RATE,
+                track_publish_options=rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE, red=False))
+            if voice else False,
             text_output=False,  # the transcription goes out through CoalescedTranscription (set above)
             participant_kinds=[rtc.ParticipantKind.PARTICIPANT_KIND_AGENT],
             participant_identity=peer.identity,

@@ -27,10 +27,11 @@ from shared import voices
 from shared.config import Settings
 from shared.voiceplan import VoicePlan
 
-# RoomIO's input at 16 kHz in 50 ms frames (Whisper and Silero work at 16 kHz; one frame per 50 ms
-# halves the per-frame work of the 24 kHz / 20 ms a default would cost); output at the TTS's 24 kHz.
+# RoomIO's input at 16 kHz in 100 ms frames (Whisper and Silero work at 16 kHz; every frame costs
+# an FFI event, a RoomIO/recorder/STT-adapter hop and a VAD wake-up in Python whatever its length:
+# 100 ms frames do that 10 times a second per listener, not 20); output at the TTS's 24 kHz.
 INPUT_RATE: Final = 16000
-INPUT_FRAME_MS = 50
+INPUT_FRAME_MS = 100
 OUTPUT_RATE = voices.OUTPUT_SAMPLE_RATE
 
 
