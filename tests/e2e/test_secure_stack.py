@@ -22,7 +22,7 @@ import nats
 import pytest
 from stack import Stack
 
-from infra.stack.secure import write_profile
+from infra.stack.secure import PUBLISHES, write_profile
 from shared import natsauth, subjects
 from shared.contracts import BatchEvent, BatchFinished, decode_event
 
@@ -103,7 +103,8 @@ async def test_a_batch_runs_with_tls_and_auth_and_no_secret_is_logged_or_exporte
     worker_key = (Path(profile["CROSSTALK_NATS_CONF"]).read_text().split('"nkey": "', 1)[1]).split('"', 1)[0]
     assert worker_key in users or any(worker_key in json.dumps(c) for c in conns), users
     assert all(c.get("tls_version") for c in conns), [c.get("name") for c in conns if not c.get("tls_version")]
-    assert len(found) == 9 and all(len(s) >= 24 for s in found)  # LiveKit secret, model key, 7 NATS secrets
+    # LiveKit secret, model key, the NATS secrets (one per identity in PUBLISHES, and admin)
+    assert len(found) == 2 + len(PUBLISHES) + 1 and all(len(s) >= 24 for s in found)
     leaks = [(where, s[:4] + "...") for where, text in texts.items() for s in found if s in text]
     assert leaks == [], leaks
     assert not any("Permissions Violation" in t or "permissions violation" in t for t in texts.values()), \
