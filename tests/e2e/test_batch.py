@@ -38,21 +38,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield s
 
 
-@pytest.fixture(autouse=True)
-def logs_on_failure(request: pytest.FixtureRequest, stack: Any) -> Iterator[None]:
-    yield
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        stack.dump_logs(lines=80)
-
-
-@pytest.fixture
-async def lkapi(stack: Any) -> AsyncIterator[api.LiveKitAPI]:
-    client = api.LiveKitAPI(stack.livekit_url.replace("ws", "http", 1), "devkey", "secret")
-    yield client
-    await client.aclose()
-
-
 @pytest.fixture
 async def js(stack: Any) -> AsyncIterator[Any]:
     import nats
