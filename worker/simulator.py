@@ -33,13 +33,15 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from livekit import api, rtc
-from livekit.agents import AgentSession, JobContext
+from livekit.agents import Agent, AgentSession, JobContext
+from nats.js import JetStreamContext
 
-from shared import contracts
+from shared import contracts, voiceplan
 from shared.config import Settings
-from shared.contracts import JobMetadata, RoleRequest
+from shared.contracts import HeardVia, JobMetadata, RoleRequest
 from shared.log import kv
 from shared.scenarios import Scenario
 from worker import lease, target_dispatch
@@ -57,6 +59,7 @@ ATTR_SIMULATOR = "lk.simulator"  # livekit-agents' ATTRIBUTE_SIMULATOR
 ATTR_AGENT_STATE = "lk.agent.state"
 ATTR_AGENT_NAME = "lk.agent.name"
 ATTR_SEGMENT = "lk.segment_id"
+ATTR_TRACK = "lk.transcribed_track_id"
 TOPIC_CHAT = "lk.chat"
 TOPIC_TRANSCRIPTION = "lk.transcription"
 CONNECT_TIMEOUT_S = 20.0
@@ -94,9 +97,10 @@ class TargetLink:
     ``send_turn``, ``send_control``).
     """
 
-    def __init__(self, room: rtc.Room, agent_name: str) -> None:
+    def __init__(self, room: rtc.Room, agent_name: str, voice: bool = False) -> None:
         self.room = room
         self.agent_name = agent_name
+        self.voice = voice  # the customer speaks through its microphone track, never on lk.chat
         self.peer: rtc.RemoteParticipant | None = None
         self.reply: Reply | None = None
         self.on_reply: Callable[[Reply], None] = lambda reply: None
@@ -146,6 +150,9 @@ class TargetLink:
         assert self.peer is not None
         # the reply may arrive before send_text returns: expect it first
         self.reply = Reply(time.time(), self.peer.attributes.get(ATTR_AGENT_STATE))
+        if self.voice:  # its speech has played out: the target heard it in the room
+            self.on_sent(turn)
+            return
         await self.room.local_participant.send_text(text, topic=TOPIC_CHAT, destination_identities=[self.peer.identity])
         self.on_sent(turn)
 
@@ -155,6 +162,9 @@ class TargetLink:
     def _on_stream(self, reader: rtc.TextStreamReader, sender: str) -> None:
         if self.peer is None or sender != self.peer.identity:
             return
+        track = (reader.info.attributes or {}).get(ATTR_TRACK)
+        if track and track not in self.peer.track_publications:
+            return  # the target's transcription of someone else's track (what its STT heard), not its words
         reply = self.reply
         if reply is None:
             self.unsolicited += 1
@@ -206,6 +216,7 @@ class SimConversation(Conversation):
         self.target: Reports | None = None  # the support side's reports, under the lease held for the target
         self.session: AgentSession | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        self.span: tuple[float, float] | None = None  # voice: where the customer's last turn lies in the room
         link.on_reply = self.on_reply
         link.on_sent = self.on_sent
 
@@ -223,7 +234,9 @@ class SimConversation(Conversation):
             self._deadline.cancel()
         self._track(self._heard(reply))
 
-    async def _heard(self, reply: Reply) -> None:
+    async def _heard(self, reply: Reply, heard: str | None = None, span: tuple[float, float] | None = None,
+                     via: HeardVia | None = None) -> None:
+        """The target's turn, in full: its own words, and in voice mode what the customer heard, and where."""
         async with self._speaking:
             if self.done.done() or self.target is None:
                 return
@@ -234,19 +247,46 @@ class SimConversation(Conversation):
                 return
             turn = self.turns.next_turn - 1  # the customer spoke turn t; the target answers t + 1
             await self.target.turn(turn, reply.text, started_at=reply.started_at or reply.sent_at,
-                                   ended_at=reply.ended_at or time.time(), first_token_s=reply.first_token_s)
+                                   ended_at=reply.ended_at or time.time(), first_token_s=reply.first_token_s,
+                                   audio_start_s=self._offset(span[0]) if span else None,
+                                   audio_end_s=self._offset(span[1]) if span else None,
+                                   heard_text=heard, heard_via=via)
             self.target_turns += 1
             end = self.turns.heard(turn, at=time.time())
             if end is not None:
                 self.finish(end._replace(mine=True))
             elif self.session is not None:
-                self.session.generate_reply(user_input=reply.text)
+                self.answer(reply, heard)
+
+    def answer(self, reply: Reply, heard: str | None) -> None:
+        """The customer's next turn, in answer to the target's words (text mode: as published)."""
+        assert self.session is not None
+        self.session.generate_reply(user_input=reply.text)
+
+    def _offset(self, at: float | None) -> float | None:
+        """A wall time as an offset in the recording (voice mode: :mod:`worker.simulator_voice`)."""
+        return None
+
+    def turn_audio(self) -> dict[str, Any]:
+        span = self.span
+        return {"audio_start_s": self._offset(span[0]), "audio_end_s": self._offset(span[1])} if span else {}
 
     def on_peer_left(self, participant: rtc.RemoteParticipant) -> None:
         peer = self.link.peer
         if peer is not None and participant.identity == peer.identity:
             self.finish(End(f"target_left: agent {self.link.agent_name!r} ({peer.identity}) left the room after "
                             f"{self.target_turns} turn(s)", ok=False, mine=True))
+
+    async def start_session(self, settings: Settings, agent: Agent, peer: rtc.RemoteParticipant) -> None:
+        """Text mode: the session reads and writes through this class (no room I/O of its own)."""
+        assert self.session is not None
+        await self.session.start(agent, record=False, session_host=False)
+
+    async def store_recording(self, js: JetStreamContext, meta: JobMetadata) -> None:
+        """Voice mode's recording (text mode: none)."""
+
+    async def aclose(self) -> None:
+        """What voice mode opened besides the session (text mode: nothing)."""
 
     def finish(self, end: End) -> None:
         if self._deadline is not None:
@@ -255,15 +295,15 @@ class SimConversation(Conversation):
 
 
 async def talk(ctx: JobContext, settings: Settings, meta: JobMetadata, scenario: Scenario, reports: Reports,
-               keeper: lease.LeaseKeeper, marks: dict[str, float]) -> None:
+               keeper: lease.LeaseKeeper, marks: dict[str, float], js: JetStreamContext) -> None:
     """Join as the customer, meet the target, hold the conversation, report its end (always this side)."""
     assert meta.target_agent is not None
     if reports.role != "customer":  # prefer="customer" was not honoured: never play a role that is not ours
         await reports.ended(End(f"role_denied: granted {reports.role}, not customer", ok=False, mine=True), 0)
         return
     room = rtc.Room()
-    link = TargetLink(room, meta.target_agent)
-    conv = SimConversation(reports=reports, link=link, keeper=keeper, reply_s=settings.target_reply_s)
+    link = TargetLink(room, meta.target_agent, voice=meta.mode == "voice")
+    conv = conversation(settings, meta, scenario, reports, link, keeper)
     keeper.on_lost(conv.on_lease_lost)
     room.on("participant_disconnected", conv.on_peer_left)
     me = identity(ctx.job.id)
@@ -288,15 +328,26 @@ async def talk(ctx: JobContext, settings: Settings, meta: JobMetadata, scenario:
                 ok=False, mine=True), 0)
             return
         marks["target"] = time.monotonic()
-        await converse(ctx, settings, meta, scenario, conv, peer)
+        await converse(ctx, settings, meta, scenario, conv, peer, js)
     finally:
         await room.disconnect()
         log.info("customer left", extra=kv(room=reports.room, unsolicited=link.unsolicited, **{
             f"{k}_s": round(v - marks["start"], 3) for k, v in marks.items()}))
 
 
+def conversation(settings: Settings, meta: JobMetadata, scenario: Scenario, reports: Reports, link: TargetLink,
+                 keeper: lease.LeaseKeeper) -> SimConversation:
+    if meta.mode != "voice":
+        return SimConversation(reports=reports, link=link, keeper=keeper, reply_s=settings.target_reply_s)
+    from worker import simulator_voice  # builds on this module's SimConversation
+
+    return simulator_voice.SimVoiceConversation(
+        plan=voiceplan.plan(scenario, "customer", meta.language, settings), min_silence_s=settings.vad_min_silence_s,
+        reports=reports, link=link, keeper=keeper, reply_s=settings.target_reply_s)
+
+
 async def converse(ctx: JobContext, settings: Settings, meta: JobMetadata, scenario: Scenario,
-                   conv: SimConversation, peer: rtc.RemoteParticipant) -> None:
+                   conv: SimConversation, peer: rtc.RemoteParticipant, js: JetStreamContext) -> None:
     reports, keeper = conv.reports, conv.lease
     assert keeper is not None
     support = await lease.acquire(keeper.nc, RoleRequest(room=reports.room, job_id=target_job_id(peer.identity),
@@ -311,19 +362,22 @@ async def converse(ctx: JobContext, settings: Settings, meta: JobMetadata, scena
         conv.target = Reports(reports.publish, meta=meta, room=reports.room, role="support",
                               metrics=reports.metrics, lease=support)
         await conv.target.joined(support.renew_msg.job_id, peer.identity)
-        session, client = sessions.text_session(settings, meta, conv)
+        session, client, speech = sessions.new_session(settings, meta, conv)
         conv.session = session
         try:
-            await session.start(agent_for("customer", scenario, meta.language, conv), record=False,
-                                session_host=False)
+            await conv.start_session(settings, agent_for("customer", scenario, meta.language, conv), peer)
             reports.metrics.jobs.labels("started").inc()
             conv.turns.heard_at = time.time()
             session.generate_reply()
             end = await conv.wait(settings.conversation_timeout_s)
+            await conv.store_recording(js, meta)  # voice: before the end is reported (the sink merges then)
             await reports.ended(end, conv.turns.count, target_identity=peer.identity)
             reports.metrics.jobs.labels("completed" if end.ok else "failed").inc()
             log.info("conversation ended", extra=kv(room=reports.room, target=peer.identity, reason=end.reason,
                                                     ok=end.ok))
         finally:
             await session.aclose()
+            await conv.aclose()
             await client.close()
+            if speech is not None:
+                await speech.close()
