@@ -66,6 +66,7 @@ class SimVoiceConversation(SimConversation):
         self._completed = 0
         self._waiter: asyncio.Task[None] | None = None
         self.recorder: HiddenRecorder | None = None
+        self.room_io: room_io.RoomIO | None = None
 
     @property
     def origin(self) -> float | None:
@@ -87,11 +88,15 @@ class SimVoiceConversation(SimConversation):
         self.recorder = HiddenRecorder(room.local_participant.identity)
         await self.recorder.start(settings, self.room, CONNECT_S)
         self.mine = self.recorder.tap
-        await self.session.start(agent, room=room, record=False, session_host=False, room_options=room_io.RoomOptions(
+        # RoomIO on the customer's own connection, made here: given a room, AgentSession.start would
+        # also connect the job's own agent participant (a third agent in the room, and no grant)
+        self.room_io = room_io.RoomIO(self.session, room, options=room_io.RoomOptions(
             text_input=False, text_output=False,
             audio_input=sessions.audio_input(), audio_output=sessions.audio_output(),
             participant_kinds=[rtc.ParticipantKind.PARTICIPANT_KIND_AGENT], participant_identity=peer.identity,
             close_on_disconnect=False))
+        await self.room_io.start()
+        await self.session.start(agent, record=False, session_host=False)
         self.tap = Tap(self.session.input.audio, sample_rate=voice_mode.INPUT_RATE)
         self.session.input.audio = self.tap
         try:  # the customer's first words only once the target hears its track
@@ -108,6 +113,8 @@ class SimVoiceConversation(SimConversation):
             log.exception("could not store the recording", extra=kv(room=self.room))
 
     async def aclose(self) -> None:
+        if self.room_io is not None:
+            await self.room_io.aclose()
         if self.recorder is not None:
             await self.recorder.aclose()
 
