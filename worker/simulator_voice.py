@@ -173,8 +173,9 @@ class SimVoiceConversation(SimConversation):
     async def _say(self, speak: Speak, text: str, now: float, first_token_s: float | None) -> None:
         # the speech has played out (the session adds the message then): its span as the hidden
         # recorder heard it in the room, then the turn is recorded and the target's reply awaited
-        span = await self._own_span()
-        self.span = span
+        self.span = await self._own_span()
+        if speak.turn == 0:  # added once played out: the first turn began when its reply was asked for
+            speak = speak._replace(started_at=min(self.turns.heard_at, speak.started_at))
         await super()._say(speak, text, now, first_token_s)
 
     async def _own_span(self) -> tuple[float, float] | None:
