@@ -1,4 +1,5 @@
-"""crosstalk's customer against the user's own agent (``batch.start`` ``target_agent``), text mode.
+"""crosstalk's customer against the user's own agent (``batch.start`` ``target_agent``); text mode
+here, voice mode's differences in worker/simulator_voice.py.
 
 This job plays LiveKit's simulator for an unmodified agent (the *target*; livekit-agents 1.8.9,
 checked against livekit-server 1.13.5, docs/ARCHITECTURE.md "Testing your own agent"):
@@ -11,7 +12,7 @@ checked against livekit-server 1.13.5, docs/ARCHITECTURE.md "Testing your own ag
   target's ``ctx.simulation_context()`` has the scenario and ``userdata``, and in text mode its
   session drops STT/TTS/VAD by itself;
 * the customer writes on ``lk.chat`` as a person typing would, and reads the target's words on
-  ``lk.transcription``; a reply ends as worker/target_reply.py says;
+  ``lk.transcription`` (worker/target_link.py); a reply ends as worker/target_reply.py says;
 * the support role is the target's: this job asks ``role.request`` for it on the target's behalf
   (job id = the target's LiveKit job id, identity = the target's identity) once the target is in
   the room and ready, renews it while the conversation lasts and releases it at the end, so the
@@ -21,7 +22,7 @@ checked against livekit-server 1.13.5, docs/ARCHITECTURE.md "Testing your own ag
   within ``CROSSTALK_TARGET_JOIN_S``), ``target_silent`` / ``target_unresponsive`` (no reply
   within ``CROSSTALK_TARGET_REPLY_S``), ``target_left`` (left before the end).
 
-The customer speaks first, once the target is quiet (``listening`` for ``QUIET_S``): a greeting
+The customer speaks first, once the target is quiet (``listening`` for ``target_link.QUIET_S``): a greeting
 the target says on its own is over by then. Text the target publishes while nobody asked (a
 greeting) is not a turn: it is counted and logged, never stored.
 """
@@ -32,7 +33,6 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from livekit import api, rtc
@@ -50,24 +50,14 @@ from worker.agents import agent_for
 from worker.bridge import ATTR_ROLE
 from worker.conversation import Conversation
 from worker.reports import Reports
+from worker.target_link import TargetLink
 from worker.target_reply import Reply, overdue_reason
 from worker.turns import End
 
 log = logging.getLogger("worker.simulator")
 
 ATTR_SIMULATOR = "lk.simulator"  # livekit-agents' ATTRIBUTE_SIMULATOR
-ATTR_AGENT_STATE = "lk.agent.state"
-ATTR_AGENT_NAME = "lk.agent.name"
-ATTR_SEGMENT = "lk.segment_id"
-ATTR_TRACK = "lk.transcribed_track_id"
-TOPIC_CHAT = "lk.chat"
-TOPIC_TRANSCRIPTION = "lk.transcription"
 CONNECT_TIMEOUT_S = 20.0
-# livekit-agents publishes lk.agent.state once its session's RoomIO reads lk.chat; a message sent
-# before that is dropped. An agent that never publishes a state is taken as ready this long after joining.
-READY_GRACE_S = 3.0
-QUIET_S = 0.5
-AGENT = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
 
 
 def identity(job_id: str) -> str:
@@ -88,121 +78,6 @@ def customer_token(settings: Settings, room: str, ident: str) -> str:
             .with_identity(ident).with_name("crosstalk customer")
             .with_attributes({ATTR_SIMULATOR: "crosstalk", ATTR_ROLE: "customer"})
             .with_grants(api.VideoGrants(room_join=True, room=room)).to_jwt())
-
-
-class TargetLink:
-    """The room as the simulated customer sees it: the target agent, its state, its replies.
-
-    Duck-types :class:`worker.bridge.RoomBridge` for :class:`Conversation` (``peer``,
-    ``send_turn``, ``send_control``).
-    """
-
-    def __init__(self, room: rtc.Room, agent_name: str, voice: bool = False) -> None:
-        self.room = room
-        self.agent_name = agent_name
-        self.voice = voice  # the customer speaks through its microphone track, never on lk.chat
-        self.peer: rtc.RemoteParticipant | None = None
-        self.reply: Reply | None = None
-        self.on_reply: Callable[[Reply], None] = lambda reply: None
-        self.on_sent: Callable[[int], None] = lambda turn: None
-        self.unsolicited = 0
-        self._reads: set[asyncio.Future[None]] = set()
-        room.register_text_stream_handler(TOPIC_TRANSCRIPTION, self._on_stream)
-        room.on("participant_attributes_changed", self._on_attributes)
-
-    def is_target(self, p: rtc.RemoteParticipant) -> bool:
-        name = p.attributes.get(ATTR_AGENT_NAME)
-        return p.kind == AGENT and (name is None or name == self.agent_name)
-
-    async def wait_ready(self, timeout: float) -> rtc.RemoteParticipant | None:
-        """The target once it can hear the customer and is quiet (None if it never joined within ``timeout``).
-
-        Quiet: ``listening`` for ``QUIET_S`` with none of its text being read, so a greeting it says on
-        its own (not a turn: counted, logged) is over before the customer's first words, and is
-        never taken for the answer to them.
-        """
-        loop = asyncio.get_running_loop()
-        deadline, seen = loop.time() + timeout, {}
-        quiet_since: float | None = None
-        while loop.time() < deadline:
-            for p in list(self.room.remote_participants.values()):
-                if not self.is_target(p):
-                    continue
-                now = loop.time()
-                first = seen.setdefault(p.identity, now)
-                state = p.attributes.get(ATTR_AGENT_STATE)
-                if state is None:
-                    if now - first >= READY_GRACE_S:  # an agent that publishes no state
-                        self.peer = p
-                        return p
-                    continue
-                self.peer = p  # its text is read (and counted) from now on
-                if state != "listening" or self._reads:
-                    quiet_since = None
-                elif quiet_since is None:
-                    quiet_since = now
-                elif now - quiet_since >= QUIET_S:
-                    return p
-            await asyncio.sleep(0.05)
-        return None
-
-    async def send_turn(self, text: str, turn: int) -> None:
-        assert self.peer is not None
-        # the reply may arrive before send_text returns: expect it first
-        self.reply = Reply(time.time(), self.peer.attributes.get(ATTR_AGENT_STATE))
-        if self.voice:  # its speech has played out: the target heard it in the room
-            self.on_sent(turn)
-            return
-        await self.room.local_participant.send_text(text, topic=TOPIC_CHAT, destination_identities=[self.peer.identity])
-        self.on_sent(turn)
-
-    async def send_control(self, kind: str, **fields: str) -> None:
-        """Nothing to say: the target learns the call is over when the customer leaves (its job ends then)."""
-
-    def _on_stream(self, reader: rtc.TextStreamReader, sender: str) -> None:
-        if self.peer is None or sender != self.peer.identity:
-            return
-        track = (reader.info.attributes or {}).get(ATTR_TRACK)
-        if track and track not in self.peer.track_publications:
-            return  # the target's transcription of someone else's track (what its STT heard), not its words
-        reply = self.reply
-        if reply is None:
-            self.unsolicited += 1
-            log.info("target text while nobody asked: not a turn", extra=kv(room=self.room.name, sender=sender))
-        else:
-            reply.opened(time.time())
-        segment = reader.info.attributes.get(ATTR_SEGMENT) or reader.info.stream_id
-
-        async def read() -> None:
-            try:
-                text = await reader.read_all()
-            except Exception:
-                if reply is not None:
-                    reply.failed()
-                    self._check(reply)
-                return
-            if reply is not None:
-                reply.closed(segment, text, time.time())
-                self._check(reply)
-
-        task = asyncio.ensure_future(read())
-        self._reads.add(task)
-        task.add_done_callback(self._reads.discard)
-
-    def _on_attributes(self, changed: dict[str, str], p: rtc.Participant) -> None:
-        reply = self.reply
-        if reply is not None and self.peer is not None and p.identity == self.peer.identity and ATTR_AGENT_STATE in changed:
-            reply.state = changed[ATTR_AGENT_STATE]
-            self._check(reply)
-
-    def _check(self, reply: Reply) -> None:
-        if reply is not self.reply or not reply.complete():
-            return
-        if not reply.text.strip():  # an empty transcription is no answer: keep waiting for one
-            self.reply = Reply(reply.sent_at, reply.state)
-            return
-        self.reply = None
-        self.on_reply(reply)
 
 
 class SimConversation(Conversation):
