@@ -12,7 +12,9 @@ A target turn is recorded once both sides of it are in: the target's own words (
 ``listening``: worker/target_reply.py) as ``text``, and what the customer's STT heard of its audio
 (``heard_text``, ``heard_via: "stt"``), taken once that audio has been quiet for the VAD's
 silence. The customer then answers what it heard. Its own turns go out only as audio (no
-``lk.chat``: the target would hear them twice).
+``lk.chat``: the target would hear them twice); each is recorded with what the target's STT made of
+it, as the target published it on ``lk.transcription`` (attribute ``lk.transcribed_track_id`` = the
+customer's track, final segments), or no ``heard_text`` if the target publishes none.
 
 The recording: the target's channel is the customer's subscription to it (the recording tap of
 worker/recorder.py); the customer's channel comes from a hidden recorder in the same job, a
@@ -42,14 +44,17 @@ from worker import session as sessions
 from worker import voice as voice_mode
 from worker.recorder import Tap
 from worker.simulator import SimConversation
-from worker.target_reply import Reply
+from worker.target_link import ATTR_AGENT_STATE
+from worker.target_reply import BUSY_STATES, Reply
 from worker.turns import Speak
 
 log = logging.getLogger("worker.simulator")
 
 STT_GRACE_S = 10.0  # the target's turn is over and its audio quiet, but no transcript: go on without one
 CONNECT_S = 20.0
-SPAN_WAIT_S = 3.0  # after the customer's speech played out, how long its audio may take to reach the recorder
+SPAN_WAIT_S = 3.0
+TARGET_HEARD_WAIT_S = 8.0  # how long the target's transcript of a customer turn may take
+SETTLE_S = 1.5  # no further transcript this long after the last one (or the target's turn began): all in  # after the customer's speech played out, how long its audio may take to reach the recorder
 
 
 class SimVoiceConversation(SimConversation):
@@ -67,6 +72,9 @@ class SimVoiceConversation(SimConversation):
         self._waiter: asyncio.Task[None] | None = None
         self.recorder: HiddenRecorder | None = None
         self.room_io: room_io.RoomIO | None = None
+        self._heard_parts: list[str] = []  # the target's final transcripts of the customer's current turn
+        self._heard_at = 0.0
+        self.link.on_heard = self.on_heard
 
     @property
     def origin(self) -> float | None:
@@ -171,12 +179,42 @@ class SimVoiceConversation(SimConversation):
     # -- speaking --------------------------------------------------------------------------
 
     async def _say(self, speak: Speak, text: str, now: float, first_token_s: float | None) -> None:
-        # the speech has played out (the session adds the message then): its span as the hidden
-        # recorder heard it in the room, then the turn is recorded and the target's reply awaited
+        # The speech has played out (the session adds the message then): the target heard it in the
+        # room, so its reply is expected from now on; the turn is recorded with where the hidden
+        # recorder heard it and what the target's STT made of it (its lk.transcription of our track).
         self.span = await self._own_span()
         if speak.turn == 0:  # added once played out: the first turn began when its reply was asked for
             speak = speak._replace(started_at=min(self.turns.heard_at, speak.started_at))
-        await super()._say(speak, text, now, first_token_s)
+        end = self.turns.spoken(speak.turn)
+        await self.link.send_turn(text, speak.turn)
+        heard = await self._heard_by_target()
+        await self.reports.turn(speak.turn, text, started_at=speak.started_at, ended_at=now,
+                                first_token_s=first_token_s, **self.turn_audio(), heard_text=heard,
+                                heard_via="stt" if heard is not None else None)
+        if end is not None:
+            self.finish(end)
+
+    def on_heard(self, text: str) -> None:
+        self._heard_parts.append(text)
+        self._heard_at = time.monotonic()
+
+    async def _heard_by_target(self) -> str | None:
+        """What the target's STT published of the customer's turn: its final transcripts until the
+        target moves on (thinking or speaking: its turn ended) or goes quiet; None if it published none."""
+        deadline = time.monotonic() + TARGET_HEARD_WAIT_S
+        busy_since: float | None = None
+        while not self.done.done() and (now := time.monotonic()) < deadline:
+            peer = self.link.peer
+            if peer is not None and peer.attributes.get(ATTR_AGENT_STATE) in BUSY_STATES:
+                busy_since = busy_since or now
+            # a transcript published with the state change may still be in flight: a little longer for it
+            if busy_since is not None and (self._heard_parts or now - busy_since >= SETTLE_S):
+                break
+            if self._heard_parts and now - self._heard_at >= SETTLE_S:
+                break
+            await asyncio.sleep(0.05)
+        heard, self._heard_parts = self._heard_parts, []
+        return " ".join(heard) if heard else None
 
     async def _own_span(self) -> tuple[float, float] | None:
         deadline = time.monotonic() + SPAN_WAIT_S

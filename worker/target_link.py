@@ -21,6 +21,7 @@ ATTR_AGENT_STATE = "lk.agent.state"
 ATTR_AGENT_NAME = "lk.agent.name"
 ATTR_SEGMENT = "lk.segment_id"
 ATTR_TRACK = "lk.transcribed_track_id"
+ATTR_FINAL = "lk.transcription_final"
 TOPIC_CHAT = "lk.chat"
 TOPIC_TRANSCRIPTION = "lk.transcription"
 # livekit-agents publishes lk.agent.state once its session's RoomIO reads lk.chat; a message sent
@@ -45,6 +46,7 @@ class TargetLink:
         self.reply: Reply | None = None
         self.on_reply: Callable[[Reply], None] = lambda reply: None
         self.on_sent: Callable[[int], None] = lambda turn: None
+        self.on_heard: Callable[[str], None] = lambda text: None  # voice: the target's STT of the customer
         self.unsolicited = 0
         self._reads: set[asyncio.Future[None]] = set()
         room.register_text_stream_handler(TOPIC_TRANSCRIPTION, self._on_stream)
@@ -100,11 +102,18 @@ class TargetLink:
         """Nothing to say: the target learns the call is over when the customer leaves (its job ends then)."""
 
     def _on_stream(self, reader: rtc.TextStreamReader, sender: str) -> None:
+        attrs = reader.info.attributes or {}
+        track = attrs.get(ATTR_TRACK)
+        if self.peer is not None and track and track in self.room.local_participant.track_publications:
+            # what the target's STT heard of the customer's track (RoomIO publishes it under the
+            # customer's identity): its final text per segment
+            if attrs.get(ATTR_FINAL) == "true":
+                self._read_heard(reader)
+            return
         if self.peer is None or sender != self.peer.identity:
             return
-        track = (reader.info.attributes or {}).get(ATTR_TRACK)
         if track and track not in self.peer.track_publications:
-            return  # the target's transcription of someone else's track (what its STT heard), not its words
+            return  # the target's transcription of someone else's track, not its words
         reply = self.reply
         if reply is None:
             self.unsolicited += 1
@@ -124,6 +133,19 @@ class TargetLink:
             if reply is not None:
                 reply.closed(segment, text, time.time())
                 self._check(reply)
+
+        task = asyncio.ensure_future(read())
+        self._reads.add(task)
+        task.add_done_callback(self._reads.discard)
+
+    def _read_heard(self, reader: rtc.TextStreamReader) -> None:
+        async def read() -> None:
+            try:
+                text = await reader.read_all()
+            except Exception:
+                return
+            if text.strip():
+                self.on_heard(text.strip())
 
         task = asyncio.ensure_future(read())
         self._reads.add(task)

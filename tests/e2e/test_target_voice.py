@@ -139,7 +139,8 @@ async def test_a_voice_batch_of_3_against_the_example_agent(stack: Any, target: 
     replies: dict[str, list[str]] = {}
     for e in target.events("reply"):
         replies.setdefault(e["room"], []).append(e["text"])
-    pairs = []
+    pairs: list[tuple[str, str]] = []
+    heard_by_target: list[tuple[str, str]] = []
     for cid, conv in doc["conversations"].items():
         room = room_name(cid, conv["attempts"])
         # livekit-server's view: both sides published a microphone track, the target as an agent
@@ -154,8 +155,12 @@ async def test_a_voice_batch_of_3_against_the_example_agent(stack: Any, target: 
         support = [t for t in turns if t["role"] == "support"]
         assert all(t["heard_via"] == "stt" and t["heard_text"] for t in support), support
         pairs += [(t["text"], t["heard_text"]) for t in support]
-        # the customer's words are its script's, as in text mode
+        # the customer's words are its script's, as in text mode; what the target's STT heard of them,
+        # as the target published it in the room
         assert turns[0]["text"] == VOICE_SCENARIO["script"][0]["text"]
+        customer = [t for t in turns if t["role"] == "customer"]
+        assert all(t["heard_via"] == "stt" and t["heard_text"] for t in customer), customer
+        heard_by_target += [(t["text"], t["heard_text"]) for t in customer]
         # the recording: the room's two channels, speech inside each turn's span on its speaker's side
         stereo, rate = read_recording(folder / "recordings" / f"{cid}.wav")
         check_turn_audio(stereo, rate, turns)
@@ -163,8 +168,11 @@ async def test_a_voice_batch_of_3_against_the_example_agent(stack: Any, target: 
         sim = jobs[room]["simulation"]
         assert sim["mode"] == 2 and sim["userdata"] == USERDATA and sim["run_id"] == bid
     measured = wer.corpus_wer(pairs, "en")
-    print(f"target turns: STT WER {measured:.3f} over {len(pairs)} turns; batch.json voice: {doc['voice']}")
+    theirs = wer.corpus_wer(heard_by_target, "en")
+    print(f"target turns: customer's STT WER {measured:.3f} over {len(pairs)} turns; customer turns: target's "
+          f"STT WER {theirs:.3f} over {len(heard_by_target)}; batch.json voice: {doc['voice']}")
     assert measured < 0.2
+    assert doc["voice"]["stt_wer"] == pytest.approx(wer.corpus_wer(pairs + heard_by_target, "en"), abs=0.01)
     assert doc["voice"]["heard_latency_p95_s"] is not None
     audited = read_audit(stack, bid)
     for conv in audited["conversations"].values():
