@@ -181,6 +181,7 @@ async def test_a_voice_batch_of_3_against_the_example_agent(stack: Any, target: 
 
 FAILURES = [
     ("acme-voice-silent", {"ACME_NEVER_SPEAK": "1"}, "target_silent"),
+    ("acme-voice-stops", {"ACME_STOP_AFTER": "1"}, "target_unresponsive"),
     ("acme-voice-leaves", {"ACME_LEAVE_AFTER": "1"}, "target_left"),
 ]
 
