@@ -19,6 +19,7 @@ from shared.config import Settings
 from shared.contracts import BatchSpec, ContractError, StartBatch
 from shared.scenarios import DEFAULT_SCENARIO, Scenario
 
+
 class Rejection(msgspec.Struct, frozen=True, kw_only=True):
     """A command that never becomes a batch: which field, and why."""
 
