@@ -204,3 +204,20 @@ async def test_a_voice_target_without_a_worker_is_a_no_show(stack: Any) -> None:
                                     "scenario": "acme-voice", "target_agent": "nobody-registered"}, timeout=180)
     assert (batch["status"], batch["failed"]) == ("failed", 1), batch
     assert next(iter(batch["conversations"].values()))["reason"].startswith("target_no_show"), batch
+
+
+GREETING = "Welcome to Acme Bank, how can I help?"
+
+
+@pytest.mark.parametrize("target", [("acme-voice-greets", {"ACME_GREETING": GREETING})], indirect=True, ids=["greets"])
+async def test_a_voice_target_that_greets_first_is_heard_out_and_never_misattributed(stack: Any, target: Target) -> None:
+    bid = f"tgtv-greet-{int(time.time())}"
+    batch = await run_batch(stack, {"batch_id": bid, "conversations": 1, "concurrency": 1, "mode": "voice",
+                                    "scenario": "acme-voice", "max_turns": 4, "target_agent": target.name}, timeout=300)
+    assert (batch["status"], batch["completed"]) == ("completed", 1), batch
+    (cid, conv), = batch["conversations"].items()
+    replies = [e["text"] for e in target.events("reply") if e["room"] == room_name(cid, conv["attempts"])]
+    turns = read_lines(stack.data_dir / "batches" / bid / "conversations" / f"{cid}.jsonl")
+    assert [t["role"] for t in turns] == ["customer", "support"] * 2
+    said = [t["text"] for t in turns if t["role"] == "support"]
+    assert replies[0] == GREETING and said == replies[1:3]  # the greeting first, then one answer per turn
