@@ -52,9 +52,9 @@ log = logging.getLogger("worker.simulator")
 
 STT_GRACE_S = 10.0  # the target's turn is over and its audio quiet, but no transcript: go on without one
 CONNECT_S = 20.0
-SPAN_WAIT_S = 3.0
+SPAN_WAIT_S = 3.0  # after the customer's speech played out, how long its audio may take to reach the recorder
 TARGET_HEARD_WAIT_S = 8.0  # how long the target's transcript of a customer turn may take
-SETTLE_S = 1.5  # no further transcript this long after the last one (or the target's turn began): all in  # after the customer's speech played out, how long its audio may take to reach the recorder
+SETTLE_S = 1.5  # no further transcript this long after the last one (or the target's turn began): all in
 
 
 class SimVoiceConversation(SimConversation):
@@ -70,7 +70,7 @@ class SimVoiceConversation(SimConversation):
         self._starts = 0
         self._completed = 0
         self._waiter: asyncio.Task[None] | None = None
-        self.recorder: HiddenRecorder | None = None
+        self.hidden: HiddenRecorder | None = None
         self.room_io: room_io.RoomIO | None = None
         self._heard_parts: list[str] = []  # the target's final transcripts of the customer's current turn
         self._heard_at = 0.0
@@ -93,9 +93,9 @@ class SimVoiceConversation(SimConversation):
         room = self.link.room
         subscribed = asyncio.Event()
         room.on("local_track_subscribed", lambda track: subscribed.set())
-        self.recorder = HiddenRecorder(room.local_participant.identity)
-        await self.recorder.start(settings, self.room, CONNECT_S)
-        self.mine = self.recorder.tap
+        self.hidden = HiddenRecorder(room.local_participant.identity)
+        await self.hidden.start(settings, self.room, CONNECT_S)
+        self.mine = self.hidden.tap
         # RoomIO on the customer's own connection, made here: given a room, AgentSession.start would
         # also connect the job's own agent participant (a third agent in the room, and no grant)
         self.room_io = room_io.RoomIO(self.session, room, options=room_io.RoomOptions(
@@ -123,8 +123,8 @@ class SimVoiceConversation(SimConversation):
     async def aclose(self) -> None:
         if self.room_io is not None:
             await self.room_io.aclose()
-        if self.recorder is not None:
-            await self.recorder.aclose()
+        if self.hidden is not None:
+            await self.hidden.aclose()
 
     # -- hearing the target ----------------------------------------------------------------
 
