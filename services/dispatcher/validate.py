@@ -98,7 +98,8 @@ def validate(
         if cmd.mode == "voice":
             # unknown voice, a language no TTS voice speaks, a scenario that disables voice: named
             # here, before any room exists (the worker would fail each conversation the same way)
-            problem = voiceplan.check(sc, cmd.language or sc.language, settings)
+            problem = voiceplan.check(sc, cmd.language or sc.language, settings,
+                                      ("customer",) if cmd.target_agent is not None else ("customer", "support"))
             if problem is not None:
                 return reject(*problem)
     carried = batch_plan.batch_scenarios(chosen) if planned else ()
