@@ -10,10 +10,8 @@ target said from its own log (ACME_JOB_LOG); the rest from the files on disk.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from stack import running_stack
 from support.target import Target
 from test_batch import read_audit
 from test_target import SCENARIO, USERDATA, run_batch
-from test_voice import check_turn_audio, read_lines, read_recording
+from test_voice import AudioTracks, check_turn_audio, read_final, read_lines, read_recording
 
 from shared import wer
 from shared.rooms import room_name
@@ -41,7 +39,6 @@ VOICE_SCENARIO = {**SCENARIO, "id": "acme-voice", "script": [
     {"role": "support", "text": "Glad to help. Have a good day!", "end": True},
 ]}
 
-AUDIO, MIC = api.TrackType.AUDIO, api.TrackSource.MICROPHONE
 
 
 @pytest.fixture(scope="module")
@@ -71,42 +68,6 @@ def target(stack: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterat
         print(f"----- {name} (last lines)", t.out.read_text(errors="replace")[-4000:], sep="\n")
 
 
-class Publishers:
-    """Polls livekit-server while a batch runs: per room, the participants with a published
-    microphone audio track, and their kind (the target is an AGENT, the customer a STANDARD one)."""
-
-    def __init__(self, lk: api.LiveKitAPI, prefix: str) -> None:
-        self.lk, self.prefix = lk, prefix
-        self.seen: dict[str, dict[str, int]] = defaultdict(dict)  # room -> identity -> kind
-        self._task: asyncio.Task[None] | None = None
-
-    async def _poll(self) -> None:
-        while True:
-            for room in (await self.lk.room.list_rooms(api.ListRoomsRequest())).rooms:
-                if not room.name.startswith(self.prefix):
-                    continue
-                try:
-                    res = await self.lk.room.list_participants(api.ListParticipantsRequest(room=room.name))
-                except api.TwirpError as exc:
-                    if exc.code == api.TwirpErrorCode.NOT_FOUND:
-                        continue
-                    raise
-                for p in res.participants:
-                    if any(t.type == AUDIO and t.source == MIC for t in p.tracks):
-                        self.seen[room.name][p.identity] = p.kind
-            await asyncio.sleep(0.5)
-
-    async def __aenter__(self) -> Publishers:
-        self._task = asyncio.ensure_future(self._poll())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        if self._task.done() and not self._task.cancelled() and self._task.exception() is not None:
-            raise AssertionError(f"track poller failed: {self._task.exception()!r}")
-        self._task.cancel()
-
-
 @pytest.fixture
 async def lkapi(stack: Any) -> AsyncIterator[api.LiveKitAPI]:
     client = api.LiveKitAPI(stack.livekit_url.replace("ws", "http", 1), "devkey", "secret")
@@ -114,27 +75,15 @@ async def lkapi(stack: Any) -> AsyncIterator[api.LiveKitAPI]:
     await client.aclose()
 
 
-def read_voice_batch(folder: Path, conversations: int, timeout: float = 120) -> dict[str, Any]:
-    """batch.json once every conversation carries its voice metrics (the sink merged both channels)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        path = folder / "batch.json"
-        doc = json.loads(path.read_bytes()) if path.exists() else {}
-        if sum(1 for c in doc.get("conversations", {}).values() if c.get("voice")) == conversations:
-            return doc
-        assert time.monotonic() < deadline, f"{path} never got the voice metrics of {conversations} conversations: {doc}"
-        time.sleep(0.5)
-
-
 async def test_a_voice_batch_of_3_against_the_example_agent(stack: Any, target: Target, lkapi: api.LiveKitAPI) -> None:
     bid = f"tgtv-{int(time.time())}"
-    async with Publishers(lkapi, bid) as pubs:
+    with AudioTracks(lkapi, bid) as pubs:
         batch = await run_batch(stack, {"batch_id": bid, "conversations": 3, "concurrency": 2, "mode": "voice",
                                         "scenario": "acme-voice", "max_turns": 4,
                                         "target_agent": target.name}, timeout=600)
     assert (batch["status"], batch["completed"], batch["failed"]) == ("completed", 3, 0), batch
     folder = stack.data_dir / "batches" / bid
-    doc = read_voice_batch(folder, 3)
+    doc = read_final(folder, 3)
     jobs = {e["room"]: e for e in target.events("job")}
     replies: dict[str, list[str]] = {}
     for e in target.events("reply"):
