@@ -13,8 +13,9 @@ from the stereo files in ``batch.json``; the benchmark re-reads the files), the 
 per agent session), and conversation-minutes from the recordings' durations.
 
 ``--search`` (default on) then raises the concurrency from the largest run that held (every
-conversation completed, heard-latency p95 < 2 s) in ``--step`` steps until one does not hold, and
-reports the largest that held and what limited the next one. ``--profile`` samples the worker
+conversation completed, heard-latency p95 < 2 s) in ``--step`` steps until one does not hold (or,
+when none held, halves it from the smallest run until one holds), and reports the largest that
+held and what limited the next one. ``--profile`` samples the worker
 processes with py-spy during the first voice run and keeps the top frames. The machine's load
 average before and after each run is recorded: a shared machine makes every figure pessimistic.
 Writes benchmarks/results/voice-<label>.json.
@@ -39,6 +40,7 @@ from bench_batch import ROOT, ProcSampler, machine, quantiles, wait_finished
 from e2e.stack import running_stack
 
 from services.sink.core import voice as vm
+from shared import config
 
 RESULTS = ROOT / "benchmarks" / "results"
 P95_LIMIT_S = 2.0
@@ -71,11 +73,12 @@ def profile(stack: Any, seconds: int, out: Path) -> dict[str, Any]:
         return {"error": "py-spy not installed (pip install py-spy)"}
     pids = [p.pid for p in stack.processes() if "-m worker" in " ".join(p.cmdline())]
     frames: dict[str, int] = {}
+    areas: dict[str, int] = {}
     total = 0
     for pid in pids:
         raw = out / f"pyspy-{pid}.txt"
-        subprocess.run([spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "50", "--nonblocking",
-                        "--native", "-f", "raw", "-o", str(raw)], capture_output=True, timeout=seconds + 60)
+        subprocess.run([spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "20", "--nonblocking",
+                        "-f", "raw", "-o", str(raw)], capture_output=True, timeout=seconds + 120)
         if not raw.exists():
             continue
         for line in raw.read_text(errors="replace").splitlines():
@@ -83,8 +86,20 @@ def profile(stack: Any, seconds: int, out: Path) -> dict[str, Any]:
             leaf = stack_s.split(";")[-1] if stack_s else "?"
             frames[leaf] = frames.get(leaf, 0) + int(count)
             total += int(count)
+            for part, name in AREAS:
+                if part in stack_s:
+                    areas[name] = areas.get(name, 0) + int(count)
     top = sorted(frames.items(), key=lambda kv: -kv[1])[:25]
-    return {"samples": total, "top_own_frames": [{"frame": f, "share": round(n / total, 4)} for f, n in top]}
+    return {"samples": total, "by_area": {k: round(v / total, 4) for k, v in sorted(areas.items(), key=lambda kv: -kv[1])}
+            if total else {},
+            "top_own_frames": [{"frame": f, "share": round(n / total, 4)} for f, n in top]}
+
+
+# where a sample's stack runs, by the code it passes through (a sample may count in several)
+AREAS = (("silero", "silero VAD"), ("onnxruntime", "onnxruntime"), ("livekit/rtc", "livekit-rtc (FFI, audio)"),
+         ("audio_recognition", "agents: audio recognition"), ("stream_adapter", "agents: STT stream adapter"),
+         ("tts/", "agents: TTS"), ("room_io", "agents: room io"), ("recorder.py", "crosstalk: recording tap"),
+         ("httpx", "http clients"), ("openai", "openai client"), ("resampl", "resampling"))
 
 
 def run(mode: str, conversations: int, concurrency: int, turns: int, tmp: Path, env: dict[str, str],
@@ -122,6 +137,7 @@ def run(mode: str, conversations: int, concurrency: int, turns: int, tmp: Path, 
         rec = recordings(folder) if mode == "voice" else {}
     shutil.rmtree(workdir, ignore_errors=True)
     cpu = sampler.cpu_end - sampler.cpu_start
+    pacing = config.load({**os.environ, **overrides})
     minutes = rec.get("conversation_minutes") or 0.0
     out: dict[str, Any] = {
         "mode": mode, "conversations": conversations, "concurrency": concurrency, "max_turns": turns,
@@ -137,6 +153,9 @@ def run(mode: str, conversations: int, concurrency: int, turns: int, tmp: Path, 
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "stack_env": overrides,
+        # the scripted model's simulated latency, part of every turn's latency (not the pipeline's cost)
+        "model_pacing": {"ttft_ms": pacing.model_ttft_ms, "tokens_per_s": pacing.model_tokens_per_s,
+                         "vad_min_silence_s": pacing.vad_min_silence_s},
     }
     if mode == "voice":
         out.update({"conversation_minutes": round(minutes, 2),
@@ -245,6 +264,11 @@ def main() -> None:
         c = max(good) + args.step
         while c <= args.search_max and one(c, False)["held"]:
             c += args.step
+    elif args.search and not good:
+        # none held: halve down from the smallest run until one holds
+        c = min(r["voice"]["concurrency"] for r in results) // 2
+        while c >= 1 and not one(c, False)["held"]:
+            c //= 2
     save(out_path, results, args)
     print(f"wrote {out_path}")
 
@@ -256,8 +280,7 @@ def save(path: Path, results: list[dict[str, Any]], args: argparse.Namespace) ->
     nxt = min(bad, key=lambda r: r["voice"]["concurrency"]) if bad else None
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
-        "command": "PYTHONPATH=.:tests .venv/bin/python benchmarks/bench_voice.py " + " ".join(
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("tmp",)),
+        "command": "PYTHONPATH=.:tests .venv/bin/python benchmarks/bench_voice.py " + " ".join(sys.argv[1:]),
         "machine": machine(),
         "criterion": f"every conversation completed and heard-latency p95 < {P95_LIMIT_S} s (from the recordings)",
         "largest_concurrency_held": largest,

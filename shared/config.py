@@ -121,13 +121,9 @@ class Settings:
     # observability
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0  # 0: pick per process default (see shared.metrics)
-    # voice mode (worker/voice.py): the models asked of the speech API (the offline service accepts
-    # these OpenAI names; a real provider gets its own defaults) and the end of a speaker's turn:
-    # this much silence after its speech (Silero VAD)
-    voice_stt_model: str = "whisper-1"
-    voice_tts_model: str = "tts-1"
-    # 0.35 s: the speaker's end-of-turn message guards against a pause inside a turn (Silero's own
-    # default, 0.55 s, is tuned for people)
+    # voice mode (worker/voice.py): the end of a speaker's turn, this much silence after its speech
+    # (Silero VAD); 0.35 s: the speaker's end-of-turn message guards against a pause inside a turn
+    # (Silero's own default, 0.55 s, is tuned for people)
     vad_min_silence_s: float = 0.35
 
     def __str__(self) -> str:  # safe to log
@@ -237,8 +233,6 @@ def load(env: dict[str, str] | None = None) -> Settings:
         metrics_host=_str(e, "CROSSTALK_METRICS_HOST", "127.0.0.1"),
         metrics_port=_num(e, "CROSSTALK_METRICS_PORT", 0, lo=0, hi=65535, integer=True),
         real_model=real_model,
-        voice_stt_model=_str(e, "CROSSTALK_STT_MODEL", "gpt-4o-mini-transcribe" if real_speech else "whisper-1"),
-        voice_tts_model=_str(e, "CROSSTALK_TTS_MODEL", "gpt-4o-mini-tts" if real_speech else "tts-1"),
         vad_min_silence_s=_num(e, "CROSSTALK_VAD_MIN_SILENCE_S", 0.35, lo=0.05, hi=10),
         model_served_log=_path(e, "CROSSTALK_MODEL_SERVED_LOG"),
     )

@@ -4,7 +4,7 @@
 16 kHz mono) and the ``AgentSession``: every frame the session hears is also appended to a PCM
 buffer on the audio's own sample clock, sample 0 at the wall time the first frame arrived. A
 stretch of frames lost under load (the sample clock falling more than ``GAP_S`` behind the wall
-clock) is padded with silence, so the channel stays on the room's timeline. Frames louder than
+clock) is padded with silence, so the channel stays on the room's timeline. 10-ms blocks louder than
 ``SPEECH_RMS`` are speech: the tap keeps the span of speech not yet reported (a turn heard), the
 conversation's first speech (the recording's time zero) and when speech was last heard.
 
@@ -31,6 +31,7 @@ from shared.log import kv
 log = logging.getLogger("worker.recorder")
 
 SPEECH_RMS = 300.0  # int16 RMS of a speech frame (about -40 dBFS); synthetic speech's pauses are near 0
+BLOCKS_PER_S = 100  # speech is located to the 10-ms block within a frame
 GAP_S = 0.5  # the sample clock this far behind the wall clock: frames were lost, pad with silence
 
 
@@ -70,12 +71,26 @@ class Tap(io.AudioInput):
             self.padded_s += pad / self.rate
         t0 = self.start_at + self.samples / self.rate
         self.pcm.extend(x.astype("<i2").tobytes())
-        if len(x) and float(np.sqrt(np.mean(x.astype(np.float32) ** 2))) >= SPEECH_RMS:
-            t1 = t0 + len(x) / self.rate
-            self.last_loud_wall = now
+        loud = self._loud_blocks(x)
+        if loud.size:
+            # speech bounds to the 10-ms block, whatever the frame size
+            block, first, last = self.rate // BLOCKS_PER_S, int(loud[0]), int(loud[-1])  # plain ints: times go to JSON
+            t_first, t1 = t0 + first * block / self.rate, t0 + min(len(x), (last + 1) * block) / self.rate
+            self.last_loud_wall = now - (len(x) / self.rate - (t1 - t0))
             if self.first_speech_at is None:
-                self.first_speech_at = t0
-            self.span = (t0, t1) if self.span is None else (self.span[0], t1)
+                self.first_speech_at = t_first
+            self.span = (t_first, t1) if self.span is None else (self.span[0], t1)
+
+    def _loud_blocks(self, x: np.ndarray) -> np.ndarray:
+        """Indices of the frame's 10-ms blocks whose RMS is speech."""
+        block = self.rate // BLOCKS_PER_S
+        if not len(x) or block <= 0:
+            return np.empty(0, dtype=np.int64)
+        n = -(-len(x) // block)
+        padded = np.zeros(n * block, dtype=np.float32)
+        padded[: len(x)] = x
+        rms = np.sqrt(np.mean(padded.reshape(n, block) ** 2, axis=1))
+        return np.flatnonzero(rms >= SPEECH_RMS)
 
     def quiet_for(self, now: float) -> float:
         """Seconds since speech was last heard (infinite if never)."""

@@ -139,13 +139,22 @@ def text_session(settings: Settings, meta: JobMetadata, conv: Conversation) -> t
 
 
 def audio_input() -> room_io.AudioInputOptions:
-    """Voice mode: the peer's track in at 16 kHz, 50 ms frames (worker/voice.py)."""
+    """Voice mode: the peer's track in at the listener's rate and frame size (worker/voice.py).
+
+    No auto gain control: RoomIO turns WebRTC's AGC on by default, one FFI round trip and a pass over
+    every frame of every listener, to level a synthetic peer voice that needs none (and that the
+    recording should carry as the room did).
+    """
     return room_io.AudioInputOptions(sample_rate=voice_mode.INPUT_RATE, frame_size_ms=voice_mode.INPUT_FRAME_MS,
-                                     pre_connect_audio=False)
+                                     pre_connect_audio=False, auto_gain_control=False)
 
 
 def audio_output() -> room_io.AudioOutputOptions:
-    return room_io.AudioOutputOptions(sample_rate=voice_mode.OUTPUT_RATE)
+    """Voice mode: this agent's microphone track. No RED (each packet carrying the previous one again):
+    loopback/LAN rooms lose no packets, and it doubles what livekit-server forwards and the listener unpacks."""
+    return room_io.AudioOutputOptions(
+        sample_rate=voice_mode.OUTPUT_RATE,
+        track_publish_options=rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE, red=False))
 
 
 async def start(ctx: JobContext, settings: Settings, meta: JobMetadata, role: Role, scenario: Scenario,

@@ -27,10 +27,11 @@ from shared import voices
 from shared.config import Settings
 from shared.voiceplan import VoicePlan
 
-# RoomIO's input at 16 kHz in 50 ms frames (Whisper and Silero work at 16 kHz; one frame per 50 ms
-# halves the per-frame work of the 24 kHz / 20 ms a default would cost); output at the TTS's 24 kHz.
+# RoomIO's input at 16 kHz in 100 ms frames (Whisper and Silero work at 16 kHz; every frame costs
+# an FFI event, a RoomIO/recorder/STT-adapter hop and a VAD wake-up in Python whatever its length:
+# 100 ms frames do that 10 times a second per listener, not 20); output at the TTS's 24 kHz.
 INPUT_RATE: Final = 16000
-INPUT_FRAME_MS = 50
+INPUT_FRAME_MS = 100
 OUTPUT_RATE = voices.OUTPUT_SAMPLE_RATE
 
 
@@ -60,9 +61,9 @@ def speech_models(settings: Settings, p: VoicePlan, client: openai.AsyncClient) 
     stt = None
     if p.hears_via == "stt":
         stt = lk_stt.StreamAdapter(
-            stt=lk_openai.STT(model=settings.voice_stt_model, language=p.peer_language.split("-")[0],
+            stt=lk_openai.STT(model=settings.speech_stt_model, language=p.peer_language.split("-")[0],
                               client=client, use_realtime=False),
             vad=process_vad(settings))
-    tts = lk_openai.TTS(model=settings.voice_tts_model, voice=p.voice, speed=p.speed, client=client,
+    tts = lk_openai.TTS(model=settings.speech_tts_model, voice=p.voice, speed=p.speed, client=client,
                         response_format="pcm")
     return stt, tts

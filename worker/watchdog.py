@@ -26,9 +26,16 @@ import urllib.request
 HEARTBEAT = "crosstalk_worker_heartbeat_timestamp_seconds"
 
 
+def metrics_host() -> str:
+    """Where the worker serves /metrics (CROSSTALK_METRICS_HOST, inherited from it); found by the
+    second-host test: on a host address the watchdog asked loopback, saw no answer, and killed it."""
+    host = os.environ.get("CROSSTALK_METRICS_HOST", "").strip()
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+
 def heartbeat(port: int) -> float | None:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        with urllib.request.urlopen(f"http://{metrics_host()}:{port}/metrics", timeout=10) as resp:
             for line in resp.read().decode().splitlines():
                 if line.startswith(HEARTBEAT + " "):
                     return float(line.split()[1])

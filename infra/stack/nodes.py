@@ -25,11 +25,12 @@ def nats_programs(cfg: Config, nats_server: str) -> list[Program]:
             argv += ("-n", f"crosstalk-{i + 1}", "--cluster_name", "crosstalk", "--cluster", routes[i],
                      "--routes", ",".join(r for j, r in enumerate(routes) if j != i))
             ports += (route,)
+        # the monitor listens on infra/nats.conf's `http:` host, loopback (-m sets only its port)
         out.append(Program(
             name, argv,
-            f"nats://{h}:{client}  (JetStream store {store}, monitor http://{h}:{monitor})",
+            f"nats://{h}:{client}  (JetStream store {store}, monitor http://127.0.0.1:{monitor})",
             # a cluster node is healthy once JetStream is (meta leader elected, streams current)
-            f"http://{h}:{monitor}/healthz" + ("" if cfg.nats_nodes else "?js-enabled-only=true"),
+            f"http://127.0.0.1:{monitor}/healthz" + ("" if cfg.nats_nodes else "?js-enabled-only=true"),
             ports, priority=10, startsecs=1,
         ))
     return out

@@ -73,9 +73,14 @@ def plan(cfg: Config) -> Plan:
         "CROSSTALK_DATA_DIR": str(cfg.data_dir),
         **({"CROSSTALK_STREAM_REPLICAS": os.environ.get("CROSSTALK_STREAM_REPLICAS") or "3"} if cfg.nats_nodes else {}),
         "CROSSTALK_MODEL_PORT": str(cfg.model_port),
-        "CROSSTALK_MODEL_URL": f"http://{h}:{cfg.model_port}/v1",
+        # this stack's model, or (a host running only workers: CROSSTALK_SERVICES) the one configured
+        "CROSSTALK_MODEL_URL": f"http://{h}:{cfg.model_port}/v1" if cfg.wanted("model") or "CROSSTALK_MODEL_URL"
+        not in os.environ else cfg.settings.model_base_url,
+        "CROSSTALK_MODEL_HOST": h,  # the model listens where its URL says
         "CROSSTALK_SPEECH_PORT": str(cfg.speech_port),
-        "CROSSTALK_SPEECH_URL": f"http://{h}:{cfg.speech_port}/v1",
+        "CROSSTALK_SPEECH_URL": f"http://{h}:{cfg.speech_port}/v1" if cfg.wanted("speech") or "CROSSTALK_SPEECH_URL"
+        not in os.environ else cfg.settings.speech_base_url,
+        "CROSSTALK_SPEECH_HOST": h,  # the speech service listens where its URL says
         "CROSSTALK_METRICS_HOST": h,
         "PYTHONUNBUFFERED": "1",
     }

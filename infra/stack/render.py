@@ -82,6 +82,8 @@ def render_livekit(cfg: Config) -> str:
     """infra/livekit.yaml with this stack's webhook receiver (services/webhook) and API key."""
     doc = yaml.safe_load((INFRA / "livekit.yaml").read_text())
     doc["webhook"] = {"api_key": cfg.livekit_key, "urls": [f"http://{cfg.host}:{cfg.webhook_port}/webhook"]}
+    if cfg.host not in ("127.0.0.1", "localhost"):  # its ICE candidates: the address agents reach it on
+        doc.setdefault("rtc", {})["node_ip"] = cfg.host
     if cfg.livekit_more_nodes:  # LiveKit's multi-node mode: every node shares this Redis
         doc["redis"] = {"address": f"{cfg.host}:{cfg.redis_port}"}
     body: str = yaml.safe_dump(doc, sort_keys=False)

@@ -27,6 +27,7 @@ from pathlib import Path
 import nkeys
 
 from infra.stack.config import INFRA
+from shared.streams import RECORDINGS_BUCKET
 
 # What each service publishes (shared/subjects.py); everything else is refused by nats-server.
 PUBLISHES: dict[str, list[str]] = {
@@ -34,7 +35,10 @@ PUBLISHES: dict[str, list[str]] = {
     "allocator": ["roles.>"],
     "sink": [],
     "webhook": ["lk.room.>"],
-    "worker": ["conv.>", "role.request", "role.renew", "role.release", "worker.capacity.*"],
+    # $O.<bucket>.>: a voice job puts its channel of the recording in the object store
+    "worker": ["conv.>", "role.request", "role.renew", "role.release", "worker.capacity.*",
+               f"$O.{RECORDINGS_BUCKET}.>"],
+    "judge": [],  # consumes batch events, writes files
     "cli": ["batch.start", "smoke.*"],  # smoke.*: `just check`'s JetStream round trip
 }
 COMMON = ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>"]  # streams/consumers API, acks, flow control

@@ -346,6 +346,28 @@ def total(samples: dict[Any, float], name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
 
 
+async def use_speech(stack: Any) -> None:
+    """Real use of the stack's speech service, as an agent makes it: streamed pcm speech (time to
+    first audio), and a transcription of that speech (Whisper)."""
+    import io
+    import wave
+
+    import openai
+
+    speech = openai.AsyncOpenAI(base_url=stack.speech_url, api_key="crosstalk-offline", max_retries=0)
+    try:
+        pcm = await speech.audio.speech.create(model="tts-1", voice="en-joe", input="Thanks for calling.",
+                                               response_format="pcm")
+        buf = io.BytesIO()
+        with wave.open(buf, "wb") as w:
+            w.setnchannels(1), w.setsampwidth(2), w.setframerate(24000)
+            w.writeframes(pcm.content)
+        heard = await speech.audio.transcriptions.create(model="whisper-1", file=("turn.wav", buf.getvalue()))
+        assert "thank" in heard.text.lower(), heard.text
+    finally:
+        await speech.close()
+
+
 async def test_metrics_and_dashboard_queries_after_a_real_batch(stack: Any, js: Any) -> None:
     """Every /metrics endpoint shows what the batch implies; every dashboard panel returns data."""
     from support.prometheus import Prometheus, dashboard_exprs, has_finite, wait_for
@@ -357,6 +379,7 @@ async def test_metrics_and_dashboard_queries_after_a_real_batch(stack: Any, js: 
     prom.wait_targets_up(timeout=60)  # Prometheus has the series before the batch moves them
     await asyncio.sleep(6)
     before = {name: scrape(port) for name, port in ports.items()}
+    await use_speech(stack)  # a text batch never calls the speech service: its panels need real use
     batch_id, n = "e2e-metrics", 5
     import nats
 
@@ -391,6 +414,7 @@ async def test_metrics_and_dashboard_queries_after_a_real_batch(stack: Any, js: 
     assert delta("sink", "crosstalk_transcript_turns_written_total") == turns
     assert delta("model", "crosstalk_model_requests_total") >= turns
 
+    await use_speech(stack)  # and again, so every rate() over it has two scrapes that moved
     # the batch's effect has been scraped
     wait_for(lambda: has_finite(r := prom.query(
         f'sum(crosstalk_conversations_total{{outcome="completed"}}) >= {n}')) and r, 60,

@@ -138,7 +138,7 @@ CORPUS: list[tuple[bytes, str]] = [
     (b'{"max_turns": 0}', "max_turns"),
     (b'{"max_turns": 1000}', "max_turns"),
     (b'{"mode": "video"}', "mode"),
-    (b'{"mode": "voice"}', "mode"),
+    (b'{"mode": "voice", "language": "fr"}', "language"),  # no script and no voice in it
     (b'{"language": "english!"}', "language"),
     (b'{"language": "../x"}', "language"),
     (b'{"language": "hi"}', "language"),  # the default scenario's offline script is English

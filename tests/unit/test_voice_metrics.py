@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,3 +122,22 @@ def test_conversation_metrics_and_summary_from_a_recording() -> None:
     assert s.conversations == 2 and s.heard_latency_p50_s == 1.5
     assert s.heard_via == {"stt": 4, "speaker_text": 2} and s.note == voice.SPEAKER_TEXT_NOTE
     assert voice.summary([]).note is None
+
+
+def test_recording_ids_are_validated_before_a_path(tmp_path: Path) -> None:
+    """A channel event's ids are checked on decode, and the data directory checks the path again."""
+    import msgspec
+
+    from services.sink.files import DataDir
+    from shared.contracts import ContractError, RecordingChannel, decode
+
+    body = {"batch_id": "b1", "conversation_id": "../../etc", "attempt": 1, "role": "customer",
+            "sample_rate": 16000, "start_at": 1.0, "at": 2.0}
+    with pytest.raises(ContractError) as err:
+        decode(msgspec.json.encode(body), RecordingChannel)
+    assert err.value.field == "conversation_id"
+    dirs = DataDir(tmp_path)
+    assert dirs.recording("b1", "c-1") == (tmp_path / "batches" / "b1" / "recordings" / "c-1.wav").resolve()
+    for bad in ("../x", "a/b", "a.b"):
+        with pytest.raises(ContractError):
+            dirs.recording("b1", bad)

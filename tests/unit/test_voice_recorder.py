@@ -44,3 +44,18 @@ def test_a_lost_stretch_is_padded_with_silence_and_a_late_frame_is_not() -> None
     # the span runs on the sample clock: it ends where the last frame sits in the recording
     span = tap.take_span()
     assert span is not None and round(span[1] - span[0], 2) == 1.5
+
+
+def test_speech_is_located_to_the_10_ms_block_inside_a_long_frame() -> None:
+    """A 100-ms frame whose speech stops after 30 ms: the span ends at 30 ms, not at the frame's end,
+    and the times are plain floats (they go into JSON control messages)."""
+    n = RATE // 10
+    x = np.zeros(n, dtype=np.int16)
+    t = np.arange(n) / RATE
+    x[: 3 * RATE // 100] = (np.sin(2 * np.pi * 300 * t[: 3 * RATE // 100]) * 5000).astype(np.int16)
+    tap = Tap(None, sample_rate=RATE)
+    tap.add(rtc.AudioFrame(x.tobytes(), RATE, 1, n), 50.1)
+    span = tap.take_span()
+    assert span is not None and type(span[0]) is float and type(span[1]) is float
+    assert (round(span[0], 3), round(span[1], 3)) == (50.0, 50.03)
+    assert type(tap.first_speech_at) is float and round(tap.quiet_for(50.1), 3) == 0.07
