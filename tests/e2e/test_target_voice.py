@@ -16,13 +16,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from livekit import api
 from stack import running_stack
 from support.target import Target
 from test_batch import read_audit
 from test_target import SCENARIO, USERDATA, run_batch
-from test_voice import AudioTracks, check_turn_audio, read_final, read_lines, read_recording
+from test_voice import AudioTracks, read_final, read_lines, read_recording
 
 from shared import wer
 from shared.rooms import room_name
@@ -66,6 +67,19 @@ def target(stack: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterat
     t.stop()
     if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
         print(f"----- {name} (last lines)", t.out.read_text(errors="replace")[-4000:], sep="\n")
+
+
+def check_speech_spans(stereo: np.ndarray, rate: int, turns: list[dict[str, Any]]) -> None:
+    """Each turn's span holds at least 0.5 s of speech on its speaker's channel (customer left, support
+    right) and begins and ends with it. No share of the span is asked for: the target's own TTS may
+    pause between two sentences as long as its machine makes it, and the room carries that pause."""
+    win = rate // 50  # 20-ms windows
+    for t in turns:
+        start, end = t["audio_start_s"], t["audio_end_s"]
+        assert start is not None and end is not None and 0 <= start < end, t
+        seg = stereo[int(start * rate): int(end * rate), 0 if t["role"] == "customer" else 1].astype(np.float64)
+        loud = np.sqrt((seg[: len(seg) // win * win].reshape(-1, win) ** 2).mean(axis=1)) > 300
+        assert loud.sum() >= 25 and loud[:5].any() and loud[-5:].any(), f"turn {t['turn']}: no speech on its channel"
 
 
 @pytest.fixture
@@ -112,7 +126,7 @@ async def test_a_voice_batch_of_3_against_the_example_agent(stack: Any, target: 
         heard_by_target += [(t["text"], t["heard_text"]) for t in customer]
         # the recording: the room's two channels, speech inside each turn's span on its speaker's side
         stereo, rate = read_recording(folder / "recordings" / f"{cid}.wav")
-        check_turn_audio(stereo, rate, turns)
+        check_speech_spans(stereo, rate, turns)
         # the target ran under an audio simulation (SIMULATION_MODE_AUDIO = 2), scenario and all
         sim = jobs[room]["simulation"]
         assert sim["mode"] == 2 and sim["userdata"] == USERDATA and sim["run_id"] == bid
