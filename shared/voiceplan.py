@@ -40,13 +40,17 @@ def plan(scenario: Scenario, role: Role, language: str, settings: Settings) -> V
     return VoicePlan(voice=voice, speed=me.speed, language=mine, hears_via=hears, peer_language=theirs)
 
 
-def check(scenario: Scenario, language: str, settings: Settings) -> tuple[str, str] | None:
-    """``(field, reason)`` if ``scenario`` cannot run in voice mode in ``language``, else None."""
+def check(scenario: Scenario, language: str, settings: Settings,
+          roles: tuple[Role, ...] = ("customer", "support")) -> tuple[str, str] | None:
+    """``(field, reason)`` if ``scenario`` cannot run in voice mode in ``language``, else None.
+
+    ``roles``: the roles crosstalk voices (against a user's own agent, the customer only: the support
+    role speaks with that agent's own voice)."""
     if not scenario.voice_mode:
         return "mode", f"scenario {scenario.id!r} disables voice mode (voice_mode: false); use mode 'text'"
-    for role in ("customer", "support"):
+    for role in roles:
         try:
-            plan(scenario, role, language, settings)  # type: ignore[arg-type]
+            plan(scenario, role, language, settings)
         except voices.VoiceError as exc:
             where = "language" if exc.param == "language" else f"scenario {scenario.id!r} {role} voice"
             return ("language" if exc.param == "language" else "scenario"), f"{where}: {exc.reason}"

@@ -152,7 +152,7 @@ class Conversation:
     async def _say(self, speak: Speak, text: str, now: float, first_token_s: float | None) -> None:
         # Durable record first, then the peer hears it: a turn the peer answers is never lost.
         await self.reports.turn(speak.turn, text, started_at=speak.started_at, ended_at=now,
-                                first_token_s=first_token_s)
+                                first_token_s=first_token_s, **self.turn_audio())
         end = self.turns.spoken(speak.turn)
         if end is None:
             await self.bridge.send_turn(text, speak.turn)
@@ -161,6 +161,10 @@ class Conversation:
         await self.bridge.send_control("end", reason=end.reason)
         await self.bridge.send_turn(text, speak.turn)
         self.finish(end)
+
+    def turn_audio(self) -> dict[str, Any]:
+        """Where this agent's turn lies in the recording (voice modes that know it; text: nothing)."""
+        return {}
 
     async def _end_soon(self, reason: str) -> None:
         # The tool may run before or after the goodbye message is added: give that message

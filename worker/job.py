@@ -78,7 +78,7 @@ async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> No
         async with keeper.kept():
             try:
                 if meta.target_agent:
-                    await simulator.talk(ctx, settings, meta, scenario, reports, keeper, marks)
+                    await simulator.talk(ctx, settings, meta, scenario, reports, keeper, marks, js)
                 else:
                     await talk(ctx, settings, meta, scenario, reports, keeper, marks, js)
             except Exception as exc:

@@ -26,6 +26,7 @@ from livekit.plugins import openai as lk_openai
 from shared.config import Settings
 from shared.contracts import JobMetadata, Role
 from shared.scenarios import Scenario
+from shared.voiceplan import VoicePlan
 from worker import voice as voice_mode
 from worker.agents import agent_for
 from worker.conversation import Conversation
@@ -92,11 +93,11 @@ def new_session(settings: Settings, meta: JobMetadata, conv: Conversation
     """The job's ``AgentSession`` (text, or voice with STT/TTS on the speech service), its model
     client and its speech client (voice), the assistant messages fed to ``conv``."""
     client = model_client(settings, f"{meta.batch_id}/{meta.conversation_id}/{meta.attempt}")
-    voice = isinstance(conv, VoiceConversation)
-    speech = speech_client(settings) if voice else None
-    if isinstance(conv, VoiceConversation):
+    plan: VoicePlan | None = getattr(conv, "plan", None)  # voice mode's conversations carry their role's plan
+    speech = speech_client(settings) if plan is not None else None
+    if plan is not None:
         assert speech is not None
-        stt, tts = voice_mode.speech_models(settings, conv.plan, speech)
+        stt, tts = voice_mode.speech_models(settings, plan, speech)
         session: AgentSession = AgentSession(
             llm=lk_openai.LLM(model=settings.model_name, client=client),
             stt=stt,
@@ -126,8 +127,8 @@ def new_session(settings: Settings, meta: JobMetadata, conv: Conversation
         )
     session.on("conversation_item_added", conv.on_item)
     session.on("error", conv.on_error)  # a broken completion ends the call before its partial text is recorded
-    if isinstance(conv, VoiceConversation):
-        session.on("user_state_changed", conv.on_user_state)
+    if plan is not None:
+        session.on("user_state_changed", conv.on_user_state)  # type: ignore[attr-defined]
     return session, client, speech
 
 
@@ -135,6 +136,25 @@ def text_session(settings: Settings, meta: JobMetadata, conv: Conversation) -> t
     """A text-only ``AgentSession`` on the job's model client, its assistant messages fed to ``conv``."""
     session, client, _ = new_session(settings, meta, conv)
     return session, client
+
+
+def audio_input() -> room_io.AudioInputOptions:
+    """Voice mode: the peer's track in at the listener's rate and frame size (worker/voice.py).
+
+    No auto gain control: RoomIO turns WebRTC's AGC on by default, one FFI round trip and a pass over
+    every frame of every listener, to level a synthetic peer voice that needs none (and that the
+    recording should carry as the room did).
+    """
+    return room_io.AudioInputOptions(sample_rate=voice_mode.INPUT_RATE, frame_size_ms=voice_mode.INPUT_FRAME_MS,
+                                     pre_connect_audio=False, auto_gain_control=False)
+
+
+def audio_output() -> room_io.AudioOutputOptions:
+    """Voice mode: this agent's microphone track. No RED (each packet carrying the previous one again):
+    loopback/LAN rooms lose no packets, and it doubles what livekit-server forwards and the listener unpacks."""
+    return room_io.AudioOutputOptions(
+        sample_rate=voice_mode.OUTPUT_RATE,
+        track_publish_options=rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE, red=False))
 
 
 async def start(ctx: JobContext, settings: Settings, meta: JobMetadata, role: Role, scenario: Scenario,
@@ -154,19 +174,8 @@ async def start(ctx: JobContext, settings: Settings, meta: JobMetadata, role: Ro
         session_host=False,
         room_options=room_io.RoomOptions(
             text_input=room_io.TextInputOptions(text_input_cb=conv.on_peer_text),
-            # no auto gain control: RoomIO turns WebRTC's AGC on by default, one FFI round trip and a
-            # pass over every frame of every listener, to level a synthetic peer voice that needs none
-            # (and that the recording should carry as the room did)
-            audio_input=room_io.AudioInputOptions(
-                sample_rate=voice_mode.INPUT_RATE, frame_size_ms=voice_mode.INPUT_FRAME_MS, pre_connect_audio=False,
-                auto_gain_control=False)
-            if voice else False,
-            # no RED (each packet carrying the previous one again): loopback/LAN rooms lose no packets,
-            # and it doubles what livekit-server forwards and the listener unpacks
-            audio_output=room_io.AudioOutputOptions(
-                sample_rate=voice_mode.OUTPUT_RATE,
-                track_publish_options=rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE, red=False))
-            if voice else False,
+            audio_input=audio_input() if voice else False,
+            audio_output=audio_output() if voice else False,
             text_output=False,  # the transcription goes out through CoalescedTranscription (set above)
             participant_kinds=[rtc.ParticipantKind.PARTICIPANT_KIND_AGENT],
             participant_identity=peer.identity,

@@ -17,6 +17,10 @@ Settings (environment):
     ACME_HEALTH_PORT       the worker's health/HTTP port (default 8081; 0 picks a free one)
     ACME_JOB_LOG           append one JSON line per job start, reply and job end (what this agent saw and said)
     ACME_GREETING          say this first, before the caller speaks (as many production agents do)
+    ACME_SPEECH_BASE_URL   OpenAI-compatible speech API for STT/TTS (default: the same as the LLM's)
+    ACME_STT_MODEL         transcription model (default gpt-4o-mini-transcribe)
+    ACME_TTS_MODEL         speech model (default gpt-4o-mini-tts)
+    ACME_TTS_VOICE         speech voice (default ash)
 
 Test knobs (misbehaviour on purpose, for the failure tests): ACME_NEVER_SPEAK=1 never answers;
 ACME_STOP_AFTER=N stops answering after N replies; ACME_LEAVE_AFTER=N leaves the room when
@@ -45,7 +49,7 @@ from livekit.agents import (
     cli,
     llm,
 )
-from livekit.plugins import openai
+from livekit.plugins import openai, silero
 
 log = logging.getLogger("acme-support")
 
@@ -116,6 +120,19 @@ def build_server() -> AgentServer:
     return server
 
 
+_vad_lock = threading.Lock()
+_vad_model: silero.VAD | None = None
+
+
+def _vad() -> silero.VAD:
+    """Silero VAD, loaded once per process (its model ships in livekit-plugins-silero)."""
+    global _vad_model
+    with _vad_lock:
+        if _vad_model is None:
+            _vad_model = silero.VAD.load()
+        return _vad_model
+
+
 async def _ended(ctx: JobContext, reason: str) -> None:
     record(event="ended", room=ctx.room.name, job_id=ctx.job.id, reason=str(reason))
 
@@ -135,10 +152,15 @@ async def entrypoint(ctx: JobContext) -> None:
     ctx.add_shutdown_callback(lambda reason="": _ended(ctx, reason))
     await ctx.connect()
 
+    # the speech API: OPENAI_BASE_URL (as the LLM's) unless ACME_SPEECH_BASE_URL names another
+    speech = {"base_url": url} if (url := os.environ.get("ACME_SPEECH_BASE_URL")) else {}
     session: AgentSession = AgentSession(
-        stt=openai.STT(use_realtime=True),  # streaming: no VAD needed to cut the caller's speech
+        # Silero VAD cuts the caller's speech; each utterance goes to the transcription endpoint
+        vad=_vad(),
+        stt=openai.STT(model=os.environ.get("ACME_STT_MODEL", "gpt-4o-mini-transcribe"), use_realtime=False, **speech),
         llm=openai.LLM(model=os.environ.get("ACME_LLM_MODEL", "gpt-4o-mini")),
-        tts=openai.TTS(),
+        tts=openai.TTS(model=os.environ.get("ACME_TTS_MODEL", "gpt-4o-mini-tts"),
+                       voice=os.environ.get("ACME_TTS_VOICE", "ash"), **speech),
     )
 
     @session.on("conversation_item_added")

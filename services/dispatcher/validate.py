@@ -19,8 +19,6 @@ from shared.config import Settings
 from shared.contracts import BatchSpec, ContractError, StartBatch
 from shared.scenarios import DEFAULT_SCENARIO, Scenario
 
-TARGET_VOICE_UNAVAILABLE = "voice with target_agent is not supported yet"
-
 
 class Rejection(msgspec.Struct, frozen=True, kw_only=True):
     """A command that never becomes a batch: which field, and why."""
@@ -100,7 +98,8 @@ def validate(
         if cmd.mode == "voice":
             # unknown voice, a language no TTS voice speaks, a scenario that disables voice: named
             # here, before any room exists (the worker would fail each conversation the same way)
-            problem = voiceplan.check(sc, cmd.language or sc.language, settings)
+            problem = voiceplan.check(sc, cmd.language or sc.language, settings,
+                                      ("customer",) if cmd.target_agent is not None else ("customer", "support"))
             if problem is not None:
                 return reject(*problem)
     carried = batch_plan.batch_scenarios(chosen) if planned else ()
@@ -128,8 +127,6 @@ def target_problem(cmd: StartBatch, settings: Settings) -> tuple[str, str] | Non
     if cmd.target_agent == settings.agent_name:
         return "target_agent", (f"{cmd.target_agent!r} is crosstalk's own agent name (CROSSTALK_AGENT_NAME); "
                                 "name the agent your own worker registers")
-    if cmd.mode == "voice":
-        return "mode", TARGET_VOICE_UNAVAILABLE
     return None
 
 

@@ -223,7 +223,6 @@ async def test_a_target_without_a_worker_is_a_no_show_named_within_the_deadline(
 async def test_bad_target_fields_are_rejected_naming_the_field(stack: Any) -> None:
     for body, field in [({"target_agent": "acme support"}, "target_agent"),
                         ({"target_agent": "acme", "target_metadata": "x" * 20000}, "target_metadata"),
-                        ({"target_agent": "acme", "mode": "voice"}, "mode"),
                         ({"target_metadata": "{}"}, "target_metadata")]:
         reply = await start(stack, body)
         assert not reply.accepted and reply.field == field, (body, reply)

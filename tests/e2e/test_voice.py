@@ -46,11 +46,13 @@ async def nc(stack: Any) -> AsyncIterator[Any]:
 
 
 class AudioTracks:
-    """Polls livekit-server while a batch runs: which role published a microphone audio track in each room."""
+    """Polls livekit-server while a batch runs: which role published a microphone audio track in each room
+    (and every participant that did, with its kind)."""
 
     def __init__(self, lk: api.LiveKitAPI, prefix: str) -> None:
         self.lk, self.prefix = lk, prefix
         self.publishers: dict[str, set[str]] = defaultdict(set)  # room -> roles with a published mic track
+        self.seen: dict[str, dict[str, int]] = defaultdict(dict)  # room -> identity -> kind, any mic publisher
         self._task: asyncio.Task[None] | None = None
 
     async def _poll(self) -> None:
@@ -65,6 +67,8 @@ class AudioTracks:
                         continue
                     raise
                 for p in res.participants:
+                    if any(t.type == AUDIO and t.source == MIC for t in p.tracks):
+                        self.seen[room.name][p.identity] = p.kind
                     role = p.attributes.get("crosstalk.role")
                     if p.kind == api.ParticipantInfo.Kind.AGENT and role and any(
                             t.type == AUDIO and t.source == MIC for t in p.tracks):

@@ -117,6 +117,13 @@ def test_a_generated_batch_id_is_deterministic_per_stored_command() -> None:
     assert contracts.is_id(a) and len(a) == len("b-20261125-165200-3fa2c1")
 
 
+def test_a_voice_batch_against_a_target_agent_is_accepted() -> None:
+    """Voice mode with target_agent: crosstalk's customer speaks and listens through audio tracks."""
+    got = check(b'{"target_agent": "acme", "mode": "voice", "conversations": 3}')
+    assert isinstance(got, BatchSpec), got
+    assert (got.mode, got.target_agent, got.conversations) == ("voice", "acme", 3)
+
+
 @pytest.mark.parametrize(("body", "field", "fragment"), [
     # an unknown field is rejected by name, never ignored
     (b'{"conversation": 200}', "conversation", "did you mean 'conversations'?"),
@@ -130,7 +137,6 @@ def test_a_generated_batch_id_is_deterministic_per_stored_command() -> None:
     (b'{"target_agent": "crosstalk"}', "target_agent", "crosstalk's own agent name"),
     (b'{"target_agent": "acme", "target_metadata": "' + b"x" * 16385 + b'"}', "target_metadata", "16384"),
     (b'{"target_metadata": "{}"}', "target_metadata", "only used with target_agent"),
-    (b'{"target_agent": "acme", "mode": "voice"}', "mode", "voice with target_agent is not supported yet"),
     # a value out of range, of the wrong kind, or no JSON object at all
     (b'{"conversations": 1001}', "conversations", "at most 1000"),
     (b'{"conversations": 0}', "conversations", ">= 1"),

@@ -165,6 +165,18 @@ def test_the_target_dispatch_carries_the_simulation_as_livekit_agents_reads_it()
     assert sc.roles["customer"].goal in got.scenario.instructions
 
 
+def test_a_voice_batch_dispatches_an_audio_simulation_which_keeps_the_targets_speech_models() -> None:
+    """livekit-agents drops STT/TTS/VAD only when the simulation's mode is text (AgentSession._text_only)."""
+    from livekit.agents.simulation import SimulationContext
+
+    raw = target_dispatch.request("room-1", meta(mode="voice"), SCENARIOS["en-account-help"]).attributes[
+        target_dispatch.ATTR_SIMULATOR_DISPATCH]
+    got = json_format.Parse(raw, sim.SimulationDispatch(), ignore_unknown_fields=True)
+    assert got.mode == sim.SIMULATION_MODE_AUDIO
+    ctx = SimulationContext(got, job_ctx=None)  # type: ignore[arg-type]
+    assert ctx.simulation_mode == sim.SIMULATION_MODE_AUDIO != sim.SIMULATION_MODE_TEXT
+
+
 def test_the_target_lease_uses_its_livekit_job_id_or_a_stable_token() -> None:
     assert simulator.target_job_id("agent-AJ_abc123") == "AJ_abc123"
     odd = simulator.target_job_id("my agent.v2")

@@ -30,6 +30,8 @@ SCENARIOS = {s.id: s for s in [
     scenario("french", language="fr"),
     scenario("text-only", voice_mode=False),
     scenario("espeak-en", voice="en-espeak", speed=1.3),
+    msgspec.structs.replace(BASE, id="bad-support-voice", roles={
+        **BASE.roles, "support": msgspec.structs.replace(BASE.roles["support"], voice="en-nobody")}),
 ]}
 
 
@@ -67,3 +69,13 @@ def test_with_real_speech_any_voice_name_goes_to_the_provider() -> None:
 def test_persona_voice_fields_are_checked_on_decode() -> None:
     with pytest.raises(msgspec.ValidationError, match="speed"):
         msgspec.json.decode(b'{"name": "a", "persona": "b", "goal": "c", "speed": 9}', type=Persona)
+
+
+def test_against_a_target_agent_only_the_customers_voice_is_crosstalks_to_check() -> None:
+    """The support role speaks with the user's agent's own voice: its scenario voice is not used."""
+    refused = start(scenario="bad-support-voice")
+    assert isinstance(refused, Rejection) and "support voice: unknown voice 'en-nobody'" in refused.reason, refused
+    got = start(scenario="bad-support-voice", target_agent="acme")
+    assert isinstance(got, BatchSpec) and got.target_agent == "acme", got
+    bad = start(scenario="bad-voice", target_agent="acme")  # the customer's voice is still crosstalk's
+    assert isinstance(bad, Rejection) and bad.field == "scenario", bad
