@@ -30,6 +30,8 @@ def _spell(match: re.Match[str], language: str) -> str:
         value: float | int = float(digits) if "." in digits else int(digits)
         return " " + str(num2words(value, lang=language)) + " "
     except (ValueError, NotImplementedError, OverflowError):
+        # num2words has no words for this language (NotImplementedError) or this number: the digits
+        # stay as written, on both sides of the comparison alike
         return " " + raw + " "
 
 
