@@ -20,7 +20,7 @@ from typing import Any
 import nats
 import pytest
 from stack import running_stack
-from support.target import Target
+from support.target import Target, scenario_dir
 from test_batch import read_audit, read_batch, read_turns, wait_finished
 
 from shared import contracts, subjects
@@ -56,9 +56,7 @@ SCENARIO = {
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     tmp = tmp_path_factory.mktemp("target")
-    scenarios = tmp / "scenarios"
-    scenarios.mkdir()
-    (scenarios / "acme-locked-out.json").write_text(json.dumps(SCENARIO, ensure_ascii=False), encoding="utf-8")
+    scenarios = scenario_dir(tmp, SCENARIO)
     with running_stack(tmp, CROSSTALK_MODEL_TTFT_MS="20", CROSSTALK_MODEL_TOKENS_PER_S="2000",
                        CROSSTALK_JOIN_DEADLINE_S="40", CROSSTALK_TARGET_JOIN_S="12", CROSSTALK_TARGET_REPLY_S="8",
                        CROSSTALK_SCENARIO_DIR=str(scenarios),

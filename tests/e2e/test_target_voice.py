@@ -10,7 +10,6 @@ target said from its own log (ACME_JOB_LOG); the rest from the files on disk.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 from livekit import api
 from stack import running_stack
-from support.target import Target
+from support.target import Target, scenario_dir
 from test_batch import read_audit
 from test_target import SCENARIO, USERDATA, run_batch
 from test_voice import AudioTracks, read_final, read_lines, read_recording
@@ -45,9 +44,7 @@ VOICE_SCENARIO = {**SCENARIO, "id": "acme-voice", "script": [
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     tmp = tmp_path_factory.mktemp("target-voice")
-    scenarios = tmp / "scenarios"
-    scenarios.mkdir()
-    (scenarios / "acme-voice.json").write_text(json.dumps(VOICE_SCENARIO, ensure_ascii=False), encoding="utf-8")
+    scenarios = scenario_dir(tmp, VOICE_SCENARIO)
     with running_stack(tmp, CROSSTALK_JOIN_DEADLINE_S="60", CROSSTALK_TARGET_JOIN_S="30",
                        CROSSTALK_TARGET_REPLY_S="45", CROSSTALK_SCENARIO_DIR=str(scenarios)) as s:
         yield s

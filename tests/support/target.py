@@ -19,6 +19,14 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "target_agent" / "agent.py"
 
 
+def scenario_dir(tmp: Path, scenario: dict[str, Any]) -> Path:
+    """A ``CROSSTALK_SCENARIO_DIR`` under ``tmp`` holding ``scenario`` as ``<id>.json`` (UTF-8 as written)."""
+    folder = tmp / "scenarios"
+    folder.mkdir()
+    (folder / f"{scenario['id']}.json").write_text(json.dumps(scenario, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
 class Target:
     """examples/target_agent as its own worker process (its own environment, nothing of crosstalk's)."""
 
