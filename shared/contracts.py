@@ -42,8 +42,7 @@ ROLES: tuple[Role, Role] = ("customer", "support")
 TARGET_METADATA_MAX_CHARS = 16384
 TargetMetadata = Annotated[str, msgspec.Meta(max_length=TARGET_METADATA_MAX_CHARS)]
 
-class Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=False, omit_defaults=False):
-    pass
+from shared.contracts_base import Struct  # noqa: E402
 
 
 # --------------------------------------------------------------------------- batch
@@ -163,7 +162,23 @@ class BatchFinished(Struct, frozen=True, kw_only=True, tag="batch_finished"):
     finished_at: float
 
 
-BatchEvent = BatchAccepted | ConversationDispatched | ConversationJoined | ConversationSettled | BatchFinished
+class BatchJudged(Struct, frozen=True, kw_only=True, tag="batch_judged"):
+    """Every conversation of a finished batch has its judgment (the judge service, services/judge).
+
+    ``verdicts`` counts them: ``pass``, ``fail``, ``inconclusive`` and ``infra_failure`` (crosstalk's
+    own faults); ``not_judged`` counts conversations with a criterion no judge could decide,
+    ``judge_errors`` those whose judge model failed (retried once before this event)."""
+
+    batch_id: BatchId
+    conversations: int
+    verdicts: dict[str, int]
+    not_judged: int = 0
+    judge_errors: int = 0
+    at: float
+
+
+BatchEvent = (BatchAccepted | ConversationDispatched | ConversationJoined | ConversationSettled | BatchFinished
+              | BatchJudged)
 
 # --------------------------------------------------------------------------- roles
 
@@ -364,47 +379,5 @@ class RoomWebhook(Struct, frozen=True, kw_only=True):
     at: float
     received_at: float
 
-
-# --------------------------------------------------------------------------- capacity
-
-Count = Annotated[int, msgspec.Meta(ge=0)]
-
-
-class WorkerCapacity(Struct, frozen=True, kw_only=True):
-    """A worker process's heartbeat on ``worker.capacity.<worker_id>`` (core NATS, every ``interval_s``).
-
-    ``capacity`` agent sessions at most, ``active`` running, ``free`` more it accepts (0 while
-    ``closing``); ``rooms`` the room of every active job, one entry per job. See shared/capacity.py.
-    """
-
-    worker_id: Token
-    agent_name: Token
-    capacity: Count
-    active: Count
-    free: Count
-    rooms: tuple[str, ...] = ()
-    interval_s: float
-    closing: bool = False
-    livekit_worker_id: str | None = None
-    at: float
-
-
-class BatchQueue(Struct, frozen=True, kw_only=True):
-    """One running batch in :class:`DispatcherStatus`: ``queued`` conversations its concurrency
-    would run now but worker capacity does not admit yet; ``pending`` all not yet in flight."""
-
-    in_flight: Count
-    queued: Count
-    pending: Count
-
-
-class DispatcherStatus(Struct, frozen=True, kw_only=True):
-    """The dispatcher's admission view on ``dispatcher.status`` (core NATS, about every second)."""
-
-    workers: Count
-    capacity: Count
-    free: Count
-    reserved: Count
-    queued: Count
-    batches: dict[str, BatchQueue] = {}
-    at: float
+# Re-exported: the capacity heartbeats and the dispatcher's status (shared/contracts_capacity.py).
+from shared.contracts_capacity import BatchQueue, Count, DispatcherStatus, WorkerCapacity  # noqa: E402,F401
