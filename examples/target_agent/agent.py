@@ -25,11 +25,15 @@ Settings (environment):
 Test knobs (misbehaviour on purpose, for the failure tests): ACME_NEVER_SPEAK=1 never answers;
 ACME_STOP_AFTER=N stops answering after N replies; ACME_LEAVE_AFTER=N leaves the room when
 spoken to after N replies. (They act in ``llm_node``, which every reply goes through, typed or
-spoken.)
+spoken.) For the ground-truth tests: ACME_REPLY_DELAY_S=X holds every reply X seconds before
+asking the model (a slower LLM, in ``llm_node``); ACME_STATE_LOG=<file> appends one JSON line per
+``user_state_changed`` / ``agent_state_changed`` session event (room, wall time, old and new
+state): the agent's own view of when the caller stopped speaking and when it began to answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -41,11 +45,13 @@ from livekit.agents import (
     Agent,
     AgentServer,
     AgentSession,
+    AgentStateChangedEvent,
     ChatContext,
     ChatMessage,
     JobContext,
     JobExecutorType,
     ModelSettings,
+    UserStateChangedEvent,
     cli,
     llm,
 )
@@ -76,6 +82,26 @@ def _int_env(name: str) -> int | None:
     return int(raw) if raw else None
 
 
+def _float_env(name: str) -> float | None:
+    raw = os.environ.get(name, "").strip()
+    return float(raw) if raw else None
+
+
+def log_states(session: AgentSession, room: str, path: str) -> None:
+    """ACME_STATE_LOG: one JSON line per user/agent state change of ``session``, as the agent saw it.
+
+    ``at`` is the wall time the handler ran (``time.time()``); ``created_at`` the event's own stamp.
+    """
+    def write(kind: str, ev: UserStateChangedEvent | AgentStateChangedEvent) -> None:
+        line = json.dumps({"at": time.time(), "event": kind, "room": room, "old": ev.old_state,
+                           "new": ev.new_state, "created_at": ev.created_at})
+        with _log_lock, open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    session.on("user_state_changed", lambda ev: write("user_state_changed", ev))
+    session.on("agent_state_changed", lambda ev: write("agent_state_changed", ev))
+
+
 class AcmeSupport(Agent):
     def __init__(self, ctx: JobContext, instructions: str) -> None:
         super().__init__(instructions=instructions)
@@ -94,6 +120,8 @@ class AcmeSupport(Agent):
         if os.environ.get("ACME_NEVER_SPEAK") == "1" or (stop_after is not None and self.replies >= stop_after):
             return
         self.replies += 1
+        if delay := _float_env("ACME_REPLY_DELAY_S"):
+            await asyncio.sleep(delay)  # a slower model: the agent is "thinking" meanwhile
         async for chunk in Agent.default.llm_node(self, chat_ctx, tools, model_settings):
             yield chunk
 
@@ -162,6 +190,9 @@ async def entrypoint(ctx: JobContext) -> None:
         tts=openai.TTS(model=os.environ.get("ACME_TTS_MODEL", "gpt-4o-mini-tts"),
                        voice=os.environ.get("ACME_TTS_VOICE", "ash"), **speech),
     )
+
+    if state_log := os.environ.get("ACME_STATE_LOG"):
+        log_states(session, ctx.room.name, state_log)
 
     @session.on("conversation_item_added")
     def said(ev: object) -> None:
