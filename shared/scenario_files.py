@@ -19,14 +19,22 @@ The format is LiveKit's (livekit-cli ``cmd/lk/simulate.go``, ``scenariosFile``):
           checks: {must_mention: [...], ended_by: support, ...}   # shared.scenarios.Checks
           script: [{role: customer, text: ...}, {role: support, text: ..., end: true}]
 
-Unknown fields of LiveKit's part are kept (in ``Scenario.doc``) and never rejected; unknown
-fields inside ``crosstalk:`` are errors (a typo there must not silently drop a check). Every
-error names its line (files) or field path (inline lists), and all errors are reported at once.
+Unknown keys of LiveKit's part are kept (in ``Scenario.doc``): LiveKit files may carry fields
+crosstalk does not know. An unknown key *close to* one of LiveKit's (``agent_expectation:``) is
+an error naming the closest known key, since the misspelt key would silently drop what it holds
+(there, the judge's criteria). Inside ``crosstalk:`` every unknown key is an error, with the
+closest known key when there is one. Every error names its line (files) or field path (inline
+lists), and all errors are reported at once: each key of each mapping is checked against its
+struct's fields before anything is converted (msgspec stops at the first unknown field).
 """
 
 from __future__ import annotations
 
+import difflib
 import re
+import types
+import typing
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,6 +50,14 @@ EXTENSION = "crosstalk"
 LANGUAGE_PATTERN = r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?\Z"
 DEFAULT_SUPPORT = "You are a customer support agent. Help the caller politely, correctly and briefly."
 MAX_SCENARIOS = 1000
+# LiveKit's schema (livekit-cli ``scenariosFile``), plus the per-scenario ``id`` crosstalk reads
+LIVEKIT_FILE_KEYS = ("name", "id", "scenarios")
+LIVEKIT_ENTRY_KEYS = ("label", "instructions", "agent_expectations", "tags", "userdata", "id", EXTENSION)
+# difflib ratio above which an unknown key is taken for a typo: "agent_expectation" (0.97), "tag"
+# (0.86) and "Label" (0.8) are; "some_future_field" or "metadata" (< 0.5) are somebody's own field
+CLOSE_KEY_CUTOFF = 0.75
+
+LineOf = Callable[[FieldPath], "int | None"]
 
 
 class ScenarioFileError(ValueError):
@@ -94,6 +110,7 @@ def load_text(text: str, source: str = "<scenarios>", *, default_name: str = "sc
         raise ScenarioFileError(source, problems)
     if not isinstance(doc, dict):
         raise ScenarioFileError(source, [Problem(1, "", "must be a mapping with a 'scenarios' list")])
+    _livekit_keys(doc, LIVEKIT_FILE_KEYS, (), problems, lambda p: line_of(marked.lines, p))
     for key in ("name", "id"):
         if key in doc and not isinstance(doc[key], str):
             problems.append(Problem(line_of(marked.lines, (key,)), key, "must be a string"))
@@ -149,7 +166,7 @@ def to_doc(sc: Scenario) -> dict[str, Any]:
 # --------------------------------------------------------------------------- one entry
 
 
-def _entries(entries: list[Any], base: FieldPath, problems: list[Problem], line: Any) -> list[Scenario]:
+def _entries(entries: list[Any], base: FieldPath, problems: list[Problem], line: LineOf) -> list[Scenario]:
     if len(entries) > MAX_SCENARIOS:
         problems.append(Problem(line(base), field_name(base), f"at most {MAX_SCENARIOS} scenarios, got {len(entries)}"))
         return []
@@ -169,7 +186,7 @@ def _entries(entries: list[Any], base: FieldPath, problems: list[Problem], line:
     return out
 
 
-def _entry(entry: Any, path: FieldPath, problems: list[Problem], line: Any) -> Scenario | None:
+def _entry(entry: Any, path: FieldPath, problems: list[Problem], line: LineOf) -> Scenario | None:
     def bad(sub: FieldPath, reason: str) -> None:
         problems.append(Problem(line((*path, *sub)), field_name((*path, *sub)), reason))
 
@@ -177,6 +194,7 @@ def _entry(entry: Any, path: FieldPath, problems: list[Problem], line: Any) -> S
         bad((), "must be a mapping (label, instructions, agent_expectations, tags, userdata)")
         return None
     before = len(problems)
+    _livekit_keys(entry, LIVEKIT_ENTRY_KEYS, path, problems, line)
     for key in ("label", "instructions", "agent_expectations", "id"):
         if key in entry and entry[key] is not None and not isinstance(entry[key], str):
             bad((key,), f"must be a string, got {type(entry[key]).__name__}")
@@ -225,32 +243,81 @@ def _entry(entry: Any, path: FieldPath, problems: list[Problem], line: Any) -> S
     )
 
 
-def _extension(raw: Any, path: FieldPath, problems: list[Problem], line: Any) -> Extension | None:
+def _extension(raw: Any, path: FieldPath, problems: list[Problem], line: LineOf) -> Extension | None:
     if raw is None:
         return Extension()
+    before = len(problems)
+    _check(raw, Extension, path, problems, line)
+    if len(problems) > before:
+        return None
     try:
         return msgspec.convert(raw, Extension)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        reason, _, where = text.partition(" - at `$")
-        sub = _msgspec_path(where.rstrip("`"))
-        if reason.startswith("Object missing required field `"):
-            sub = (*sub, reason.split("`")[1])
-            reason = "is required"
-        elif reason.startswith("Object contains unknown field `"):
-            name = reason.split("`")[1]
-            sub = (*sub, name)
-            known = ", ".join(_known_fields(sub[:-1]))
-            reason = f"unknown field {name!r} in {EXTENSION}:" + (f" (known: {known})" if known else "")
-        problems.append(Problem(line((*path, *sub)), field_name((*path, *sub)), reason))
+    except msgspec.ValidationError as exc:  # _check missed it: still name the field
+        reason, _, where = str(exc).partition(" - at `$")
+        sub = (*path, *_msgspec_path(where.rstrip("`")))
+        problems.append(Problem(line(sub), field_name(sub), reason))
         return None
 
 
-def _known_fields(sub: FieldPath) -> tuple[str, ...]:
-    names = [p for p in sub if isinstance(p, str)]
-    table: dict[str, tuple[str, ...]] = {"": Extension.__struct_fields__, "checks": Checks.__struct_fields__,
-                                         "script": ScriptLine.__struct_fields__}
-    return table.get(names[-1] if names else "", ())
+# --------------------------------------------------------------------------- unknown keys, every error
+
+
+def closest_key(name: str, known: Iterable[str]) -> str | None:
+    """The known key ``name`` is probably a typo of, if any."""
+    near = difflib.get_close_matches(name, list(known), n=1, cutoff=CLOSE_KEY_CUTOFF)
+    return near[0] if near else None
+
+
+def _unknown_key(key: str, known: tuple[str, ...], *, listed: bool) -> str:
+    near = closest_key(key, known)
+    return "unknown key" + (f"; did you mean {near}?" if near else "") + (f" (known: {', '.join(known)})" if listed else "")
+
+
+def _livekit_keys(mapping: dict[Any, Any], known: tuple[str, ...], path: FieldPath, problems: list[Problem],
+                  line: LineOf) -> None:
+    """LiveKit's open schema: an unknown key is kept unless it looks like a misspelt known one."""
+    for key in map(str, mapping):
+        if key not in known and closest_key(key, known) is not None:
+            problems.append(Problem(line((*path, key)), field_name((*path, key)),
+                                    _unknown_key(key, known, listed=False)))
+
+
+def _check(value: Any, tp: Any, path: FieldPath, problems: list[Problem], line: LineOf) -> None:
+    """Every problem of ``value`` read as ``tp``: each unknown key of each mapping, each bad value."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct) and isinstance(value, dict):
+        fields = {f.encode_name: f for f in msgspec.structs.fields(tp)}
+        for key, sub in value.items():
+            if (field := fields.get(str(key))) is None:
+                problems.append(Problem(line((*path, str(key))), field_name((*path, str(key))),
+                                        _unknown_key(str(key), tuple(fields), listed=True)))
+            else:
+                _check(sub, field.type, (*path, str(key)), problems, line)
+        for name, field in fields.items():
+            if field.required and name not in value:
+                problems.append(Problem(line((*path, name)), field_name((*path, name)), "is required"))
+    elif origin is list and isinstance(value, list):
+        for i, item in enumerate(value):
+            _check(item, args[0], (*path, i), problems, line)
+    elif origin is dict and isinstance(value, dict):
+        for key, sub in value.items():
+            _check(key, args[0], (*path, str(key)), problems, line)
+            _check(sub, args[1], (*path, str(key)), problems, line)
+    elif origin in (typing.Union, types.UnionType) and isinstance(value, dict) and (struct := _struct_of(args)):
+        _check(value, struct, path, problems, line)
+    else:
+        try:
+            msgspec.convert(value, tp)
+        except msgspec.ValidationError as exc:
+            reason, _, where = str(exc).partition(" - at `$")
+            sub = (*path, *_msgspec_path(where.rstrip("`")))
+            problems.append(Problem(line(sub), field_name(sub), reason))
+
+
+def _struct_of(union: tuple[Any, ...]) -> type[msgspec.Struct] | None:
+    """The one Struct of ``X | None`` (a mapping can only be meant as it)."""
+    structs = [a for a in union if isinstance(a, type) and issubclass(a, msgspec.Struct)]
+    return structs[0] if len(structs) == 1 else None
 
 
 def _msgspec_path(where: str) -> FieldPath:

@@ -89,7 +89,52 @@ def test_every_error_names_its_line_and_field() -> None:
     ]
     text = str(err.value)
     assert "bad.yaml:10: scenarios[1].tags.priority: tag values must be strings" in text
-    assert "unknown field 'must_mentoin'" in text and "must_mention" in text
+    assert "crosstalk.checks.must_mentoin: unknown key; did you mean must_mention? (known: must_mention," in text
+
+
+MISSPELT = """\
+name: typos
+scenarios:
+  - label: Locked out
+    instructions: You are locked out.
+    agent_expectation: |
+      - Verifies the caller
+    tag: {team: auth}
+    crosstalk:
+      max_turn: 4
+      languge: en
+      checks: {must_mention: [reset], ended_by: nobody}
+"""
+
+
+def test_a_misspelt_livekit_key_is_an_error_naming_the_line_and_the_closest_key() -> None:
+    with pytest.raises(ScenarioFileError) as err:
+        scenario_files.load_text(MISSPELT, "typos.yaml")
+    text = str(err.value)
+    assert "typos.yaml:5: scenarios[0].agent_expectation: unknown key; did you mean agent_expectations?" in text
+    assert "typos.yaml:7: scenarios[0].tag: unknown key; did you mean tags?" in text
+
+
+def test_every_unknown_key_of_a_mapping_is_reported_not_only_the_first() -> None:
+    with pytest.raises(ScenarioFileError) as err:
+        scenario_files.load_text(MISSPELT, "typos.yaml")
+    got = [(p.line, p.field, p.reason.split(" (known")[0]) for p in err.value.problems]
+    assert got == [
+        (5, "scenarios[0].agent_expectation", "unknown key; did you mean agent_expectations?"),
+        (7, "scenarios[0].tag", "unknown key; did you mean tags?"),
+        (9, "scenarios[0].crosstalk.max_turn", "unknown key; did you mean max_turns?"),
+        (10, "scenarios[0].crosstalk.languge", "unknown key; did you mean language?"),
+        (11, "scenarios[0].crosstalk.checks.ended_by", "Invalid enum value 'nobody'"),
+    ]
+
+
+def test_an_unknown_livekit_key_far_from_every_known_one_is_kept() -> None:
+    text = "description: team file\nscenarios:\n  - label: a\n    instructions: b\n    metadata: {x: 1}\n"
+    (sc,) = scenario_files.load_text(text, "f.yaml").scenarios
+    assert sc.doc is not None and sc.doc["metadata"] == {"x": 1}
+    with pytest.raises(ScenarioFileError) as err:  # inside crosstalk: every unknown key is an error
+        scenario_files.load_text(text + "    crosstalk: {metadata: 1}\n", "f.yaml")
+    assert [(p.line, p.field) for p in err.value.problems] == [(6, "scenarios[0].crosstalk.metadata")]
 
 
 @pytest.mark.parametrize(("text", "line", "fragment"), [
@@ -109,6 +154,14 @@ def test_inline_entries_name_the_field_path() -> None:
         scenario_files.from_entries([{"label": "a", "instructions": "b"}, {"label": "c", "userdata": 3}])
     assert [(p.line, p.field) for p in err.value.problems] == [
         (None, "scenarios[1].userdata"), (None, "scenarios[1].instructions")]
+    with pytest.raises(ScenarioFileError) as err:
+        scenario_files.from_entries([{"label": "a", "instructions": "b", "agent_expectation": "- greets",
+                                      "crosstalk": {"checks": {"must_mentoin": ["x"], "within_turn": 3}}}])
+    assert [(p.line, p.field, p.reason.split(" (known")[0]) for p in err.value.problems] == [
+        (None, "scenarios[0].agent_expectation", "unknown key; did you mean agent_expectations?"),
+        (None, "scenarios[0].crosstalk.checks.must_mentoin", "unknown key; did you mean must_mention?"),
+        (None, "scenarios[0].crosstalk.checks.within_turn", "unknown key; did you mean within_turns?"),
+    ]
 
 
 def test_the_library_has_12_scripted_scenarios_in_three_languages() -> None:
@@ -164,6 +217,13 @@ def test_cli_validate_prints_lines_and_exits_2(tmp_path: Path) -> None:
     assert f"{good}: ok, 1 scenario(s)" in res.output
     assert f"{bad}:10: scenarios[1].tags.priority:" in res.output
     assert f"{bad}:25: scenarios[5].crosstalk.script[0].role: the customer speaks first" in res.output
+    typos = tmp_path / "typos.yaml"
+    typos.write_text(MISSPELT)
+    res = CliRunner().invoke(cli_app.app, ["scenarios", "validate", str(typos)])
+    assert res.exit_code == 2
+    assert [line.split(": ")[1] for line in res.output.splitlines()] == [
+        "scenarios[0].agent_expectation", "scenarios[0].tag", "scenarios[0].crosstalk.max_turn",
+        "scenarios[0].crosstalk.languge", "scenarios[0].crosstalk.checks.ended_by"]
 
 
 def test_entries_too_large_for_job_metadata_or_one_nats_message_are_refused() -> None:
