@@ -1,0 +1,275 @@
+"""What crosstalk says about the agent under test, checked against what the agent itself logged.
+
+Everything real: nats-server, livekit-server, every crosstalk service under `just up` (the offline
+speech service included) and examples/target_agent as the user's own worker process. Both sides'
+LLM clients go through a recording OpenAI-compatible endpoint (tests/support/recording_llm.py) in
+front of the stack's scripted model: crosstalk's worker through OPENAI_BASE_URL (with
+CROSSTALK_MODEL_NAME and CROSSTALK_SPEECH=offline, as a user with their own endpoint would), the
+example agent through its own OPENAI_BASE_URL.
+
+1. Latency. The example agent's model is held ``ACME_REPLY_DELAY_S`` (0, then 1.5 s) and it logs its
+   own state changes (``ACME_STATE_LOG``). Per target turn, the agent's own response latency is
+   its ``agent_state_changed`` -> ``speaking`` minus the last ``user_state_changed`` ``speaking`` ->
+   ``listening`` before it (its VAD's end of the caller's speech); crosstalk's is the turn lines'
+   ``audio_start_s`` of the target's turn minus ``audio_end_s`` of the customer turn before it (the
+   heard latency of services/sink/core/voice.py). The delay's shift of the medians must be the same
+   by both, within 0.2 s, and crosstalk's offset from the agent's view (median per turn of
+   crosstalk's minus the agent's) must not move with it by more than 0.2 s: at concurrency 1 and 3.
+   The agent's log, not the injected number, is the truth: the agent overlaps part of its model
+   time with its own end-of-turn delay.
+2. Context. Every chat request of either agent carries the whole conversation so far, in order, as
+   user/assistant messages, compared against the stored transcript: the speaker's own words as
+   ``text``, the peer's as what this listener heard (``text`` in text mode, ``heard_text`` in
+   voice mode: every segment its STT made of the turn).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from stack import running_stack
+from support.recording_llm import RecordingLLM
+from support.target import Target, scenario_dir
+from test_target import run_batch
+from test_target_voice import VOICE_SCENARIO, voice_target
+from test_voice import read_final, read_lines
+
+from shared.rooms import room_name
+
+pytestmark = pytest.mark.e2e
+
+DELAY_S = 1.5  # the injected model delay of the slow run
+MAX_TURNS = 6  # three customer turns, three answers: three latencies per conversation
+TOLERANCE_S = 0.2
+RUNS = {1: 2, 3: 3}  # concurrency -> conversations per run
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RecordingLLM]:
+    with RecordingLLM(tmp_path_factory.mktemp("llm") / "requests.jsonl") as rec:
+        yield rec
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, llm: RecordingLLM) -> Iterator[Any]:
+    tmp = tmp_path_factory.mktemp("ground-truth")
+    scenarios = scenario_dir(tmp, VOICE_SCENARIO)
+    # crosstalk's agents on "a real model" at the recording endpoint: the scripted model's name, offline speech
+    with running_stack(tmp, OPENAI_BASE_URL=llm.base_url, CROSSTALK_MODEL_NAME="crosstalk-scripted",
+                       CROSSTALK_SPEECH="offline", CROSSTALK_JOIN_DEADLINE_S="60", CROSSTALK_TARGET_JOIN_S="30",
+                       CROSSTALK_TARGET_REPLY_S="45", CROSSTALK_SCENARIO_DIR=str(scenarios)) as s:
+        llm.upstream = f"http://127.0.0.1:{s.config().model_port}/v1"
+        yield s
+
+
+class Agent:
+    """The example agent's worker with a reply delay, its state log and its model at the recording endpoint."""
+
+    def __init__(self, stack: Any, llm: RecordingLLM, tmp: Path, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.states = tmp / f"states-{delay_s:g}.jsonl"
+        self.target: Target = voice_target(stack, tmp, f"acme-gt-{str(delay_s).replace('.', '-')}",
+                                           OPENAI_BASE_URL=llm.base_url, ACME_REPLY_DELAY_S=str(delay_s),
+                                           ACME_STATE_LOG=str(self.states))
+
+    def state_events(self, room: str) -> list[dict[str, Any]]:
+        lines = self.states.read_text(encoding="utf-8").splitlines() if self.states.exists() else []
+        return [e for e in map(json.loads, lines) if e["room"] == room]
+
+
+@pytest.fixture(scope="module")
+def agents(stack: Any, llm: RecordingLLM, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[float, Agent]]:
+    tmp = tmp_path_factory.mktemp("agents")
+    made = {d: Agent(stack, llm, tmp, d) for d in (0.0, DELAY_S)}
+    yield made
+    for a in made.values():
+        a.target.stop()
+
+
+class Run:
+    """A finished voice batch against one agent: its batch.json, turn lines and window in time."""
+
+    def __init__(self, stack: Any, bid: str, doc: dict[str, Any], started: float, ended: float) -> None:
+        self.bid, self.doc, self.started, self.ended = bid, doc, started, ended
+        folder = stack.data_dir / "batches" / bid
+        self.turns = {cid: read_lines(folder / "conversations" / f"{cid}.jsonl") for cid in doc["conversations"]}
+
+    def room(self, cid: str) -> str:
+        return room_name(cid, self.doc["conversations"][cid]["attempts"])
+
+
+_runs: dict[tuple[str, int, str], Run] = {}  # (agent, concurrency, mode) -> its run, shared by the tests
+
+
+async def run(stack: Any, agent_name: str | None, concurrency: int, conversations: int, mode: str = "voice") -> Run:
+    key = (agent_name or "crosstalk", concurrency, mode)
+    if key not in _runs:
+        bid = f"gt-{mode}-{key[0]}-c{concurrency}-{int(time.time())}"
+        body: dict[str, Any] = {"batch_id": bid, "conversations": conversations, "concurrency": concurrency,
+                                "mode": mode, "scenario": VOICE_SCENARIO["id"], "max_turns": MAX_TURNS}
+        if agent_name is not None:
+            body["target_agent"] = agent_name
+        started = time.time()
+        batch = await run_batch(stack, body, timeout=400)
+        ended = time.time()
+        assert (batch["status"], batch["completed"], batch["failed"]) == ("completed", conversations, 0), batch
+        doc = read_final(stack.data_dir / "batches" / bid, conversations) if mode == "voice" else batch
+        _runs[key] = Run(stack, bid, doc, started, ended)
+    return _runs[key]
+
+
+# -- 1. latency ---------------------------------------------------------------------------------
+
+
+def agent_view(events: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """Per reply, as the agent logged it: (end of the caller's speech, start of its own), wall times.
+
+    End of speech: the last ``user_state_changed`` speaking -> listening before the reply; start:
+    ``agent_state_changed`` -> speaking."""
+    out: list[tuple[float, float]] = []
+    user_end: float | None = None
+    for e in events:
+        if e["event"] == "user_state_changed" and (e["old"], e["new"]) == ("speaking", "listening"):
+            user_end = e["at"]
+        elif e["event"] == "agent_state_changed" and e["new"] == "speaking":
+            assert user_end is not None, f"the agent spoke before the caller finished: {events}"
+            out.append((user_end, e["at"]))
+            user_end = None
+    return out
+
+
+def latencies(agent: Agent, r: Run) -> list[dict[str, float]]:
+    """Per target turn: crosstalk's latency, the agent's, and (on the wall clock, crosstalk's recording
+    placed at its origin) where each edge lies in crosstalk's view against the agent's."""
+    out = []
+    for cid, turns in r.turns.items():
+        conv = r.doc["conversations"][cid]
+        assert [t["role"] for t in turns] == ["customer", "support"] * (MAX_TURNS // 2), turns
+        view = agent_view(agent.state_events(r.room(cid)))
+        answers = [(turns[i - 1], t) for i, t in enumerate(turns) if t["role"] == "support"]
+        assert len(view) >= len(answers), (view, answers)
+        # the recording's time zero on the wall clock (batch.json: time to first audio from turn 0's start)
+        origin = turns[0]["started_at"] + conv["voice"]["time_to_first_audio_s"]
+        for (asked, answer), (user_end, speaking_at) in zip(answers, view, strict=False):
+            ours = answer["audio_start_s"] - asked["audio_end_s"]
+            out.append({"crosstalk": ours, "agent": speaking_at - user_end, "offset": ours - (speaking_at - user_end),
+                        "end_edge": origin + asked["audio_end_s"] - user_end,
+                        "start_edge": origin + answer["audio_start_s"] - speaking_at})
+        # crosstalk's own figure is the one batch.json reports (every other heard latency is a target turn's)
+        assert conv["voice"]["heard_latency_s"][0::2] == pytest.approx(
+            [round(a["audio_start_s"] - q["audio_end_s"], 3) for q, a in answers], abs=0.002)
+    return out
+
+
+def med(rows: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+@pytest.mark.parametrize("concurrency", list(RUNS), ids=[f"c{c}" for c in RUNS])
+async def test_crosstalk_sees_the_agents_reply_delay_as_the_agent_logged_it(
+        stack: Any, agents: dict[float, Agent], concurrency: int) -> None:
+    rows = {}
+    for delay, agent in agents.items():
+        r = await run(stack, agent.target.name, concurrency, RUNS[concurrency])
+        rows[delay] = latencies(agent, r)
+    fast, slow = rows[0.0], rows[DELAY_S]
+    shift_ours, shift_agent = med(slow, "crosstalk") - med(fast, "crosstalk"), med(slow, "agent") - med(fast, "agent")
+    figures = {
+        "concurrency": concurrency, "turns": {d: len(v) for d, v in rows.items()},
+        **{f"{k}_median_s": {d: round(med(v, k), 3) for d, v in rows.items()}
+           for k in ("crosstalk", "agent", "offset", "end_edge", "start_edge")},
+        "shift_crosstalk_s": round(shift_ours, 3), "shift_agent_s": round(shift_agent, 3),
+        "per_turn": {d: [{k: round(x, 3) for k, x in row.items()} for row in v] for d, v in rows.items()},
+    }
+    print("ground truth:", json.dumps(figures))
+    assert shift_agent > DELAY_S / 3, f"the injected delay never reached the agent's replies: {figures}"
+    assert abs(shift_ours - shift_agent) <= TOLERANCE_S, figures
+    assert abs(med(slow, "offset") - med(fast, "offset")) <= TOLERANCE_S, figures
+
+
+# -- 2. context -------------------------------------------------------------------------------
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):  # content parts
+        content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return " ".join(str(content or "").split())
+
+
+def carried(body: dict[str, Any]) -> list[tuple[str, str]]:
+    """The conversation a chat request carries: its user/assistant messages with text, in order."""
+    return [(m["role"], _text(m.get("content"))) for m in body.get("messages", [])
+            if m.get("role") in ("user", "assistant") and _text(m.get("content"))]
+
+
+def expected(turns: list[dict[str, Any]], side: str, voice: bool) -> list[tuple[str, str]]:
+    """The conversation as ``side`` should carry it: its own turns' words as assistant, the peer's as user,
+    as it heard them."""
+    out = []
+    for t in turns:
+        mine = t["role"] == side
+        heard = t["text"] if mine or not voice else t.get("heard_text")
+        assert heard is not None, f"turn {t['turn']} has no heard_text: {t}"
+        out.append(("assistant" if mine else "user", _text(heard)))
+    return out
+
+
+def check_context(side: str, requests: list[list[tuple[str, str]]],
+                  transcripts: dict[str, list[dict[str, Any]]], voice: bool) -> list[str]:
+    """Every request a prefix of one conversation's transcript (as ``side`` heard it), and each turn of
+    ``side`` asked for with everything before it. Returns the problems found."""
+    problems = []
+    wanted = {cid: expected(turns, side, voice) for cid, turns in transcripts.items()}
+    for i, msgs in enumerate(requests):
+        if not any(msgs == w[: len(msgs)] for w in wanted.values()):
+            problems.append(f"{side} request {i} carries no conversation's turns in order: {msgs} "
+                            f"(closest transcript: {max(wanted.values(), key=lambda w: _common(msgs, w))})")
+    for cid, turns in transcripts.items():
+        for t in turns:
+            if t["role"] == side and wanted[cid][: t["turn"]] not in requests:
+                problems.append(f"{cid} turn {t['turn']} ({side}): no request carried the {t['turn']} turns before "
+                                f"it: {wanted[cid][: t['turn']]}")
+    return problems
+
+
+def _common(a: list[tuple[str, str]], b: list[tuple[str, str]]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def requests_of(llm: RecordingLLM, r: Run) -> dict[str, list[list[tuple[str, str]]]]:
+    """The run's chat requests by side: crosstalk's worker names its conversation (a header); the example
+    agent does not, so its requests are the ones sent during the run without one."""
+    out: dict[str, list[list[tuple[str, str]]]] = {"customer": [], "support": []}
+    for req in llm.requests():
+        conv = req["headers"].get("X-Crosstalk-Conversation", "")
+        body = req["body"] or {}
+        if conv.startswith(f"{r.bid}/"):
+            system = " ".join(_text(m.get("content")) for m in body.get("messages", []) if m.get("role") == "system")
+            out["support" if "role=support" in system else "customer"].append(carried(body))
+        elif not conv and r.started <= req["at"] <= r.ended and "tools" not in body:
+            out["support"].append(carried(body))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["text", "voice"])
+@pytest.mark.parametrize("against", ["target", "crosstalk"], ids=["example-agent", "crosstalk-pair"])
+async def test_every_model_request_carries_the_whole_conversation(
+        stack: Any, llm: RecordingLLM, agents: dict[float, Agent], mode: str, against: str) -> None:
+    target = agents[0.0].target.name if against == "target" else None
+    # voice against the agent: the latency test's run without delay (the same batch, when it ran first)
+    concurrency, conversations = (2, 2) if mode == "text" else (1, RUNS[1]) if target else (1, 1)
+    r = await run(stack, target, concurrency, conversations, mode)
+    reqs = requests_of(llm, r)
+    print(f"{against} {mode}: requests", {k: len(v) for k, v in reqs.items()})
+    problems = check_context("customer", reqs["customer"], r.turns, mode == "voice")
+    problems += check_context("support", reqs["support"], r.turns, mode == "voice")
+    assert not problems, "\n".join(problems)
