@@ -1,13 +1,15 @@
 """The evaluation commands: ``scenarios validate``, ``judge``, ``report``, ``compare``.
 
 Thin wiring of shared/scenario_files.py, services/judge, cli/report.py and cli/compare.py.
-``compare`` exits 1 when the candidate regressed past the thresholds (a CI gate), 2 on bad
-input, 3 when a batch's files are missing.
+``compare`` exits 1 when the candidate regressed past the thresholds or fails an absolute gate
+(a CI gate), 2 on bad input, 3 when a batch's files are missing. ``report`` waits for the
+judge's ``judged.json`` (``BatchJudged``) before it writes, never a partial report unless asked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli import EXIT_BAD_INPUT, EXIT_BATCH_FAILED, EXIT_UNAVAILABLE, compare, report
-from services.judge.batch import JudgeConfig, judge_batch
+from services.judge.batch import JudgeConfig, judge_to_the_end
 from services.judge.store import BatchFiles
 from shared import config, contracts, scenario_files, scenarios
 
@@ -78,40 +80,68 @@ def validate_files(paths: Annotated[list[Path], typer.Argument(help="scenarios.y
 
 def judge(batch_id: Annotated[str, typer.Argument(help="The batch id.")],
           force: Annotated[bool, typer.Option("--force", help="Judge again conversations already judged.")] = False,
+          retry: Annotated[bool, typer.Option("--retry", help="Judge again conversations whose judge model failed.")
+                           ] = False,
           ) -> None:
-    """Judge a finished batch here (what the judge service does); LLM judge if CROSSTALK_JUDGE_URL is set."""
+    """Judge a finished batch here (what the judge service does). The LLM judge follows
+    CROSSTALK_JUDGE_URL, else OPENAI_BASE_URL / OPENAI_API_KEY; without one, expectations are not_judged."""
     files = _files(batch_id)
     try:
         cfg = JudgeConfig.from_env()
     except ValueError as exc:
         raise _fail(EXIT_BAD_INPUT, str(exc)) from None
 
-    async def run() -> int:
+    async def run() -> tuple[int, contracts.BatchJudged | None]:
         llm = cfg.make_llm()
         try:
-            return len(await judge_batch(files, scenarios.library(), llm, force=force))
+            written, event = await judge_to_the_end(files, scenarios.library(), llm, force=force, retry=retry)
+            return len(written), event
         finally:
             if llm is not None:
                 await llm.aclose()
 
-    n = asyncio.run(run())
+    n, event = asyncio.run(run())
     out.print(f"judged {n} conversation(s) of {batch_id}; judgments in {files.dir / 'judgments'}", markup=False)
+    if event is not None:
+        counts = ", ".join(f"{v} {k}" for k, v in event.verdicts.items())
+        out.print(f"all {event.conversations} judged: {counts}; {event.not_judged} not judged (no judge), "
+                  f"{event.judge_errors} judge error(s)", markup=False)
+
+
+def wait_judged(files: BatchFiles, wait_s: float, partial: bool) -> None:
+    """Until the judge has written ``judged.json`` (its BatchJudged); exit 3 after ``wait_s`` unless ``partial``."""
+    deadline = time.monotonic() + wait_s
+    while files.judged() is None:
+        if time.monotonic() >= deadline:
+            if partial and files.judgments():
+                err.print(f"warning: judging of {files.batch_id} has not finished: this report is partial",
+                          markup=False)
+                return
+            doc = files.batch_doc() or {}
+            state = ("the batch is still running" if doc.get("status") == "running"
+                     else "the batch finished but the judge service has not finished judging it")
+            raise _fail(EXIT_UNAVAILABLE, f"batch {files.batch_id} not judged after {wait_s:g}s: {state} "
+                                          f"(is the judge service up? `just status`; or judge here: crosstalk "
+                                          f"judge {files.batch_id}; or --partial)")
+        time.sleep(0.5)
 
 
 def make_report(batch_id: Annotated[str, typer.Argument(help="The batch id.")],
                 out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the files (default: the batch's).")] = None,
+                wait_s: Annotated[float, typer.Option("--wait", min=0, help="Seconds to wait for judging to finish.")
+                                  ] = 120.0,
+                partial: Annotated[bool, typer.Option("--partial", help="Write what is judged if judging has not finished.")
+                                   ] = False,
                 ) -> None:
-    """Write report.html (self-contained), report.json and junit.xml for a judged batch."""
+    """Write report.html (self-contained), report.json and junit.xml once the batch is judged."""
     files = _files(batch_id)
-    if not files.judgments():
-        raise _fail(EXIT_UNAVAILABLE, f"batch {batch_id} has no judgments yet (the judge service writes them when "
-                                      f"the batch finishes; or run: crosstalk judge {batch_id})")
+    wait_judged(files, wait_s, partial)
     paths = report.write(files, out_dir)
     data = report.build(files)
     t = data["totals"]
     rate = f"{t['pass_rate']:.1%}" if t["pass_rate"] is not None else "-"
-    out.print(f"{t['passed']}/{t['judged']} passed ({rate}), {t['infra_failures']} infrastructure failure(s) "
-              f"apart", markup=False)
+    out.print(f"{t['passed']}/{t['judged']} passed ({rate}), {t['failed']} failed, {t['inconclusive']} inconclusive "
+              f"({t['not_judged']} with expectations no judge decided); {t['infra_failures']} infrastructure failure(s) apart", markup=False)
     for kind, path in paths.items():
         out.print(f"{kind}: {path}", markup=False)
 
@@ -123,7 +153,9 @@ def _report_of(ref: str) -> dict[str, Any]:
             return compare.load_report(path)
         except (OSError, ValueError) as exc:
             raise _fail(EXIT_BAD_INPUT, f"{ref}: {exc}") from None
-    return report.build(_files(ref))
+    files = _files(ref)
+    wait_judged(files, 120.0, partial=False)  # a half-judged batch would gate on missing data
+    return report.build(files)
 
 
 def _fmt(v: float | None) -> str:
@@ -131,30 +163,43 @@ def _fmt(v: float | None) -> str:
 
 
 def compare_cmd(
-    baseline: Annotated[str, typer.Argument(help="Baseline: a batch id or a report.json.")],
-    candidate: Annotated[str, typer.Argument(help="Candidate: a batch id or a report.json.")],
+    reports: Annotated[list[str], typer.Argument(
+        help="[BASELINE] CANDIDATE: batch ids or report.json files; the candidate alone is gated by the absolute gates.",
+        show_default=False)],
     thresholds: Annotated[Path | None, typer.Option("--thresholds", help="YAML/JSON file of thresholds.")] = None,
     max_pass_rate_drop: Annotated[float | None, typer.Option(help="Allowed pass-rate drop (0..1).")] = None,
     max_pass_k_drop: Annotated[float | None, typer.Option(help="Allowed pass^k drop (0..1).")] = None,
     max_latency_p95_increase_s: Annotated[float | None, typer.Option(help="Allowed latency p95 rise (s).")] = None,
+    min_pass_rate: Annotated[float | None, typer.Option(help="Lowest pass rate per scenario (0..1).")] = None,
+    min_pass_k: Annotated[float | None, typer.Option(help="Lowest pass^k per scenario (0..1); n < k fails.")] = None,
+    max_infra_rate: Annotated[float | None, typer.Option(
+        help="Highest share of conversations lost to crosstalk's own faults (0..1; default 0.1).")] = None,
+    allow_not_judged: Annotated[bool, typer.Option(
+        "--allow-not-judged", help="Do not fail on expectations no judge decided (no judge configured).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
 ) -> None:
-    """Per scenario and metric, what got better or worse; exit 1 past the thresholds."""
+    """Per scenario and metric, what got better or worse; exit 1 past a threshold or an absolute gate."""
+    if not 1 <= len(reports) <= 2:
+        raise _fail(EXIT_BAD_INPUT, f"reports: give [BASELINE] CANDIDATE, got {len(reports)} argument(s)")
+    baseline, candidate = (None, reports[0]) if len(reports) == 1 else (reports[0], reports[1])
     try:
         th = compare.load_thresholds(thresholds, {"max_pass_rate_drop": max_pass_rate_drop,
                                                   "max_pass_k_drop": max_pass_k_drop,
-                                                  "max_latency_p95_increase_s": max_latency_p95_increase_s})
+                                                  "max_latency_p95_increase_s": max_latency_p95_increase_s,
+                                                  "min_pass_rate": min_pass_rate, "min_pass_k": min_pass_k,
+                                                  "max_infra_rate": max_infra_rate,
+                                                  "allow_not_judged": allow_not_judged or None})
     except (OSError, ValueError) as exc:
         raise _fail(EXIT_BAD_INPUT, f"thresholds: {exc}") from None
-    result = compare.compare(_report_of(baseline), _report_of(candidate), th)
+    result = compare.compare(_report_of(baseline) if baseline else None, _report_of(candidate), th)
     if as_json:
         out.print(msgspec.json.encode(result).decode(), markup=False)
     else:
-        table = Table(title=f"{baseline} -> {candidate}", title_justify="left")
+        table = Table(title=f"{baseline or '(no baseline)'} -> {candidate}", title_justify="left")
         for col in ("scenario", "metric", "baseline", "candidate", "delta", "change"):
             table.add_column(col)
         for r in result.rows:
-            change = "REGRESSION" if r.regression else r.change
+            change = ("REGRESSION" + (" (missing)" if r.change == "missing" else "")) if r.regression else r.change
             table.add_row(r.scenario_id, r.metric, _fmt(r.baseline), _fmt(r.candidate), _fmt(r.delta), change)
         out.print(table)
         for title, reasons in (("newly failing", result.newly_failing), ("no longer failing", result.no_longer_failing)):

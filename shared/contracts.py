@@ -18,6 +18,7 @@ import msgspec
 
 # Re-exported: the codec, and the ids with their rules, are part of the contracts.
 from shared.codec import decode, decode_event, encode  # noqa: F401
+from shared.contracts_base import Struct
 from shared.ids import (
     ID_PATTERN,
     ID_RULE,  # noqa: F401
@@ -42,7 +43,6 @@ ROLES: tuple[Role, Role] = ("customer", "support")
 TARGET_METADATA_MAX_CHARS = 16384
 TargetMetadata = Annotated[str, msgspec.Meta(max_length=TARGET_METADATA_MAX_CHARS)]
 
-from shared.contracts_base import Struct  # noqa: E402
 
 
 # --------------------------------------------------------------------------- batch

@@ -16,14 +16,16 @@ import msgspec
 from shared.scenarios import END_TOOL, Checks, Scenario
 from shared.stats import percentile
 
-Verdict = Literal["pass", "fail", "inconclusive"]
+Verdict = Literal["pass", "fail", "inconclusive"]  # a conversation's
+# a criterion's: ``not_judged`` when nothing could decide it (no judge configured) -- never a pass
+CriterionVerdict = Literal["pass", "fail", "inconclusive", "not_judged"]
 AGENT = "support"
 
 
 class Criterion(msgspec.Struct, frozen=True, kw_only=True):
     name: str
-    kind: Literal["check", "llm"]
-    verdict: Verdict
+    kind: Literal["check", "llm", "outcome"]  # outcome: how the agent ended the call (judge/core.py)
+    verdict: CriterionVerdict
     evidence: str
 
 

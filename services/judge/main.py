@@ -3,9 +3,12 @@
 A durable consumer (``judge``) on ``BATCH_EVENTS``: a ``BatchAccepted`` writes the batch's
 ``plan.json`` (its spec with the scenarios it runs); a ``BatchFinished`` waits until the sink
 has written the batch (its batch.json finished, every completed transcript complete), then
-judges every conversation (services/judge/batch.py). A message is acked only once its files
-are written, so a judge that dies mid-batch judges the rest after a restart; what was already
-judged is skipped. A batch the sink never finishes is judged anyway after ``wait_s``.
+judges every conversation (services/judge/batch.py; a judge-model failure is retried once), writes
+``judged.json`` and publishes ``BatchJudged`` (counts per verdict) on the batch's event subject:
+``crosstalk report`` and ``crosstalk test`` wait for it. A message is acked only once its files
+are written and the event published, so a judge that dies mid-batch judges the rest after a
+restart; what was already judged is skipped. A batch the sink never finishes is judged anyway
+after ``wait_s``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from shared.contracts import BatchAccepted, BatchEvent, BatchFinished
 from shared.log import kv
 from shared.metrics import JudgeMetrics
 
-from .batch import JudgeConfig, judge_batch, ready
+from .batch import JudgeConfig, judge_to_the_end, ready
 from .llm import LlmJudge
 from .store import BatchFiles
 
@@ -90,7 +93,13 @@ class Judge:
             with contextlib.suppress(Exception):
                 await msg.in_progress()
 
-        written = await judge_batch(files, scenarios.library(), self.llm, progress=still_working)
+        written, judged = await judge_to_the_end(files, scenarios.library(), self.llm, progress=still_working)
+        if judged is not None:
+            digest = ",".join(f"{k}={v}" for k, v in sorted(judged.verdicts.items()))
+            await bus.publish(self.js, subjects.batch_events(ev.batch_id), judged,
+                              msg_id=f"{ev.batch_id}-judged-{digest}-{judged.judge_errors}")
+            log.info("batch judged", extra=kv(batch_id=ev.batch_id, **judged.verdicts, not_judged=judged.not_judged,
+                                              judge_errors=judged.judge_errors))
         self.metrics.batches.inc()
         self.metrics.batch_seconds.observe(time.monotonic() - started)
         for j in written:

@@ -4,6 +4,7 @@
     <data_dir>/batches/<batch_id>/conversations/<conversation_id>.jsonl (the sink's)
     <data_dir>/batches/<batch_id>/plan.json                           the accepted spec, scenarios included
     <data_dir>/batches/<batch_id>/judgments/<conversation_id>.json    one Judgment each
+    <data_dir>/batches/<batch_id>/judged.json                         BatchJudged: every conversation judged
     <data_dir>/batches/<batch_id>/recordings/<conversation_id>.wav    a voice recording, when one exists
 
 Every id is checked against its rule before it becomes a path, and the path must resolve inside
@@ -20,7 +21,7 @@ import msgspec
 
 from services.sink.files import write_atomic
 from shared import contracts
-from shared.contracts import ID_RULE, TOKEN_RULE, BatchSpec, ContractError
+from shared.contracts import ID_RULE, TOKEN_RULE, BatchJudged, BatchSpec, ContractError
 
 from .checks import Turn
 from .core import Judgment
@@ -29,6 +30,7 @@ _enc = msgspec.json.Encoder()
 _turn = msgspec.json.Decoder(Turn)
 _judgment = msgspec.json.Decoder(Judgment)
 _spec = msgspec.json.Decoder(BatchSpec)
+_judged = msgspec.json.Decoder(BatchJudged)
 # numeric fields of a transcript line that are not timings
 _NOT_TIMINGS = frozenset({"turn", "attempt", "started_at", "ended_at", "first_token_s", "total_s"})
 
@@ -59,6 +61,10 @@ class BatchFiles:
     @property
     def batch_json(self) -> Path:
         return self.dir / "batch.json"
+
+    @property
+    def judged_json(self) -> Path:
+        return self.dir / "judged.json"
 
     @property
     def plan_json(self) -> Path:
@@ -112,6 +118,14 @@ class BatchFiles:
         except FileNotFoundError:
             return None
 
+    def judged(self) -> BatchJudged | None:
+        """The batch's BatchJudged once judging finished (None before, or when a conversation was judged again since)."""
+        try:
+            event = _judged.decode(self.judged_json.read_bytes())
+        except FileNotFoundError:
+            return None
+        return event
+
     def judgments(self) -> list[Judgment]:
         folder = self.dir / "judgments"
         if not folder.is_dir():
@@ -128,4 +142,8 @@ class BatchFiles:
         self._write(self.plan_json, pretty(spec))
 
     def write_judgment(self, j: Judgment) -> None:
+        self.judged_json.unlink(missing_ok=True)  # judging again: not finished until judged.json is rewritten
         self._write(self.judgment_path(j.conversation_id), pretty(j))
+
+    def write_judged(self, event: BatchJudged) -> None:
+        self._write(self.judged_json, pretty(event))

@@ -33,6 +33,7 @@ from shared.config import Settings
 from shared.contracts import (
     BatchEvent,
     BatchFinished,
+    BatchJudged,
     ContractError,
     ConversationEvent,
     LeaseEvent,
@@ -115,6 +116,9 @@ class Sink:
     async def on_batch_event(self, event: BatchEvent, msg: Msg) -> None:
         """``batch.evt.<id>`` into ``batch.json``; a ``BatchFinished`` waits for the transcripts."""
         self.metrics.events.labels(kind_of(event)).inc()
+        if isinstance(event, BatchJudged):  # the judge's word, in judged.json: nothing for batch.json
+            await bus.ack([msg])
+            return
         batch_id = core.batch_of(event)
         problem = core.event_problem(event) or subject_problem(msg.subject, lambda: subjects.batch_events(batch_id))
         if problem:

@@ -90,7 +90,8 @@ def test_the_scripted_judges_rule() -> None:
 
 def report(rate: float, k: float, p95: float, failing: dict[str, int]) -> dict[str, object]:
     return {"scenarios": [{"scenario_id": "s", "pass_rate": rate, "pass_k": k, "latency_p95_s": p95,
-                           "failing_criteria": failing}]}
+                           "failing_criteria": failing, "n": 10, "k": 2}],
+            "totals": {"conversations": 10, "judged": 10, "infra_failures": 0, "not_judged": 0}}
 
 
 def test_compare_flags_regressions_past_thresholds_only() -> None:
@@ -100,7 +101,8 @@ def test_compare_flags_regressions_past_thresholds_only() -> None:
     bad = compare(base, report(0.5, 0.2, 1.0, {"b": 3}), Thresholds(max_latency_p95_increase_s=0.5))
     assert [v.split(":")[1].split()[0] for v in bad.violations] == ["pass_rate", "pass_k", "latency_p95_s"]
     assert bad.newly_failing == {"s": ["b"]} and bad.no_longer_failing == {"s": ["a"]}
-    assert compare(base, {"scenarios": []}, Thresholds()).violations == ["s: in the baseline, missing from the candidate"]
+    assert compare(base, {**report(1, 1, 0, {}), "scenarios": []}, Thresholds()).violations == [
+        "s: in the baseline, missing from the candidate"]
     better = compare(base, report(1.0, 1.0, 0.3, {}), Thresholds())
     assert better.violations == [] and {r.change for r in better.rows} == {"better"}
 

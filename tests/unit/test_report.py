@@ -15,7 +15,10 @@ from typer.testing import CliRunner
 from cli import app as cli_app
 from cli import report
 from services.judge.batch import judge_batch
+from services.judge.checks import Criterion, Turn
+from services.judge.llm import expectations
 from services.judge.store import BatchFiles
+from services.model import judge as scripted_judge
 from shared import batch_plan, scenarios
 from shared.contracts import BatchSpec, StartBatch, decode
 
@@ -48,9 +51,24 @@ def make_batch(root: Path, bid: str) -> BatchFiles:
     return files
 
 
+class RuleJudge:
+    """Stands in for an LLM judge (a paid API): services/model/judge.py's documented rule, in process."""
+
+    model = "rule"
+
+    async def judge(self, scenario: scenarios.Scenario, turns: list[Turn]) -> list[Criterion]:
+        conv = "\n".join(("assistant: " if t.role == "support" else "user: ") + t.text for t in turns)
+        out = []
+        for i, text in enumerate(expectations(scenario.agent_expectations)):
+            got = scripted_judge.verdict(f"Criteria: {text}\n\nConversation:\n{conv}\n\nEvaluate if ...")
+            out.append(Criterion(name=f"expectation {i + 1}: {text}", kind="llm", evidence=got["reasoning"],
+                                 verdict={"maybe": "inconclusive"}.get(got["verdict"], got["verdict"])))  # type: ignore[arg-type]
+        return out
+
+
 def test_report_numbers_are_the_stored_verdicts(tmp_path: Path) -> None:
     files = make_batch(tmp_path, "b-rep")
-    asyncio.run(judge_batch(files, scenarios.library(), None))
+    asyncio.run(judge_batch(files, scenarios.library(), RuleJudge()))  # type: ignore[arg-type]
     paths = report.write(files)
     data = json.loads(paths["json"].read_bytes())
     stored = files.judgments()
@@ -71,6 +89,7 @@ def test_report_numbers_are_the_stored_verdicts(tmp_path: Path) -> None:
     assert not re.search(r'(src|href)="(https?:)?//', html)  # self-contained: nothing fetched from a network
     assert '<audio controls preload="none" src="recordings/b-rep-00000.wav">' in html and html.count("<audio") == 1
     assert "Infrastructure failure (not counted in any pass rate): agent_left" in html
+    assert "Judging had not finished" in html  # judge_batch alone writes no judged.json
     assert "Gym membership cancel karna hai" in html
 
     suites = ET.parse(paths["junit"]).getroot()
@@ -81,11 +100,21 @@ def test_report_numbers_are_the_stored_verdicts(tmp_path: Path) -> None:
 def test_cli_report_and_start_body_with_inline_scenarios(tmp_path: Path) -> None:
     files = make_batch(tmp_path / "data", "b-cli")
     env = {"CROSSTALK_DATA_DIR": str(tmp_path / "data")}
-    res = CliRunner().invoke(cli_app.app, ["report", "b-cli"], env=env)
-    assert res.exit_code == 3 and "no judgments yet" in res.output
-    assert CliRunner().invoke(cli_app.app, ["judge", "b-cli"], env=env).exit_code == 0
+    res = CliRunner().invoke(cli_app.app, ["report", "b-cli", "--wait", "0.2"], env=env)
+    assert res.exit_code == 3 and "not judged after 0.2s" in res.output and "crosstalk judge b-cli" in res.output
+    res = CliRunner().invoke(cli_app.app, ["judge", "b-cli"], env=env)  # no judge configured
+    assert res.exit_code == 0 and "5 not judged (no judge)" in res.output, res.output
     res = CliRunner().invoke(cli_app.app, ["report", "b-cli", "--out", str(tmp_path / "out")], env=env)
-    assert res.exit_code == 0 and "4/5 passed (80.0%), 1 infrastructure failure(s) apart" in res.output
+    assert res.exit_code == 0, res.output
+    assert ("0/5 passed (0.0%), 1 failed, 4 inconclusive (5 with expectations no judge decided); 1 infrastructure failure(s) apart"
+            in res.output)
+    junit = (tmp_path / "out" / "junit.xml").read_text(encoding="utf-8")
+    assert junit.count("<error message=\"not judged") == 4 and "<skipped" not in junit
+    # the gate: not-judged conversations fail it unless allowed; the infra failure (1 of 6) is over 0.1
+    assert CliRunner().invoke(cli_app.app, ["compare", "b-cli"], env=env).exit_code == 1
+    res = CliRunner().invoke(cli_app.app, ["compare", "b-cli", "--allow-not-judged", "--max-infra-rate", "0.2"],
+                             env=env)
+    assert res.exit_code == 0, res.output
     html = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
     assert 'src="../data/batches/b-cli/recordings/b-cli-00000.wav"' in html  # relative to where the page is
     assert files.judgment("b-cli-00000") is not None
