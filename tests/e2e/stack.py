@@ -18,18 +18,24 @@ import os
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Generic, Literal, TypeVar
 
+import nats
 import psutil
+import pytest
+from support.harness import batch_events
 from support.servers import _ephemeral_range, free_ports
 
 from infra.stack import probes, supervisor
 from infra.stack.config import PORTS, ROOT, Config
+from shared.contracts import BatchEvent
 
-__all__ = ["ROOT", "Stack", "free_ports", "running_stack"]
+__all__ = ["ROOT", "Stack", "free_ports", "running_stack", "stack_fixture"]
 
 JUST = Path(sys.executable).parent / "just"
 
@@ -40,6 +46,18 @@ PORT_VARS = tuple(PORTS)  # every port the stack listens on, by its variable
 
 
 UDP_PORTS = 1000
+T = TypeVar("T")
+
+
+class FromConfig(Generic[T]):
+    """A :class:`Stack` attribute that is the stack's own config's (``Config.from_env``), never a copy."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, stack: Stack, owner: type | None = None) -> T:
+        value: T = getattr(stack.config(), self.name)
+        return value
 
 
 @dataclass
@@ -68,27 +86,24 @@ class Stack:
         """The stack's own reading of this environment (infra/stack/config.py)."""
         return Config.from_env(self.env)
 
-    @property
-    def run_dir(self) -> Path:
-        return self.config().run_dir
-
-    @property
-    def data_dir(self) -> Path:
-        return self.config().data_dir
-
-    @property
-    def nats_url(self) -> str:
-        return self.config().nats_url
-
-    @property
-    def livekit_url(self) -> str:
-        return self.config().livekit_url
+    run_dir = FromConfig[Path]()
+    data_dir = FromConfig[Path]()
+    nats_url = FromConfig[str]()
+    livekit_url = FromConfig[str]()
 
     @property
     def speech_url(self) -> str:
         """The stack's offline speech service (services/speech), an OpenAI base URL."""
         cfg = self.config()
         return f"http://{cfg.host}:{cfg.speech_port}/v1"
+
+    async def batch_events(self, batch_id: str) -> list[BatchEvent]:
+        """The batch's events as the BATCH_EVENTS stream holds them now."""
+        nc = await nats.connect(self.nats_url)
+        try:
+            return await batch_events(nc.jetstream(), batch_id)
+        finally:
+            await nc.drain()
 
     def ports(self) -> list[int]:
         return [int(self.env[v]) for v in PORT_VARS]
@@ -143,3 +158,18 @@ def running_stack(tmp: Path, **overrides: str) -> Iterator[Stack]:
         raise
     finally:
         stack.cleanup()
+
+
+def stack_fixture(name: str, *, scope: Literal["module", "function"] = "module", settle_s: float = 3.0,
+                  **overrides: str) -> Any:
+    """A ``stack`` fixture: :func:`running_stack` with ``overrides``, up ``settle_s`` before the first
+    test (every worker registered with livekit-server), down after the last of ``scope``."""
+
+    @pytest.fixture(scope=scope)
+    def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+        """The whole stack (tests/e2e/stack.py ``stack_fixture``), with this module's settings."""
+        with running_stack(tmp_path_factory.mktemp(name), **overrides) as s:
+            time.sleep(settle_s)
+            yield s
+
+    return stack

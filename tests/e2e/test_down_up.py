@@ -8,13 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
-from typing import Any
 
 import nats
 import pytest
-from stack import Stack
-from support.harness import batch_events
+from stack import Stack, stack_fixture
 
 from shared import subjects
 from shared.contracts import BatchFinished, ConversationSettled
@@ -22,26 +19,7 @@ from shared.contracts import BatchFinished, ConversationSettled
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def stack(tmp_path: Any) -> Iterator[Stack]:
-    s = Stack.create(tmp_path, CROSSTALK_WORKERS="2")
-    try:
-        s.up()
-        time.sleep(3)
-        yield s
-    except BaseException:
-        s.dump_logs()
-        raise
-    finally:
-        s.cleanup()
-
-
-async def settled(stack: Stack, batch_id: str) -> list[Any]:
-    nc = await nats.connect(stack.nats_url)
-    try:
-        return await batch_events(nc.jetstream(), batch_id)
-    finally:
-        await nc.drain()
+stack = stack_fixture("downup", scope="function", CROSSTALK_WORKERS="2")
 
 
 async def test_just_down_mid_batch_then_just_up_resumes_it(stack: Stack) -> None:
@@ -51,7 +29,7 @@ async def test_just_down_mid_batch_then_just_up_resumes_it(stack: Stack) -> None
     await nc.drain()
     assert reply["accepted"], reply
     deadline = time.monotonic() + 180
-    while not any(isinstance(e, ConversationSettled) for e in await settled(stack, "downup-1")):
+    while not any(isinstance(e, ConversationSettled) for e in await stack.batch_events("downup-1")):
         assert time.monotonic() < deadline, "no conversation settled"
         await asyncio.sleep(0.5)
 
@@ -64,7 +42,7 @@ async def test_just_down_mid_batch_then_just_up_resumes_it(stack: Stack) -> None
     deadline = time.monotonic() + 400
     while finished is None:
         assert time.monotonic() < deadline, "the batch did not finish after `just up`"
-        evs = await settled(stack, "downup-1")
+        evs = await stack.batch_events("downup-1")
         finished = next((e for e in evs if isinstance(e, BatchFinished)), None)
         await asyncio.sleep(1)
     assert (finished.completed, finished.failed) == (8, 0), finished

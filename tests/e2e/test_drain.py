@@ -15,13 +15,11 @@ import asyncio
 import inspect
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import nats
 import pytest
-from stack import running_stack
-from support.harness import batch_events
+from stack import stack_fixture
 
 from infra.stack import supervisor
 from shared import subjects
@@ -30,11 +28,7 @@ from shared.contracts import BatchFinished, ConversationDispatched, Conversation
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    with running_stack(tmp_path_factory.mktemp("drain"), CROSSTALK_WORKERS="2", CROSSTALK_JOIN_DEADLINE_S="60") as s:
-        time.sleep(3)  # both workers registered with livekit-server
-        yield s
+stack = stack_fixture("drain", CROSSTALK_WORKERS="2", CROSSTALK_JOIN_DEADLINE_S="60")
 
 
 def rpc(stack: Any) -> Any:
@@ -53,14 +47,6 @@ async def start_batch(stack: Any, batch_id: str, n: int, c: int, turns: int = 8)
     assert reply["accepted"], reply
 
 
-async def events(stack: Any, batch_id: str) -> list[Any]:
-    nc = await nats.connect(stack.nats_url)
-    try:
-        return await batch_events(nc.jetstream(), batch_id)
-    finally:
-        await nc.drain()
-
-
 async def until(cond: Any, timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -75,7 +61,7 @@ async def until(cond: Any, timeout: float, what: str) -> Any:
 
 async def finished(stack: Any, batch_id: str, timeout: float = 300) -> tuple[BatchFinished, list[Any]]:
     async def done() -> Any:
-        evs = await events(stack, batch_id)
+        evs = await stack.batch_events(batch_id)
         return evs if any(isinstance(e, BatchFinished) for e in evs) else None
 
     evs = await until(done, timeout, f"batch {batch_id} to finish")
@@ -119,15 +105,15 @@ async def test_sigterm_to_the_dispatcher_stops_admitting_and_it_resumes_after_re
     await start_batch(stack, "drain-d", 6, 2, turns=6)
 
     async def one_settled() -> bool:
-        return any(isinstance(e, ConversationSettled) for e in await events(stack, "drain-d"))
+        return any(isinstance(e, ConversationSettled) for e in await stack.batch_events("drain-d"))
 
     await until(one_settled, 180, "a first conversation of drain-d to settle")
     rpc(stack).stopProcess("dispatcher", True)  # SIGTERM; returns once it exited
     info = state(stack, "dispatcher")
     assert info["statename"] == "STOPPED" and info["exitstatus"] == 0, info
-    before = [e for e in await events(stack, "drain-d") if isinstance(e, ConversationDispatched)]
+    before = [e for e in await stack.batch_events("drain-d") if isinstance(e, ConversationDispatched)]
     await asyncio.sleep(8)  # conversations still settle meanwhile; nothing may be dispatched
-    during = [e for e in await events(stack, "drain-d") if isinstance(e, ConversationDispatched)]
+    during = [e for e in await stack.batch_events("drain-d") if isinstance(e, ConversationDispatched)]
     assert during == before, "a conversation was dispatched while the dispatcher was stopped"
     assert len({e.conversation_id for e in before}) < 6, "all admitted before the stop: nothing left to show"
     rpc(stack).startProcess("dispatcher", True)

@@ -12,12 +12,11 @@ import json
 import re
 import time
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import nats
 import pytest
-from stack import running_stack
+from stack import stack_fixture
 from support.harness import batch_events
 
 from shared import subjects
@@ -26,11 +25,7 @@ from shared.contracts import BatchFinished, ConversationSettled
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    with running_stack(tmp_path_factory.mktemp("lknodes"), CROSSTALK_LIVEKIT_NODES="2", CROSSTALK_WORKERS="2") as s:
-        time.sleep(3)
-        yield s
+stack = stack_fixture("lknodes", CROSSTALK_LIVEKIT_NODES="2", CROSSTALK_WORKERS="2")
 
 
 def node_rooms(port: str) -> tuple[str, float]:

@@ -12,12 +12,11 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import nats
 import pytest
-from stack import running_stack
+from stack import stack_fixture
 from support.harness import batch_events
 
 from shared import streams, subjects
@@ -26,11 +25,7 @@ from shared.contracts import BatchFinished
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    with running_stack(tmp_path_factory.mktemp("natscluster"), CROSSTALK_NATS_NODES="3", CROSSTALK_WORKERS="2") as s:
-        time.sleep(3)
-        yield s
+stack = stack_fixture("natscluster", CROSSTALK_NATS_NODES="3", CROSSTALK_WORKERS="2")
 
 
 async def connect(stack: Any) -> Any:
