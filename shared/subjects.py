@@ -20,28 +20,28 @@ BATCH_REJECTED = "batch.rejected"
 
 # Batch lifecycle events, one subject per batch: batch.evt.<batch_id>
 BATCH_EVENTS_PREFIX = "batch.evt"
-BATCH_EVENTS_ALL = "batch.evt.*"
+BATCH_EVENTS_ALL = f"{BATCH_EVENTS_PREFIX}.*"
 
 # Conversation events from worker jobs: conv.<batch_id>.<conversation_id>.<kind>
 CONV_PREFIX = "conv"
-CONV_ALL = "conv.>"
+CONV_ALL = f"{CONV_PREFIX}.>"
 CONV_KINDS = ("joined", "turn", "ended", "recording")
 # What the dispatcher follows: every agent join and every conversation end.
-CONV_JOINED_ALL = "conv.*.*.joined"
-CONV_ENDED_ALL = "conv.*.*.ended"
+CONV_JOINED_ALL = f"{CONV_PREFIX}.*.*.joined"
+CONV_ENDED_ALL = f"{CONV_PREFIX}.*.*.ended"
 
 # Allocator lease log: roles.<room>.<role>
 ROLES_PREFIX = "roles"
-ROLES_ALL = "roles.>"
+ROLES_ALL = f"{ROLES_PREFIX}.>"
 
 # livekit-server's webhooks, verified and typed: lk.room.<room>.<event>
 LK_ROOM_PREFIX = "lk.room"
-LK_ROOM_ALL = "lk.room.>"
+LK_ROOM_ALL = f"{LK_ROOM_PREFIX}.>"
 LK_ROOM_EVENTS = ("room_started", "room_finished", "participant_joined", "participant_left")
 
 # Worker capacity heartbeats (core NATS, no stream): worker.capacity.<worker_id>
 WORKER_CAPACITY_PREFIX = "worker.capacity"
-WORKER_CAPACITY_ALL = "worker.capacity.*"
+WORKER_CAPACITY_ALL = f"{WORKER_CAPACITY_PREFIX}.*"
 # The dispatcher's admission view (core NATS): workers, free slots, queued conversations per batch
 DISPATCHER_STATUS = "dispatcher.status"
 
