@@ -38,7 +38,7 @@ PUBLISHES: dict[str, list[str]] = {
     # $O.<bucket>.>: a voice job puts its channel of the recording in the object store
     "worker": ["conv.>", "role.request", "role.renew", "role.release", "worker.capacity.*",
                f"$O.{RECORDINGS_BUCKET}.>"],
-    "judge": [],  # consumes batch events, writes files
+    "judge": ["batch.evt.*"],  # consumes batch events, writes files, publishes BatchJudged
     "cli": ["batch.start", "smoke.*"],  # smoke.*: `just check`'s JetStream round trip
 }
 COMMON = ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>"]  # streams/consumers API, acks, flow control

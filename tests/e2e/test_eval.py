@@ -128,15 +128,21 @@ async def start(stack: Stack, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def wait_judgments(stack: Stack, batch_id: str, n: int, timeout: float = 300) -> list[dict[str, Any]]:
-    folder = stack.data_dir / "batches" / batch_id / "judgments"
+    """The judgments once the judge says judging is done (judged.json, its BatchJudged): no polling of the folder."""
+    batch_dir = stack.data_dir / "batches" / batch_id
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        files = sorted(folder.glob("*.json")) if folder.is_dir() else []
-        if len(files) == n:
-            return [json.loads(p.read_bytes()) for p in files]
+        if (batch_dir / "judged.json").is_file():
+            judged = json.loads((batch_dir / "judged.json").read_bytes())
+            files = sorted((batch_dir / "judgments").glob("*.json"))
+            assert judged["conversations"] == len(files) == n, judged
+            out = [json.loads(p.read_bytes()) for p in files]
+            by_verdict = {v: sum((j["verdict"] or "infra_failure") == v for j in out) for v in judged["verdicts"]}
+            assert by_verdict == judged["verdicts"], (by_verdict, judged)
+            return out
         time.sleep(0.5)
     stack.dump_logs(60)
-    raise AssertionError(f"{batch_id}: {len(files)} of {n} judgments after {timeout}s")
+    raise AssertionError(f"{batch_id}: not judged after {timeout}s")
 
 
 def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:

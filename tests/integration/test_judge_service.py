@@ -1,8 +1,8 @@
 """The judge service on a real nats-server: it waits for the sink's files, survives a SIGKILL, never judges twice.
 
 The batch's events are published by the test (as the dispatcher would) and the sink's files
-are written by the test, so the judge alone is under test. No LLM judge here (checks only):
-the LLM path runs in tests/e2e/test_eval.py.
+are written by the test, so the judge alone is under test. No LLM judge here (checks only, the
+expectations not_judged): the LLM path runs in tests/e2e/test_eval.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from support.harness import Procs
 from services.judge.batch import judge_batch
 from services.judge.store import BatchFiles
 from shared import batch_plan, bus, scenarios, subjects
-from shared.contracts import BatchAccepted, BatchFinished, BatchSpec
+from shared.contracts import BatchAccepted, BatchEvent, BatchFinished, BatchJudged, BatchSpec
 
 READY = b'"msg": "judge consuming"'
 
@@ -69,10 +69,19 @@ async def test_judges_once_the_sink_is_done_across_a_sigkill(procs: Procs, bus_c
     judge.kill()
     write_sink_files(data, bid, status="failed")
     judge.start()
-    await wait_for(lambda: len(files.judgments()) == 3)
+    await wait_for(lambda: files.judged() is not None)
     got = {j.conversation_id: j for j in files.judgments()}
-    assert [got[f"{bid}-{i:05d}"].verdict for i in range(3)] == ["pass", "pass", None]
+    # no judge configured: the checks pass, the expectations are not_judged -- inconclusive, never a pass
+    assert [got[f"{bid}-{i:05d}"].verdict for i in range(3)] == ["inconclusive", "inconclusive", None]
+    assert [got[f"{bid}-{i:05d}"].not_judged for i in range(2)] == [2, 2]
+    assert all(c.verdict == "pass" for c in got[f"{bid}-00000"].criteria if c.kind == "check")
     assert got[f"{bid}-00002"].status == "infra_failure" and got[f"{bid}-00002"].infra_failure == "join_timeout"
+    # judging finished visibly: BatchJudged on the batch's subject, the same counts in judged.json
+    events = await bus.replay(js, subjects.batch_events(bid), BatchEvent)
+    judged = [e for e in events if isinstance(e, BatchJudged)]
+    assert judged == [files.judged()], events
+    assert judged[0].verdicts == {"pass": 0, "fail": 0, "inconclusive": 2, "infra_failure": 1}
+    assert judged[0].not_judged == 2
     assert [got[f"{bid}-{i:05d}"].trial for i in range(3)] == [1, 2, 3]
 
     stamps = {p: p.stat().st_mtime_ns for p in (files.dir / "judgments").glob("*.json")}
