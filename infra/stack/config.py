@@ -37,6 +37,16 @@ CROSSTALK_PROGRAMS: tuple[tuple[str, tuple[str, ...]], ...] = (
 ALL_NAMES = ("nats", "livekit", *(name for name, _ in CROSSTALK_PROGRAMS), "prometheus", "grafana")
 
 
+class InRunDir:
+    """A path in the stack's run dir, read as an attribute of :class:`Config` (``cfg.sock``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, cfg: Config, owner: type | None = None) -> Path:
+        return cfg.run_dir / self.name
+
+
 def metrics_port_var(name: str) -> str:
     return f"CROSSTALK_{name.upper()}_METRICS_PORT"
 
@@ -211,21 +221,11 @@ class Config:
     def livekit_url(self) -> str:
         return self.external_livekit or f"ws://{self.host}:{self.livekit_port}"
 
-    @property
-    def sock(self) -> Path:
-        return self.run_dir / "supervisor.sock"
-
-    @property
-    def conf(self) -> Path:
-        return self.run_dir / "supervisord.conf"
-
-    @property
-    def logs(self) -> Path:
-        return self.run_dir / "logs"
-
-    @property
-    def state_file(self) -> Path:
-        return self.run_dir / "stack.json"
+    # what the stack keeps in its run dir
+    sock = InRunDir("supervisor.sock")
+    conf = InRunDir("supervisord.conf")
+    logs = InRunDir("logs")
+    state_file = InRunDir("stack.json")
 
     def wanted(self, name: str) -> bool:
         return self.only is None or name in self.only

@@ -99,9 +99,11 @@ class ModelServer:
     def app(self) -> web.Application:
         # Chat contexts of long conversations stay far below this.
         app = web.Application(client_max_size=8 * 1024 * 1024)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/chat/completions", self.chat)
+        app.add_routes([  # the route table: OpenAI's chat API, as much of it as the agents call
+            web.get("/healthz", self.healthz),
+            web.get("/v1/models", self.models),
+            web.post("/v1/chat/completions", self.chat),
+        ])
         return app
 
     async def healthz(self, request: web.Request) -> web.Response:

@@ -110,11 +110,13 @@ class SpeechServer:
         # uploads up to the limit, plus room for the form's text fields
         app = web.Application(client_max_size=int(self.limits.max_upload_mb * 1024 * 1024) + 64 * 1024,
                               middlewares=[_request_id])
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/v1/audio/voices", self.voices)
-        app.router.add_post("/v1/audio/speech", self.speech)
-        app.router.add_post("/v1/audio/transcriptions", self.transcriptions)
+        app.add_routes([  # the route table: OpenAI's audio API, plus the voice catalogue
+            web.get("/healthz", self.healthz),
+            web.get("/v1/models", self.models),
+            web.get("/v1/audio/voices", self.voices),
+            web.post("/v1/audio/speech", self.speech),
+            web.post("/v1/audio/transcriptions", self.transcriptions),
+        ])
         return app
 
     async def healthz(self, request: web.Request) -> web.Response:
