@@ -7,6 +7,10 @@ jiwer computes the edit distance (a well-kept library for exactly this); num2wor
 numbers.
 
     wer("My order 42 arrived late.", "my order forty-two arrived late")  # 0.0
+
+A turn the listener never reported, or heard as nothing, is fully misheard: its hypothesis is
+``None`` or empty and every reference word counts as an error (WER 1.0), never left out. Leaving
+it out would make a listener that hears nothing score better than one that mishears.
 """
 
 from __future__ import annotations
@@ -52,19 +56,21 @@ def normalize(text: str, language: str = "en") -> str:
     return " ".join(kept.split())
 
 
-def wer(reference: str, hypothesis: str, language: str = "en") -> float:
+def wer(reference: str, hypothesis: str | None, language: str = "en") -> float:
     """Word error rate of ``hypothesis`` against ``reference`` after :func:`normalize` (0.0 = exact).
-    An empty reference scores 0.0 for an empty hypothesis and 1.0 otherwise."""
-    ref, hyp = normalize(reference, language), normalize(hypothesis, language)
+    An empty reference scores 0.0 for an empty hypothesis and 1.0 otherwise; ``None`` (never heard)
+    is an empty hypothesis: 1.0 for any reference with words."""
+    ref, hyp = normalize(reference, language), normalize(hypothesis or "", language)
     if not ref:
         return 0.0 if not hyp else 1.0
-    return float(jiwer.wer(ref, hyp if hyp else ""))
+    return float(jiwer.wer(ref, hyp))
 
 
-def corpus_wer(pairs: Sequence[tuple[str, str]], language: str = "en") -> float:
-    """WER over many utterances: total word errors / total reference words (not a mean of ratios)."""
+def corpus_wer(pairs: Sequence[tuple[str, str | None]], language: str = "en") -> float:
+    """WER over many utterances: total word errors / total reference words (not a mean of ratios).
+    A ``None`` or empty hypothesis (unheard) counts each of its reference words as an error."""
     refs = [normalize(r, language) for r, _ in pairs]
-    hyps = [normalize(h, language) for _, h in pairs]
+    hyps = [normalize(h or "", language) for _, h in pairs]
     kept = [(r, h) for r, h in zip(refs, hyps, strict=True) if r]
     if not kept:
         return 0.0

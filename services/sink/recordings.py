@@ -9,6 +9,13 @@ conversation's turn lines (core/voice.py) and puts them in ``batch.json`` and on
 Redone on the second event, so whichever channel arrives last completes the file; a rewrite
 gives the same bytes. The ids are typed (validated on decode) and the path is checked again
 under the data directory (files.DataDir).
+
+The file and the figures belong to the conversation's latest attempt: a channel of an attempt
+older than one ``batch.json`` knows of (a newer attempt dispatched, settled or recorded) is acked
+and dropped, never merged, so a failed attempt's late channel cannot overwrite the settled
+attempt's WAV (``core.batch_doc.stale_recording``; the metrics carry their ``attempt``). Channel
+events are handled one at a time (turns.py ``_record``), so that check and the write never
+interleave with another attempt's; ``set_voice`` checks again against the document it changes.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from shared.metrics import SinkMetrics
 
 from . import files
 from .core import voice
+from .core.batch_doc import stale_recording
 from .core.transcript import decode_voice_line
 from .docs import Docs
 
@@ -55,6 +63,8 @@ class Recordings:
     async def on_channel(self, ev: RecordingChannel, msg: Msg) -> list[Msg]:
         """Handle one channel event; returns the messages to ack now (the rest are acked with batch.json)."""
         try:
+            if await self._stale(ev):
+                return [msg]
             found = [await self._channel(ev, role) for role in ROLES]
             path = self.io.dirs.recording(ev.batch_id, ev.conversation_id)
             transcript = self.io.dirs.transcript(ev.batch_id, ev.conversation_id)
@@ -71,12 +81,23 @@ class Recordings:
         stereo, rate = voice.merge(customer, support, origin)
         await self.io.run(self._write, path, voice.wav_bytes(stereo, rate))
         turns = await self.io.run(_read_turns, transcript)
-        m = voice.conversation_metrics(stereo, rate, turns, origin, f"recordings/{ev.conversation_id}.wav")
+        m = voice.conversation_metrics(stereo, rate, turns, origin, f"recordings/{ev.conversation_id}.wav",
+                                       attempt=ev.attempt)
         self._observe(m)
         log.info("recording written", extra=kv(batch_id=ev.batch_id, conversation_id=ev.conversation_id,
-                                               seconds=m.duration_s, turns=len(turns)))
+                                               attempt=ev.attempt, seconds=m.duration_s, turns=len(turns)))
         await self.docs.set_voice(ev.batch_id, ev.conversation_id, m, [msg])
         return []
+
+    async def _stale(self, ev: RecordingChannel) -> bool:
+        """True (logged) if ``batch.json`` already knows a newer attempt of the conversation."""
+        entry = (await self.docs.get(ev.batch_id)).conversations.get(ev.conversation_id)
+        if entry is None or not stale_recording(entry, ev.attempt):
+            return False
+        log.info("recording of a superseded attempt dropped", extra=kv(
+            batch_id=ev.batch_id, conversation_id=ev.conversation_id, attempt=ev.attempt, role=ev.role,
+            latest=max(entry.attempts, entry.voice.attempt if entry.voice is not None else 0)))
+        return True
 
     def _write(self, path: files.Path, data: bytes) -> None:
         self.io.dirs.ensure_dir(path.parent)

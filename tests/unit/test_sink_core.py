@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.sink import core
-from services.sink.core import BatchDoc, FileWrite, Transcript, offer
+from services.sink.core import BatchDoc, FileWrite, Transcript, batch_doc, offer, voice
 from shared.contracts import (
     BatchAccepted,
     BatchFinished,
@@ -24,16 +24,18 @@ from shared.contracts import (
 HINDI = "नमस्ते, मैं आपकी कैसे सहायता कर सकता हूँ?"
 
 
-def turn(n: int, attempt: int = 1, text: str | None = None, conv: str = "c1") -> TurnRecorded:
+def turn(n: int, attempt: int = 1, text: str | None = None, conv: str = "c1", role: str | None = None,
+         unprompted: bool = False) -> TurnRecorded:
     return TurnRecorded(
         batch_id="b1",
         conversation_id=conv,
         attempt=attempt,
         turn=n,
-        role="customer" if n % 2 == 0 else "support",
+        role=role or ("customer" if n % 2 == 0 else "support"),  # type: ignore[arg-type]
         text=text if text is not None else f"turn {n} of attempt {attempt}",
         started_at=1000.0 + n,
         ended_at=1000.5 + n,
+        unprompted=unprompted,
     )
 
 
@@ -47,6 +49,27 @@ def test_in_order_turns_are_written_first_one_replacing_the_empty_file() -> None
     step = offer(step.state, turn(1), "a1")
     assert (step.outcome, step.replace, [t.turn for t in step.lines], step.acks) == ("written", False, [1], ("a1",))
     assert (step.state.next_turn, step.state.file_lines, step.state.file_attempt) == (2, 2, 1)
+
+
+def test_roles_need_not_alternate_a_target_may_speak_first_and_twice_in_a_row() -> None:
+    """The user's own agent greets (turn 0, support, unprompted), answers, then follows up on its own."""
+    said = [turn(0, role="support", text=HINDI, unprompted=True), turn(1, role="customer"),
+            turn(2, role="support"), turn(3, role="support", unprompted=True), turn(4, role="customer")]
+    s: Transcript[str] = Transcript()
+    written: list[TurnRecorded] = []
+    for t in (said[1], said[0], said[3], said[2], said[4]):  # out of order: held until the gap fills
+        step = offer(s, t, f"a{t.turn}")
+        s, written = step.state, [*written, *step.lines]
+    assert [(t.turn, t.role, t.unprompted) for t in written] == [
+        (0, "support", True), (1, "customer", False), (2, "support", False), (3, "support", True),
+        (4, "customer", False)]
+    lines = [core.decode_line(core.encode_line(t)) for t in written]
+    assert [(x.role, x.unprompted) for x in lines] == [(t.role, t.unprompted) for t in written]
+    assert lines[0].text == HINDI and b'"unprompted":true' in core.encode_line(said[0])
+    # a redelivery of a stored support turn is a duplicate; another role at that index is a conflict
+    assert offer(s, said[3], "again", stored=("support", said[3].text)).outcome == "duplicate"
+    assert offer(s, turn(3, role="customer", text=said[3].text), "x", stored=("support", said[3].text)).outcome == (
+        "conflict")
 
 
 def test_duplicate_is_acked_without_a_line() -> None:
@@ -301,3 +324,85 @@ def test_short_transcripts_fail_their_conversations_and_the_batch_once() -> None
     assert marked.conversations["c2"] == entry and marked.conversations["c3"].outcome == "failed"
     assert core.mark_incomplete(marked, {"c1": 4}) is marked  # idempotent
     assert core.mark_incomplete(doc, {}) is doc
+
+
+# --------------------------------------------------------------------------- voice: attempts and faults
+
+
+def metrics(attempt: int, seconds: float = 10.0) -> voice.VoiceMetrics:
+    return voice.VoiceMetrics(
+        recording="recordings/c1.wav", duration_s=seconds, heard_latency_s=[0.5], heard_latency_p50_s=0.5,
+        heard_latency_p95_s=0.5, heard_latency_p99_s=0.5, overlap_ratio=0.0, awkward_silences=0,
+        unanswered_turns=0, false_interruptions=0, time_to_first_audio_s=1.0, stt_wer=0.0, stt_words=4,
+        heard_via={"stt": 2}, attempt=attempt)
+
+
+def voice_batch(*convs: str) -> BatchDoc:
+    spec = msgspec.structs.replace(SPEC, conversations=len(convs), mode="voice")
+    return fold([BatchAccepted(spec=spec, at=1.0)])
+
+
+def settled(attempt: int, outcome: str = "completed", reason: str = "max_turns", retry: bool = False,
+            conv: str = "c1") -> ConversationSettled:
+    return ConversationSettled(batch_id="b1", conversation_id=conv, attempt=attempt, outcome=outcome,  # type: ignore[arg-type]
+                               reason=reason, retry=retry, turns=4 if outcome == "completed" else 0, at=2.0)
+
+
+def finished(completed: int, failed: int) -> BatchFinished:
+    return BatchFinished(batch_id="b1", status="completed" if not failed else "failed", requested=completed + failed,
+                         completed=completed, failed=failed, started_at=1.0, finished_at=9.0)
+
+
+def test_a_failed_attempts_late_recording_never_replaces_the_settled_ones() -> None:
+    """Attempt 1 failed and was retried; attempt 2 completed and was recorded; attempt 1's channels
+    arrive last: its figures (and so its WAV, services/sink/recordings.py) are refused."""
+    doc = fold([settled(1, "failed", "agent_left", retry=True),
+                ConversationDispatched(batch_id="b1", conversation_id="c1", attempt=2, room="b1--c1--2", at=3.0),
+                settled(2)], voice_batch("c1"))
+    doc = core.set_voice(doc, "c1", metrics(2))
+    assert core.set_voice(doc, "c1", metrics(1, seconds=99.0)) is doc
+    assert batch_doc.stale_recording(doc.conversations["c1"], 1) and not batch_doc.stale_recording(doc.conversations["c1"], 2)
+    assert doc.voice is not None and doc.voice.conversations == 1
+
+
+def test_an_older_attempts_figures_leave_when_a_newer_attempt_starts() -> None:
+    doc = core.set_voice(voice_batch("c1"), "c1", metrics(1))
+    assert doc.conversations["c1"].voice is not None
+    doc = fold([settled(1, "failed", "agent_left", retry=True),
+                ConversationDispatched(batch_id="b1", conversation_id="c1", attempt=2, room="b1--c1--2", at=3.0)],
+               doc)
+    assert doc.conversations["c1"].voice is None and doc.voice is not None and doc.voice.conversations == 0
+
+
+def test_a_completed_voice_conversation_without_its_recording_is_recording_missing() -> None:
+    doc = fold([settled(1, conv="c1"), settled(1, conv="c2")], voice_batch("c1", "c2"))
+    doc = core.set_voice(doc, "c1", metrics(1))
+    done = core.evolve(doc, finished(2, 0))
+    c2 = done.conversations["c2"]
+    assert c2.outcome == "failed" and c2.reason is not None and c2.reason.startswith("recording_missing: ")
+    assert batch_doc.voice_fault(c2) == "recording_missing"
+    assert (done.status, done.completed, done.failed) == ("failed", 1, 1)
+    assert done.voice is not None and done.voice.recording_missing == 1 and done.voice.conversations == 1
+    assert core.evolve(done, finished(2, 0)) == done  # redelivered: the same document
+    assert core.decode_doc(core.encode_doc(done)) == done
+    # the recording arrives after all: completed again, counted as recorded
+    late = core.set_voice(done, "c2", metrics(1))
+    assert late.conversations["c2"].outcome == "completed" and late.conversations["c2"].reason == "max_turns"
+    assert (late.status, late.completed, late.failed) == ("completed", 2, 0)
+    assert late.voice is not None and late.voice.recording_missing == 0 and late.voice.conversations == 2
+    assert core.evolve(late, finished(2, 0)) == late
+
+
+def test_text_batches_and_failed_conversations_have_no_recording_to_miss() -> None:
+    text = fold([*batch_events()])
+    assert batch_doc.mark_recording_missing(text) is text
+    doc = fold([settled(1, "failed", "agent_left"), finished(0, 1)], voice_batch("c1"))
+    assert doc.conversations["c1"].reason == "agent_left" and (doc.completed, doc.failed) == (0, 1)
+
+
+def test_no_audio_is_counted_by_name_even_behind_the_dispatchers_other_label() -> None:
+    doc = fold([settled(1, "failed", "no_audio: the support heard no speech", conv="c1"),
+                settled(1, "failed", "other: no_audio: the customer heard no speech", conv="c2"),
+                settled(1, "failed", "target_silent: agent 'x' sent no audio", conv="c3")], voice_batch("c1", "c2", "c3"))
+    assert doc.voice is not None and (doc.voice.no_audio, doc.voice.recording_missing) == (2, 0)
+    assert batch_doc.voice_fault(doc.conversations["c3"]) is None  # the agent's own failure, not crosstalk's

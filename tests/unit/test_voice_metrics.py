@@ -104,6 +104,40 @@ def test_stt_wer_counts_only_stt_turns_and_normalises() -> None:
     assert voice.stt_wer(turns[2:]) == (None, 0)
 
 
+def test_an_unreported_or_empty_stt_turn_is_fully_misheard() -> None:
+    """A listener that heard nothing of a turn (empty STT text, or no report at all from a listener
+    that hears that role through STT) scores WER 1.0 on it, never drops out of the WER."""
+    heard = turn(0, "customer", 0, 1, text="one two three four", heard_text="one two three four", heard_via="stt")
+    empty = turn(2, "customer", 2, 3, text="five six", heard_text="", heard_via="stt")
+    unreported = turn(4, "customer", 4, 5, text="seven eight", heard_via=None)
+    w, words = voice.stt_wer([heard, empty, unreported])
+    assert (w, words) == (pytest.approx(4 / 8), 8)
+    assert voice.stt_unheard([heard, empty, unreported]) == 2
+    assert voice.stt_wer([empty]) == (1.0, 2)
+    # a role none of whose turns was reported through STT shows no STT to measure: left out
+    lone = turn(1, "support", 1, 2, text="nine ten", heard_via=None)
+    assert voice.stt_wer([heard, lone]) == (0.0, 4) and voice.stt_unheard([heard, lone]) == 0
+    # speaker_text turns are not STT turns, whatever their text
+    assert voice.stt_wer([turn(0, "customer", 0, 1, heard_text="", heard_via="speaker_text")]) == (None, 0)
+
+
+def test_wer_counts_an_unheard_hypothesis_as_every_word_wrong() -> None:
+    from shared import wer
+
+    assert wer.wer("my order arrived", None) == 1.0 and wer.wer("my order arrived", "") == 1.0
+    assert wer.wer("", None) == 0.0
+    assert wer.corpus_wer([("one two", "one two"), ("three four five", None), ("six", "")]) == pytest.approx(4 / 6)
+
+
+def test_the_summary_counts_unheard_turns_and_the_voice_faults() -> None:
+    m = voice.conversation_metrics(np.zeros((RATE, 2), dtype=np.int16), RATE,
+                                   [turn(0, "customer", 0, 1, heard_text="", heard_via="stt")], 100.0,
+                                   "recordings/c.wav", attempt=2)
+    assert m.attempt == 2 and m.stt_unheard == 1 and m.stt_wer == 1.0
+    s = voice.summary([m], {voice.RECORDING_MISSING: 2, voice.NO_AUDIO: 1})
+    assert (s.stt_unheard, s.recording_missing, s.no_audio) == (1, 2, 1)
+
+
 def test_conversation_metrics_and_summary_from_a_recording() -> None:
     left = np.concatenate([tone(2.0), silence(5.0), tone(1.0), silence(1.0)])  # customer 0-2, 7-8
     right = np.concatenate([silence(2.5), tone(2.0), silence(4.5)])  # support 2.5-4.5

@@ -30,7 +30,7 @@ from shared.contracts import (
 from shared.rooms import parse_room_full
 
 from .. import audit
-from .voice import VoiceMetrics, VoiceSummary, summary
+from .voice import NO_AUDIO, RECORDING_MISSING, VoiceMetrics, VoiceSummary, summary
 
 Status = Literal["running", "completed", "failed"]
 
@@ -50,7 +50,8 @@ class ConversationEntry(msgspec.Struct, frozen=True, kw_only=True):
     grants: list[audit.Grant] = []
     rooms: list[audit.RoomSeen] = []
     violations: list[audit.Violation] = []
-    # voice mode: the recording's metrics (core/voice.py), once both channels are merged
+    # voice mode: the recording's metrics (core/voice.py), once both channels of the latest attempt
+    # are merged; only the settled attempt's stay (an older attempt's are dropped, never shown)
     voice: VoiceMetrics | None = None
 
 
@@ -114,11 +115,14 @@ def evolve(doc: BatchDoc, event: BatchDocEvent) -> BatchDoc:
             started_at=doc.started_at if doc.started_at is not None else event.at,
         )
     if isinstance(event, BatchFinished):
-        return _copied(doc, event, ("status", "requested", "completed", "failed", "started_at", "finished_at"))
+        new = _copied(doc, event, ("status", "requested", "completed", "failed", "started_at", "finished_at"))
+        return mark_recording_missing(new)
     if isinstance(event, ConversationJoined):
         return doc
     old = doc.conversations.get(event.conversation_id, ConversationEntry())
     entry = _entry(old, event)
+    if entry.voice is not None and 0 < entry.voice.attempt < entry.attempts:
+        entry = msgspec.structs.replace(entry, voice=None)  # a newer attempt runs: the older one's figures go
     if entry == old and event.conversation_id in doc.conversations:
         return doc
     conversations = dict(doc.conversations)
@@ -127,7 +131,10 @@ def evolve(doc: BatchDoc, event: BatchDocEvent) -> BatchDoc:
     if doc.status == "running":  # once finished, BatchFinished's counts are the word
         completed += (entry.outcome == "completed") - (old.outcome == "completed")
         failed += (entry.outcome == "failed") - (old.outcome == "failed")
-    return msgspec.structs.replace(doc, conversations=conversations, completed=completed, failed=failed)
+    new = msgspec.structs.replace(doc, conversations=conversations, completed=completed, failed=failed)
+    if entry.voice != old.voice or voice_fault(entry) != voice_fault(old):
+        new = msgspec.structs.replace(new, voice=_summary(new))
+    return new
 
 
 def _copied(doc: BatchDoc, source: object, fields: tuple[str, ...], **more: Any) -> BatchDoc:
@@ -158,12 +165,89 @@ def _entry(
 
 
 def set_voice(doc: BatchDoc, conversation_id: str, metrics: VoiceMetrics) -> BatchDoc:
-    """The conversation's voice metrics in, and the batch's summary over all recorded conversations."""
+    """The conversation's voice metrics in, and the batch's summary over all recorded conversations.
+
+    Only the latest attempt's recording counts: metrics of an attempt older than one the document
+    knows (dispatched, settled or recorded) change nothing, so a failed attempt's late channel never
+    replaces the settled attempt's figures. A conversation failed as ``recording_missing`` whose
+    recording does arrive after all is completed again (its counts and the batch's status follow).
+    """
     old = doc.conversations.get(conversation_id, ConversationEntry())
-    conversations = {**doc.conversations, conversation_id: msgspec.structs.replace(old, voice=metrics)}
-    recorded = [e.voice for _, e in sorted(conversations.items()) if e.voice is not None]
-    new = msgspec.structs.replace(doc, conversations=conversations, voice=summary(recorded))
+    if stale_recording(old, metrics.attempt):
+        return doc
+    entry = msgspec.structs.replace(old, voice=metrics)
+    completed, failed, status = doc.completed, doc.failed, doc.status
+    if entry.outcome == "failed" and voice_fault(entry) == RECORDING_MISSING:
+        was = (entry.reason or "").partition(_WAS)[2] or entry.ended
+        entry = msgspec.structs.replace(entry, outcome="completed", reason=was)
+        completed, failed = completed + 1, failed - 1
+        if status == "failed" and failed == 0:
+            status = "completed"
+    conversations = {**doc.conversations, conversation_id: entry}
+    new = msgspec.structs.replace(doc, conversations=conversations, completed=completed, failed=failed,
+                                  status=status)
+    new = msgspec.structs.replace(new, voice=_summary(new))
     return doc if new == doc else new
+
+
+_WAS = "; completed as: "  # a recording_missing reason keeps the completed reason it replaced
+
+
+def stale_recording(entry: ConversationEntry, attempt: int) -> bool:
+    """True if a recording of ``attempt`` is older than what ``entry`` already knows of."""
+    newest = max(entry.attempts, entry.voice.attempt if entry.voice is not None else 0)
+    return 0 < attempt < newest
+
+
+def voice_fault(entry: ConversationEntry) -> str | None:
+    """``recording_missing`` or ``no_audio`` if that is why the conversation failed, else None.
+
+    The dispatcher prefixes a reason it has no label for with ``other: `` (services/dispatcher/core.py
+    ``normalize_reason``, labels in shared/metrics.py ``REASONS``), so the name is looked for there too.
+    """
+    if entry.outcome != "failed" or not entry.reason:
+        return None
+    head = entry.reason.removeprefix("other:").lstrip().split(":", 1)[0].strip()
+    return head if head in (RECORDING_MISSING, NO_AUDIO) else None
+
+
+def _summary(doc: BatchDoc) -> VoiceSummary | None:
+    """The batch's voice summary: the recorded conversations' figures and the voice faults by name."""
+    recorded = [e.voice for _, e in sorted(doc.conversations.items()) if e.voice is not None]
+    faults: dict[str, int] = {}
+    for e in doc.conversations.values():
+        name = voice_fault(e)
+        if name is not None:
+            faults[name] = faults.get(name, 0) + 1
+    if not recorded and not faults and doc.voice is None:
+        return None
+    return summary(recorded, faults)
+
+
+def mark_recording_missing(doc: BatchDoc) -> BatchDoc:
+    """Fail, as ``recording_missing``, every completed voice conversation without its recording.
+
+    Applied with ``BatchFinished`` (``doc`` carries that event's counts, in which these conversations
+    are completed): a recording the sink has not merged by then is missing (its channels are uploaded
+    before the end is reported: worker/job.py, worker/simulator.py), and the conversation says so
+    instead of quietly leaving the voice summary. Like a short transcript, it moves the conversation
+    to ``failed`` and the batch with it; a recording that arrives after all puts it back
+    (:func:`set_voice`). Applying it again, or the event again, gives the same document.
+    """
+    if doc.mode != "voice":
+        return doc
+    conversations = dict(doc.conversations)
+    for conv, entry in doc.conversations.items():
+        if entry.outcome != "completed" or entry.voice is not None or entry.turns == 0:
+            continue
+        reason = f"{RECORDING_MISSING}: no recording of attempt {entry.attempts} reached the sink{_WAS}{entry.reason}"
+        conversations[conv] = msgspec.structs.replace(entry, outcome="failed", reason=reason)
+    missing = sum(1 for e in conversations.values() if voice_fault(e) == RECORDING_MISSING)
+    if not missing:
+        return doc
+    new = msgspec.structs.replace(doc, conversations=conversations, completed=doc.completed - missing,
+                                  failed=doc.failed + missing, status="failed")
+    return msgspec.structs.replace(new, voice=_summary(new))
 
 
 TRANSCRIPT_INCOMPLETE = "transcript_incomplete"

@@ -28,6 +28,11 @@ TURN_START_SLACK_S = 0.5  # speech starting this close to a turn's audio_start_s
 
 Segment = tuple[float, float]
 
+# Named outcomes of a voice conversation that has no figures (docs/ARCHITECTURE.md "Voice outcomes"):
+# crosstalk's own faults, never the agent's, so a failed conversation is counted apart as infra.
+RECORDING_MISSING = "recording_missing"  # its settled attempt's recording never reached the sink
+NO_AUDIO = "no_audio"  # a crosstalk listener heard no speech at all (worker/voice_conversation.py)
+
 
 class Channel(msgspec.Struct, frozen=True, kw_only=True):
     """One listener's recording of one role: 16-bit mono PCM, sample 0 at wall time ``start_at``."""
@@ -65,9 +70,11 @@ class VoiceMetrics(msgspec.Struct, frozen=True, kw_only=True):
     unanswered_turns: int
     false_interruptions: int
     time_to_first_audio_s: float | None
-    stt_wer: float | None  # over the turns heard through STT
+    stt_wer: float | None  # over the turns heard through STT, unreported and empty ones as fully misheard
     stt_words: int  # reference words behind stt_wer
     heard_via: dict[str, int]  # turns per way of hearing ("stt", "speaker_text", "none")
+    stt_unheard: int = 0  # STT turns its listener never reported or heard as nothing (each WER 1.0)
+    attempt: int = 0  # the attempt whose channels these are (0: written before attempts were recorded)
 
 
 def merge(customer: Channel | None, support: Channel | None, origin_at: float) -> tuple[np.ndarray, int]:
@@ -207,9 +214,19 @@ def false_interruptions(turns: Sequence[Turn], chans: dict[str, list[Segment]]) 
     return n
 
 
+def stt_turns(turns: Sequence[Turn]) -> list[Turn]:
+    """The turns whose listener hears through STT: those it reported as heard via STT, and those it
+    never reported (``heard_via`` None) of a speaker whose other turns it heard via STT. Whether a
+    listener hears through STT is per role (shared/voiceplan.py), so one STT report of a role's turns
+    says it for all of them; a role with no report at all is left out (no evidence of an STT)."""
+    by_stt = {t.role for t in turns if t.heard_via == "stt"}
+    return [t for t in turns if t.heard_via == "stt" or (t.heard_via is None and t.role in by_stt)]
+
+
 def stt_wer(turns: Sequence[Turn]) -> tuple[float | None, int]:
-    """Corpus WER of ``heard_text`` against ``text`` over the turns heard through STT, and its reference words."""
-    pairs = [(t.text, t.heard_text or "") for t in turns if t.heard_via == "stt"]
+    """Corpus WER of ``heard_text`` against ``text`` over the STT turns (:func:`stt_turns`), and its
+    reference words. A turn never reported, or heard as empty text, is fully misheard (shared/wer.py)."""
+    pairs = [(t.text, t.heard_text if t.heard_via == "stt" else None) for t in stt_turns(turns)]
     if not pairs:
         return None, 0
     lang = next((t.language for t in turns if t.language), None) or "en"
@@ -217,8 +234,13 @@ def stt_wer(turns: Sequence[Turn]) -> tuple[float | None, int]:
     return round(wer_mod.corpus_wer(pairs, lang), 4), words
 
 
+def stt_unheard(turns: Sequence[Turn]) -> int:
+    """STT turns with nothing heard: never reported, or reported as empty text."""
+    return sum(1 for t in stt_turns(turns) if t.heard_via is None or not (t.heard_text or "").strip())
+
+
 def conversation_metrics(stereo: np.ndarray, rate: int, turns: Sequence[Turn], origin_at: float,
-                         recording: str) -> VoiceMetrics:
+                         recording: str, attempt: int = 0) -> VoiceMetrics:
     chans = {"customer": segments(stereo[:, 0], rate), "support": segments(stereo[:, 1], rate)}
     speech = _union(chans["customer"], chans["support"])
     spoken = _total(speech)
@@ -243,6 +265,8 @@ def conversation_metrics(stereo: np.ndarray, rate: int, turns: Sequence[Turn], o
         stt_wer=w,
         stt_words=words,
         heard_via=via,
+        stt_unheard=stt_unheard(turns),
+        attempt=attempt,
     )
 
 
@@ -261,13 +285,20 @@ class VoiceSummary(msgspec.Struct, frozen=True, kw_only=True):
     stt_wer: float | None  # reference-word weighted over the conversations' STT turns
     heard_via: dict[str, int]
     note: str | None = None
+    stt_unheard: int = 0  # STT turns nothing was heard of (counted in stt_wer as fully misheard)
+    # voice conversations that completed without their figures, by name (crosstalk's own faults):
+    # recording_missing (a channel never reached the sink), no_audio (a listener heard no speech at all)
+    recording_missing: int = 0
+    no_audio: int = 0
 
 
 SPEAKER_TEXT_NOTE = ("some turns were heard as the speaker's own text (heard_via: speaker_text): no offline "
                      "speech recognition exists for their language; configure a real STT for recognition")
 
 
-def summary(metrics: Sequence[VoiceMetrics]) -> VoiceSummary:
+def summary(metrics: Sequence[VoiceMetrics], faults: dict[str, int] | None = None) -> VoiceSummary:
+    """Over the recorded conversations; ``faults``: conversations per fault name (``recording_missing``, ``no_audio``)."""
+    faults = faults or {}
     lat = [x for m in metrics for x in m.heard_latency_s]
     durations = sum(m.duration_s for m in metrics)
     via: dict[str, int] = {}
@@ -289,4 +320,7 @@ def summary(metrics: Sequence[VoiceMetrics]) -> VoiceSummary:
         stt_wer=round(sum((m.stt_wer or 0.0) * m.stt_words for m in metrics) / words, 4) if words else None,
         heard_via=via,
         note=SPEAKER_TEXT_NOTE if via.get("speaker_text") else None,
+        stt_unheard=sum(m.stt_unheard for m in metrics),
+        recording_missing=faults.get(RECORDING_MISSING, 0),
+        no_audio=faults.get(NO_AUDIO, 0),
     )
