@@ -33,13 +33,17 @@ RoomName = Token
 Identity = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
-class ContractError(ValueError):
-    """A message that does not match its contract. ``field`` names the culprit."""
+class FieldError(ValueError):
+    """A value that breaks a rule: ``field`` names the culprit, ``reason`` says what is wrong."""
 
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class ContractError(FieldError):
+    """A message that does not match its contract. ``field`` names the culprit."""
 
 
 def is_id(value: str) -> bool:

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from shared.ids import FieldError
+
 Engine = Literal["piper", "espeak"]
 
 # What the service sends for ``pcm`` (OpenAI's raw format: 16-bit signed little-endian mono at
@@ -68,13 +70,12 @@ TTS_MODELS = (TTS_MODEL, "tts-1", "tts-1-hd", "gpt-4o-mini-tts", "piper", "espea
 STT_MODELS = (STT_MODEL, "whisper-1", "gpt-4o-mini-transcribe", "gpt-4o-transcribe", "tiny.en")
 
 
-class VoiceError(ValueError):
-    """A request the catalogue cannot serve; ``param`` names the field."""
+class VoiceError(FieldError):
+    """A request the catalogue cannot serve; ``param`` names the field (as OpenAI's error body does)."""
 
-    def __init__(self, param: str, reason: str) -> None:
-        super().__init__(f"{param}: {reason}")
-        self.param = param
-        self.reason = reason
+    @property
+    def param(self) -> str:
+        return self.field
 
 
 def primary(language: str) -> str:
