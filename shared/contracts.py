@@ -316,6 +316,9 @@ class TurnRecorded(Struct, frozen=True, kw_only=True, tag="turn"):
     audio_end_s: float | None = None
     heard_text: str | None = None
     heard_via: HeardVia | None = None
+    # said while no turn of the other role waited for it (a target's greeting, a follow-up): the
+    # turn answers nothing, and two turns of one role may follow each other
+    unprompted: bool = False
 
 
 class ConversationEnded(Struct, frozen=True, kw_only=True, tag="conversation_ended"):

@@ -61,13 +61,14 @@ class Reports:
     async def turn(self, turn: int, text: str, *, started_at: float, ended_at: float,
                    first_token_s: float | None, audio_start_s: float | None = None,
                    audio_end_s: float | None = None, heard_text: str | None = None,
-                   heard_via: HeardVia | None = None) -> None:
+                   heard_via: HeardVia | None = None, unprompted: bool = False) -> None:
         m = self.meta
         await self.publish(self._subject("turn"), TurnRecorded(
             batch_id=m.batch_id, conversation_id=m.conversation_id, attempt=m.attempt, turn=turn, role=self.role,
             text=text, started_at=started_at, ended_at=ended_at, first_token_s=first_token_s,
             total_s=ended_at - started_at, language=m.language, room=self.room, lease=self._token,
-            audio_start_s=audio_start_s, audio_end_s=audio_end_s, heard_text=heard_text, heard_via=heard_via),
+            audio_start_s=audio_start_s, audio_end_s=audio_end_s, heard_text=heard_text, heard_via=heard_via,
+            unprompted=unprompted),
             msg_id=self._msg_id(f"turn:{turn}"))
         self.metrics.turns.labels(self.role).inc()
         if first_token_s is not None:

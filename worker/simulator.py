@@ -20,16 +20,22 @@ checked against livekit-server 1.13.5, docs/ARCHITECTURE.md "Testing your own ag
   published with that lease's token, so the sink's fencing holds for both sides;
 * this job reports every end (the target reports nothing): ``target_no_show`` (never joined
   within ``CROSSTALK_TARGET_JOIN_S``), ``target_silent`` / ``target_unresponsive`` (no reply
-  within ``CROSSTALK_TARGET_REPLY_S``), ``target_left`` (left before the end).
+  within ``CROSSTALK_TARGET_REPLY_S``), ``target_left`` (left with a reply owed, or before
+  answering anything). A target that leaves after answering the last thing said has ended the
+  call, as agents do: the conversation ends ``end_conversation: support (...)``, ok, and the
+  scenario's checks decide (worker/target_reply.py ``left_reason``).
 
-The customer speaks first, once the target is quiet (``listening`` for ``target_link.QUIET_S``): a greeting
-the target says on its own is over by then. Text the target publishes while nobody asked (a
-greeting) is not a turn: it is counted and logged, never stored.
+Everything the target says is a turn. The customer speaks once the target is quiet (``listening``
+for ``target_link.QUIET_S``), so a greeting the target says on its own is over by then: it is turn
+0 (``support``, ``unprompted``) and the customer's first turn answers it. What the target says
+later while no customer turn waits for it (a follow-up after its answer) is a turn of its own too,
+in order: the target may speak several turns in a row (worker/turns.py ``Turns.peer_turn``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -51,13 +57,19 @@ from worker.bridge import ATTR_ROLE
 from worker.conversation import Conversation
 from worker.reports import Reports
 from worker.target_link import TargetLink
-from worker.target_reply import Reply, overdue_reason
+from worker.target_reply import Reply, left_reason, overdue_reason
 from worker.turns import End
 
 log = logging.getLogger("worker.simulator")
 
 ATTR_SIMULATOR = "lk.simulator"  # livekit-agents' ATTRIBUTE_SIMULATOR
 CONNECT_TIMEOUT_S = 20.0
+# The target's last words travel on the data channel, its leaving on the signalling connection: the
+# leave may arrive while its last segment is still being read. This long for those reads to finish.
+LEFT_READ_S = 2.0
+# A reply read in full when the target left is recorded before the end (voice mode: once heard,
+# which waits for the STT: worker/simulator_voice.py STT_GRACE_S); past this, the end goes without it.
+LEFT_RECORD_S = 15.0
 
 
 def identity(job_id: str) -> str:
@@ -92,8 +104,12 @@ class SimConversation(Conversation):
         self.session: AgentSession | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self.span: tuple[float, float] | None = None  # voice: where the customer's last turn lies in the room
+        # what the target said on its own before its lease was held (a greeting): recorded first
+        self._early: list[Reply] | None = []
+        self._recorded = asyncio.Event()  # a target turn was recorded
         link.on_reply = self.on_reply
         link.on_sent = self.on_sent
+        link.on_unprompted = self.on_unprompted
 
     def on_sent(self, turn: int) -> None:
         if self._deadline is not None:
@@ -109,9 +125,31 @@ class SimConversation(Conversation):
             self._deadline.cancel()
         self._track(self._heard(reply))
 
+    def on_unprompted(self, said: Reply) -> None:
+        if self._early is not None:
+            self._early.append(said)
+            return
+        self._track(self._record(said, prompted=False))
+
+    async def record_early(self) -> str:
+        """Record what the target said before its lease was held; the text the customer answers first."""
+        assert self._early is not None
+        said: list[str] = []
+        while self._early:
+            first = self._early.pop(0)
+            await self._record(first, prompted=False)
+            said.append(first.text)
+        self._early = None  # no await since the list was last seen empty: nothing is left behind
+        return "\n".join(said)
+
     async def _heard(self, reply: Reply, heard: str | None = None, span: tuple[float, float] | None = None,
                      via: HeardVia | None = None) -> None:
-        """The target's turn, in full: its own words, and in voice mode what the customer heard, and where."""
+        """The target's answer, in full: its own words, and in voice mode what the customer heard, and where."""
+        await self._record(reply, prompted=True, heard=heard, span=span, via=via)
+
+    async def _record(self, said: Reply, *, prompted: bool, heard: str | None = None,
+                      span: tuple[float, float] | None = None, via: HeardVia | None = None) -> None:
+        """A target turn: an answer (``prompted``: the customer answers it in turn) or said on its own."""
         async with self._speaking:
             if self.done.done() or self.target is None:
                 return
@@ -120,18 +158,20 @@ class SimConversation(Conversation):
                 self.finish(End(f"lease_lost: support, held for the target: {held.lost or 'not renewed in time'}",
                                 ok=False, mine=True))
                 return
-            turn = self.turns.next_turn - 1  # the customer spoke turn t; the target answers t + 1
-            await self.target.turn(turn, reply.text, started_at=reply.started_at or reply.sent_at,
-                                   ended_at=reply.ended_at or time.time(), first_token_s=reply.first_token_s,
+            turn, end = self.turns.peer_turn(time.time(), prompted=prompted)
+            await self.target.turn(turn, said.text, started_at=said.started_at or said.sent_at,
+                                   ended_at=said.ended_at or time.time(),
+                                   first_token_s=said.first_token_s if prompted else None,
                                    audio_start_s=self._offset(span[0]) if span else None,
                                    audio_end_s=self._offset(span[1]) if span else None,
-                                   heard_text=heard, heard_via=via)
-            self.target_turns += 1
-            end = self.turns.heard(turn, at=time.time())
+                                   heard_text=heard, heard_via=via, unprompted=not prompted)
+            if prompted:
+                self.target_turns += 1
+            self._recorded.set()
             if end is not None:
                 self.finish(end._replace(mine=True))
-            elif self.session is not None:
-                self.answer(reply, heard)
+            elif prompted and self.session is not None and not self.turns.alone:
+                self.answer(said, heard)
 
     def answer(self, reply: Reply, heard: str | None) -> None:
         """The customer's next turn, in answer to the target's words (text mode: as published)."""
@@ -148,9 +188,31 @@ class SimConversation(Conversation):
 
     def on_peer_left(self, participant: rtc.RemoteParticipant) -> None:
         peer = self.link.peer
-        if peer is not None and participant.identity == peer.identity:
-            self.finish(End(f"target_left: agent {self.link.agent_name!r} ({peer.identity}) left the room after "
-                            f"{self.target_turns} turn(s)", ok=False, mine=True))
+        if peer is None or participant.identity != peer.identity or self.done.done():
+            return
+        self.turns.peer_gone()  # the customer says nothing more, whatever its model still produces
+        if self._deadline is not None:
+            self._deadline.cancel()
+        # Was a customer turn waiting for its answer when it left (decided now, not after the reads)?
+        # An answer already complete but not yet recorded answered it.
+        asked = self.turns.waiting and self.link.answered == self.target_turns
+        self._track(self._target_left(peer.identity, asked=asked, answered=self.link.answered))
+
+    async def _target_left(self, identity: str, *, asked: bool, answered: int) -> None:
+        await self.link.settle(LEFT_READ_S)
+        if asked and self.link.answered > answered:
+            asked = False  # its answer completed while the last reads came in
+        reply = self.link.take_read() if asked else None
+        if reply is not None:  # it said its answer and hung up before its state came back to listening
+            asked = False
+            self._recorded.clear()
+            self.on_reply(reply)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._recorded.wait(), LEFT_RECORD_S)
+        reason, ok = left_reason(asked=asked, answered=self.link.answered, agent=self.link.agent_name,
+                                 identity=identity)
+        async with self._speaking:  # a turn being recorded is in the transcript before the end is reported
+            self.finish(End(reason, ok=ok, mine=True))
 
     async def start_session(self, settings: Settings, agent: Agent, peer: rtc.RemoteParticipant) -> None:
         """Text mode: the session reads and writes through this class (no room I/O of its own)."""
@@ -206,7 +268,7 @@ async def talk(ctx: JobContext, settings: Settings, meta: JobMetadata, scenario:
         await converse(ctx, settings, meta, scenario, conv, peer, js)
     finally:
         await room.disconnect()
-        log.info("customer left", extra=kv(room=reports.room, unsolicited=link.unsolicited, **{
+        log.info("customer left", extra=kv(room=reports.room, unprompted=link.unprompted, **{
             f"{k}_s": round(v - marks["start"], 3) for k, v in marks.items()}))
 
 
@@ -242,8 +304,13 @@ async def converse(ctx: JobContext, settings: Settings, meta: JobMetadata, scena
         try:
             await conv.start_session(settings, agent_for("customer", scenario, meta.language, conv), peer)
             reports.metrics.jobs.labels("started").inc()
+            greeting = await conv.record_early()
             conv.turns.heard_at = time.time()
-            session.generate_reply()
+            # the customer's first words answer the target's greeting, as a caller's would
+            if greeting:
+                session.generate_reply(user_input=greeting)
+            else:
+                session.generate_reply()
             end = await conv.wait(settings.conversation_timeout_s)
             await conv.store_recording(js, meta)  # voice: before the end is reported (the sink merges then)
             await reports.ended(end, conv.turns.count, target_identity=peer.identity)

@@ -1,6 +1,12 @@
 """The room as crosstalk's simulated customer sees it (worker/simulator.py): the target agent, its
-state, its replies on ``lk.transcription`` (complete as worker/target_reply.py says), and the
-customer's turns (text mode: on ``lk.chat``; voice mode: its microphone track carries them).
+state, its replies on ``lk.transcription`` (complete as worker/target_reply.py says), what it says
+while nobody asked (unprompted: a greeting, a follow-up), and the customer's turns (text mode: on
+``lk.chat``; voice mode: its microphone track carries them).
+
+The target is the agent participant whose ``lk.agent.name`` is the batch's ``target_agent``:
+livekit-agents (1.8.9, ``worker.py`` ``_on_accept``) sets that attribute on every job's
+participant, so another agent in the room (someone else's, or a second dispatch) is never taken
+for the target; it is ignored, logged once.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from livekit import rtc
 
@@ -47,21 +54,34 @@ class TargetLink:
         self.on_reply: Callable[[Reply], None] = lambda reply: None
         self.on_sent: Callable[[int], None] = lambda turn: None
         self.on_heard: Callable[[str], None] = lambda text: None  # voice: the target's STT of the customer
-        self.unsolicited = 0
+        # what the target said while no customer turn waited for it: one turn per segment, in order
+        self.on_unprompted: Callable[[Reply], None] = lambda said: None
+        self.answered = 0  # replies delivered to on_reply
+        self.unprompted = 0
         self._reads: set[asyncio.Future[None]] = set()
+        self._said: asyncio.Future[None] | None = None  # the last unprompted segment, delivered in order
+        self._ignored: set[str] = set()
         room.register_text_stream_handler(TOPIC_TRANSCRIPTION, self._on_stream)
         room.on("participant_attributes_changed", self._on_attributes)
 
-    def is_target(self, p: rtc.RemoteParticipant) -> bool:
+    def is_target(self, p: rtc.Participant) -> bool:
+        if p.kind != AGENT:
+            return False
         name = p.attributes.get(ATTR_AGENT_NAME)
-        return p.kind == AGENT and (name is None or name == self.agent_name)
+        if name == self.agent_name:
+            return True
+        if p.identity not in self._ignored:
+            self._ignored.add(p.identity)
+            log.warning("an agent that is not the target is in the room: ignored", extra=kv(
+                room=self.room.name, identity=p.identity, agent_name=name, target=self.agent_name))
+        return False
 
     async def wait_ready(self, timeout: float) -> rtc.RemoteParticipant | None:
         """The target once it can hear the customer and is quiet (None if it never joined within ``timeout``).
 
         Quiet: ``listening`` for ``QUIET_S`` with none of its text being read, so a greeting it says on
-        its own (not a turn: counted, logged) is over before the customer's first words, and is
-        never taken for the answer to them.
+        its own (an unprompted turn) is over before the customer's first words, and is never taken
+        for the answer to them.
         """
         loop = asyncio.get_running_loop()
         deadline, seen = loop.time() + timeout, {}
@@ -110,31 +130,63 @@ class TargetLink:
             if attrs.get(ATTR_FINAL) == "true":
                 self._read_heard(reader)
             return
+        if self.peer is None:  # its first words may come before its first state (wait_ready takes it then)
+            p = self.room.remote_participants.get(sender)
+            if p is not None and self.is_target(p):
+                self.peer = p
         if self.peer is None or sender != self.peer.identity:
             return
         if track and track not in self.peer.track_publications:
             return  # the target's transcription of someone else's track, not its words
+        segment = reader.info.attributes.get(ATTR_SEGMENT) or reader.info.stream_id
         reply = self.reply
         if reply is None:
-            self.unsolicited += 1
-            log.info("target text while nobody asked: not a turn", extra=kv(room=self.room.name, sender=sender))
-        else:
-            reply.opened(time.time())
-        segment = reader.info.attributes.get(ATTR_SEGMENT) or reader.info.stream_id
+            said = Reply(time.time(), self.peer.attributes.get(ATTR_AGENT_STATE))
+            before, self._said = self._said, asyncio.get_running_loop().create_future()
+            self._track(self._read_unprompted(reader, segment, said, before, self._said))
+            return
+        reply.opened(time.time())
 
         async def read() -> None:
             try:
                 text = await reader.read_all()
             except Exception:
-                if reply is not None:
-                    reply.failed()
-                    self._check(reply)
-                return
-            if reply is not None:
-                reply.closed(segment, text, time.time())
+                reply.failed()
                 self._check(reply)
+                return
+            reply.closed(segment, text, time.time())
+            self._check(reply)
 
-        task = asyncio.ensure_future(read())
+        self._track(read())
+
+    async def _read_unprompted(self, reader: rtc.TextStreamReader, segment: str, said: Reply,
+                               before: asyncio.Future[None] | None, done: asyncio.Future[None]) -> None:
+        """A segment the target began while no customer turn waited for it: a turn of its own (one
+        per segment: nothing marks where an unprompted utterance ends), delivered after the
+        unprompted segments that began before it."""
+        said.opened(said.sent_at)
+        try:
+            try:
+                text = await reader.read_all()
+            except Exception:
+                return  # cut off (the target left mid-sentence): nothing it finished saying
+            said.closed(segment, text, time.time())
+            if before is not None:
+                await before
+            if said.read_in_full():
+                self.unprompted += 1
+                log.info("the target spoke unprompted", extra=kv(room=self.room.name, n=self.unprompted))
+                self.on_unprompted(said)
+        finally:
+            done.set_result(None)
+
+    async def settle(self, timeout: float) -> None:
+        """Until the target's text being read is in (at most ``timeout``)."""
+        if self._reads:
+            await asyncio.wait(set(self._reads), timeout=timeout)
+
+    def _track(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
         self._reads.add(task)
         task.add_done_callback(self._reads.discard)
 
@@ -147,15 +199,22 @@ class TargetLink:
             if text.strip():
                 self.on_heard(text.strip())
 
-        task = asyncio.ensure_future(read())
-        self._reads.add(task)
-        task.add_done_callback(self._reads.discard)
+        self._track(read())
 
     def _on_attributes(self, changed: dict[str, str], p: rtc.Participant) -> None:
         reply = self.reply
         if reply is not None and self.peer is not None and p.identity == self.peer.identity and ATTR_AGENT_STATE in changed:
             reply.state = changed[ATTR_AGENT_STATE]
             self._check(reply)
+
+    def take_read(self) -> Reply | None:
+        """The reply being awaited, taken as answered if its words are in (read in full), else None."""
+        reply = self.reply
+        if reply is None or not reply.read_in_full():
+            return None
+        self.reply = None
+        self.answered += 1
+        return reply
 
     def _check(self, reply: Reply) -> None:
         if reply is not self.reply or not reply.complete():
@@ -164,4 +223,5 @@ class TargetLink:
             self.reply = Reply(reply.sent_at, reply.state)
             return
         self.reply = None
+        self.answered += 1
         self.on_reply(reply)

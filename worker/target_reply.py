@@ -48,6 +48,11 @@ class Reply:
     def complete(self) -> bool:
         return bool(self.segments) and self.reading == 0 and self.state not in BUSY_STATES
 
+    def read_in_full(self) -> bool:
+        """Its words are in: what an agent that hangs up right after speaking leaves (its state never
+        comes back to ``listening``)."""
+        return bool(self.segments) and self.reading == 0 and bool(self.text.strip())
+
     @property
     def text(self) -> str:
         return "\n".join(self.segments.values())
@@ -55,6 +60,21 @@ class Reply:
     @property
     def first_token_s(self) -> float | None:
         return None if self.started_at is None else max(0.0, self.started_at - self.sent_at)
+
+
+def left_reason(*, asked: bool, answered: int, agent: str, identity: str) -> tuple[str, bool]:
+    """Why the conversation ends when the target leaves the room, and whether that is a normal end.
+
+    Leaving after answering the last thing said is how an agent ends a call: the conversation ends
+    as ended by support (``end_conversation: support``, services/judge/checks.py ``ended_by``) and
+    the scenario's checks decide. Leaving with a reply owed, or before answering anything, is the
+    agent's failure (``target_left``).
+    """
+    if asked or answered == 0:
+        return (f"target_left: agent {agent!r} ({identity}) left the room "
+                + ("with a reply owed" if asked else "before answering anything")
+                + f" after {answered} answer(s)"), False
+    return f"end_conversation: support (agent {agent!r} left the room after answering)", True
 
 
 def overdue_reason(target_turns: int, agent: str, reply_s: float, variable: str) -> str:

@@ -3,9 +3,12 @@
 Pure: no I/O, no clock, no asyncio. The caller (worker/conversation.py) feeds it what happened
 in the room and does what it returns: reply, publish turn ``n``, end the call.
 
-The customer speaks turn 0 and turns alternate, so each agent knows the next index locally: its
-own turns are every other index from its first, and a turn heard from the peer moves the next
-index to the one after it. The call ends after turn ``max_turns - 1``, when an agent asked for
+Between two crosstalk agents the customer speaks turn 0 and turns alternate, so each agent knows
+the next index locally: its own turns are every other index from its first, and a turn heard from
+the peer moves the next index to the one after it. Against the user's own agent (the target,
+worker/simulator.py) one job records both sides, so a target turn takes the next free index
+(:meth:`Turns.peer_turn`): the target may speak first (a greeting) or several turns in a row (a
+follow-up nobody asked for). The call ends after turn ``max_turns - 1``, when an agent asked for
 the end (``end_conversation``) has said its goodbye, or when the peer says it ended.
 """
 
@@ -40,6 +43,8 @@ class Turns:
         self.heard_at = heard_at  # when the peer's last turn arrived: the start of this agent's reply
         self.end_requested: str | None = None
         self.ended: End | None = None
+        self.alone = False  # the peer left: nothing more is said to it
+        self.waiting = False  # this agent's last turn waits for the peer's answer
 
     def heard(self, turn: int, at: float) -> End | None:
         """The peer spoke ``turn``: None means reply; an End (already recorded) means stop."""
@@ -48,9 +53,28 @@ class Turns:
         self.heard_at = at
         self.next_turn = turn + 1
         self.last_turn = max(self.last_turn, turn)
+        self.waiting = False
         if self.next_turn >= self.max_turns:
             return self.finish(End("max_turns", ok=True, mine=False))
         return None
+
+    def peer_turn(self, at: float, *, prompted: bool = True) -> tuple[int, End | None]:
+        """A peer turn this agent records itself (the target's, worker/simulator.py): the next free
+        index, whoever spoke the turn before, and what :meth:`heard` says of it.
+
+        ``prompted=False``: the peer spoke on its own (a greeting, a follow-up, or words it began
+        before this agent's last turn reached it): that answers nothing, and this agent's next turn,
+        an answer to the peer's last answer, is timed from that answer.
+        """
+        turn, heard_at, waiting = self.last_turn + 1, self.heard_at, self.waiting
+        end = self.heard(turn, at)
+        if not prompted:
+            self.heard_at, self.waiting = heard_at, waiting
+        return turn, end
+
+    def peer_gone(self) -> None:
+        """The peer left the room: this agent says nothing more (whatever its model still produces)."""
+        self.alone = True
 
     def speak(self, now: float, first_token_s: float | None, lease_lost: str | None = None) -> Speak | End | None:
         """The agent produced a message: which turn it is (None: past the last turn, say nothing).
@@ -58,7 +82,7 @@ class Turns:
         ``lease_lost``: why the role's lease may have ended; then never speak, the role may be
         someone else's by now.
         """
-        if self.ended is not None:
+        if self.ended is not None or self.alone:
             return None
         if lease_lost is not None:
             return self.finish(End(f"lease_lost: {lease_lost}", ok=False, mine=True))
@@ -67,6 +91,7 @@ class Turns:
             return None
         self.next_turn = turn + 2
         self.last_turn = max(self.last_turn, turn)
+        self.waiting = True
         # turn 0 has no peer turn before it: it started when the model was asked
         started = self.heard_at if turn > 0 else now - (first_token_s or 0.0)
         return Speak(turn, started)

@@ -24,7 +24,8 @@ from shared.config import Settings
 from shared.contracts import BatchAccepted, BatchSpec, ConversationEnded, JobMetadata, StartBatch
 from shared.scenarios import library
 from worker import simulator, target_dispatch
-from worker.target_reply import Reply, overdue_reason
+from worker.target_link import ATTR_AGENT_NAME, TargetLink
+from worker.target_reply import Reply, left_reason, overdue_reason
 
 SETTINGS = Settings(max_conversations=1000, max_concurrency=200, join_deadline_s=10.0, conversation_timeout_s=100.0)
 SCENARIOS = library()
@@ -205,6 +206,55 @@ def test_a_reply_is_complete_once_read_and_the_agent_is_listening_again() -> Non
     assert not q.complete()
     q.closed("SG_1", "ok", 1.2)
     assert q.complete()
+
+
+def test_a_reply_read_in_full_is_what_an_agent_that_hangs_up_leaves() -> None:
+    r = Reply(sent_at=1.0, state="listening")
+    assert not r.read_in_full()
+    r.opened(1.1)
+    r.state = "speaking"
+    assert not r.read_in_full()  # still being read
+    r.closed("SG_1", "Goodbye!", 1.2)
+    assert r.read_in_full() and not r.complete()  # its words are in; its state never came back
+    blank = Reply(sent_at=1.0, state=None)
+    blank.opened(1.1)
+    blank.closed("SG_1", "  ", 1.2)
+    assert not blank.read_in_full()  # an empty transcription is no answer
+
+
+def test_a_target_that_leaves_after_answering_ended_the_call_else_it_left_the_caller_waiting() -> None:
+    from services.judge.checks import ended_by
+
+    reason, ok = left_reason(asked=False, answered=2, agent="acme", identity="agent-AJ_1")
+    assert ok and ended_by(reason) == "support" and "left the room after answering" in reason
+    for asked, answered, why in ((True, 2, "with a reply owed"), (False, 0, "before answering anything"),
+                                 (True, 0, "with a reply owed")):
+        reason, ok = left_reason(asked=asked, answered=answered, agent="acme", identity="agent-AJ_1")
+        assert not ok and reason.startswith("target_left: agent 'acme' (agent-AJ_1) left the room " + why), reason
+        assert ended_by(reason) is None
+
+
+class Someone:
+    """What TargetLink reads of a participant (livekit-rtc's RemoteParticipant: identity, kind, attributes)."""
+
+    def __init__(self, identity: str, kind: int, **attributes: str) -> None:
+        self.identity, self.kind, self.attributes = identity, kind, attributes
+
+
+async def test_the_target_is_the_agent_carrying_its_agent_name_and_no_other() -> None:
+    """livekit-agents 1.8.9 puts lk.agent.name on every job's participant (worker.py _on_accept)."""
+    from livekit import rtc
+    from livekit.agents.types import ATTRIBUTE_AGENT_NAME
+
+    assert ATTRIBUTE_AGENT_NAME == ATTR_AGENT_NAME
+    link = TargetLink(rtc.Room(), "acme-support")
+    agent = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+    assert link.is_target(Someone("agent-AJ_1", agent, **{ATTR_AGENT_NAME: "acme-support"}))  # type: ignore[arg-type]
+    others = [Someone("agent-AJ_2", agent, **{ATTR_AGENT_NAME: "someone-else"}), Someone("agent-AJ_3", agent),
+              Someone("sim-x", rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD, **{ATTR_AGENT_NAME: "acme-support"})]
+    for p in others * 2:
+        assert not link.is_target(p)  # type: ignore[arg-type]
+    assert link._ignored == {"agent-AJ_2", "agent-AJ_3"}  # each logged once; a person is no agent at all
 
 
 def test_a_late_reply_is_named_silent_or_unresponsive() -> None:

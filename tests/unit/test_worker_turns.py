@@ -1,4 +1,8 @@
-"""Turn-taking decisions (worker/turns.py): who speaks which turn, and when the call ends. No room, no clock."""
+"""Turn-taking decisions (worker/turns.py): who speaks which turn, and when the call ends. No room, no clock.
+
+Between crosstalk's two agents turns alternate; against the user's own agent (the target) its turns take
+the next free index: it may greet first and speak several turns in a row.
+"""
 
 from __future__ import annotations
 
@@ -63,3 +67,42 @@ def test_a_failed_turn_names_the_error() -> None:
     end = turn_failed("support", RuntimeError("stream gone"))
     assert end == End("agent_error: support: turn failed: RuntimeError: stream gone", ok=False, mine=True)
     assert len(turn_failed("support", RuntimeError("x" * 1000)).reason) == 300
+
+
+# --------------------------------------------------------------------------- the user's own agent (the target)
+
+
+def test_a_target_that_greets_first_speaks_turn_0_and_the_customer_answers_it_at_turn_1() -> None:
+    customer = Turns("customer", 10, heard_at=1.0)
+    assert customer.peer_turn(at=2.0, prompted=False) == (0, None)  # the greeting
+    customer.heard_at = 3.0  # the customer's model is asked once the greeting is over
+    assert customer.speak(now=4.0, first_token_s=0.2) == Speak(1, 3.0) and customer.waiting
+    assert customer.peer_turn(at=5.0) == (2, None) and not customer.waiting  # its answer
+    assert customer.peer_turn(at=6.0, prompted=False) == (3, None)  # a follow-up nobody asked for
+    # the customer's next turn answers the answer, timed from it; nothing reserved an index
+    assert customer.speak(now=7.0, first_token_s=None) == Speak(4, 5.0)
+    assert customer.count == 5
+
+
+def test_words_the_target_began_before_the_customers_turn_reached_it_answer_nothing() -> None:
+    customer = Turns("customer", 10)
+    assert customer.speak(now=1.0, first_token_s=None) == Speak(0, 1.0)
+    assert customer.peer_turn(at=2.0, prompted=False) == (1, None) and customer.waiting  # still owed its answer
+    assert customer.peer_turn(at=3.0) == (2, None) and not customer.waiting
+    assert customer.speak(now=4.0, first_token_s=None) == Speak(3, 3.0)
+
+
+def test_an_unprompted_turn_counts_toward_max_turns() -> None:
+    customer = Turns("customer", 2)
+    assert customer.peer_turn(at=1.0, prompted=False) == (0, None)
+    assert customer.speak(now=2.0, first_token_s=None) == Speak(1, 0.0)
+    assert customer.spoken(1) == End("max_turns", ok=True, mine=True)
+    t = Turns("customer", 1)
+    assert t.peer_turn(at=1.0, prompted=False) == (0, End("max_turns", ok=True, mine=False))
+
+
+def test_nothing_is_said_once_the_peer_left() -> None:
+    t = Turns("customer", 10)
+    assert t.speak(now=0.0, first_token_s=None) == Speak(0, 0.0)
+    t.peer_gone()
+    assert t.speak(now=1.0, first_token_s=None) is None and t.count == 1 and t.waiting

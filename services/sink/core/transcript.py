@@ -8,7 +8,8 @@ handle that comes in goes out again in exactly one step, to be settled once the 
 lines are durable; the caller never acks anything the core did not release.
 
 The line format (:class:`TurnLine`) is a public contract (docs/ARCHITECTURE.md, data
-directory): add fields, never rename.
+directory): add fields, never rename. Nothing here assumes the roles alternate: a turn's place is
+its index, whoever speaks it (the user's own agent may greet first or say two turns in a row).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class TurnLine(msgspec.Struct, frozen=True, kw_only=True):
     first_token_s: float | None = None
     total_s: float | None = None
     language: str | None = None
+    # said while no turn of the other role waited for it (a target's greeting or follow-up): turns
+    # of one role may follow each other, the index is the order they were said in
+    unprompted: bool = False
 
 
 class VoiceTurnLine(TurnLine, frozen=True, kw_only=True):
