@@ -5,5 +5,6 @@
 - ``fake_agent``: a real livekit-agents worker that joins, reports and leaves (run as a process).
 - ``sink``: the transcript sink run in the test's own process, and whether it has drained.
 - ``leases``: grants written straight to the ROLES stream.
+- ``dispatcher``: the settings and batch spec the dispatcher's unit tests start from.
 - ``prometheus``: a real Prometheus and the dashboards' queries.
 """

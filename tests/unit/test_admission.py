@@ -4,31 +4,24 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+from support import dispatcher
+from support.dispatcher import spec
 
 from services.dispatcher import core
 from services.dispatcher.state import BatchState, conversation_id, evolve, room_name
 from shared import capacity, contracts, subjects
 from shared.capacity import Capacity, Fleet
-from shared.config import Settings
 from shared.contracts import (
     BatchAccepted,
     BatchEvent,
-    BatchSpec,
     ContractError,
     ConversationDispatched,
     ConversationSettled,
     WorkerCapacity,
 )
 from shared.metrics import REASONS, reason_label
-from shared.scenarios import DEFAULT_SCENARIO
 
-SETTINGS = Settings(max_conversations=1000, max_concurrency=200, join_deadline_s=10.0,
-                    conversation_timeout_s=100.0, max_attempts=3)
-
-
-def spec(n: int, concurrency: int, bid: str = "b1") -> BatchSpec:
-    return BatchSpec(batch_id=bid, conversations=n, concurrency=concurrency, scenario=DEFAULT_SCENARIO,
-                     language="en", max_turns=8, mode="text")
+SETTINGS = dispatcher.settings(max_concurrency=200)
 
 
 def accepted(n: int, concurrency: int, bid: str = "b1", at: float = 0.0) -> BatchState:

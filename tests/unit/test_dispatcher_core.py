@@ -9,6 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from support import dispatcher
+from support.dispatcher import spec
 
 from services.dispatcher import core
 from services.dispatcher.inputs import decode_start
@@ -38,8 +40,7 @@ from shared.contracts import (
 from shared.metrics import REASONS, reason_label
 from shared.scenarios import DEFAULT_SCENARIO, library
 
-SETTINGS = Settings(max_conversations=1000, max_concurrency=20, join_deadline_s=10.0,
-                    conversation_timeout_s=100.0, max_attempts=3)
+SETTINGS = dispatcher.settings(max_concurrency=20)
 SCENARIOS = library()
 MAX_BODY = 64 * 1024
 
@@ -53,11 +54,6 @@ def check(body: bytes, settings: Settings = SETTINGS) -> BatchSpec | Rejection:
 
 def count(cid: str, attempt: int, agents: int) -> core.RoomCount:
     return core.RoomCount(batch_id=cid.rsplit("-", 1)[0], conversation_id=cid, attempt=attempt, agents=agents)
-
-
-def spec(n: int = 3, concurrency: int = 2, bid: str = "b1") -> BatchSpec:
-    return BatchSpec(batch_id=bid, conversations=n, concurrency=concurrency, scenario=DEFAULT_SCENARIO,
-                     language="en", max_turns=8, mode="text")
 
 
 def fold(events: list[BatchEvent]) -> BatchState:
@@ -385,8 +381,7 @@ def test_a_simulated_batch_always_finishes_with_every_conversation_accounted_for
     in-flight bound holds, no conversation ever has two live attempts, and replaying the log gives
     the state the live process had."""
     rng = random.Random(seed)
-    cfg = Settings(max_conversations=1000, max_concurrency=cap, join_deadline_s=10.0,
-                   conversation_timeout_s=60.0, max_attempts=max_attempts)
+    cfg = dispatcher.settings(max_concurrency=cap, conversation_timeout_s=60.0, max_attempts=max_attempts)
     log: list[BatchEvent] = [BatchAccepted(spec=spec(n=n, concurrency=concurrency), at=0.0)]
     state = fold(log)
     watches: dict[tuple[str, int], core.Watch] = {}
