@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from livekit import api, rtc
 from stack import ROOT, free_ports, running_stack
+from support.rooms import RoomPoller
 
 from shared import bus, scenarios, subjects
 from shared.contracts import BatchEvent, BatchFinished, decode_event
@@ -115,53 +116,28 @@ def read_audit(stack: Any, batch_id: str, timeout: float = 90) -> dict[str, Any]
         time.sleep(0.5)
 
 
-class RoomWatch:
+class RoomWatch(RoomPoller):
     """Polls livekit-api while a batch runs: who is in each room of the batch, by role.
 
-    A poller error is not swallowed: it fails the test on exit (a room deleted between
-    list_rooms and list_participants is expected and skipped). ``rooms_seen`` guards
-    against a watch that never saw anything."""
+    A poller error is not swallowed: it fails the test on exit (support/rooms.py). ``rooms_seen``
+    guards against a watch that never saw anything."""
 
     def __init__(self, lk: api.LiveKitAPI, prefix: str) -> None:
-        self.lk, self.prefix = lk, prefix
+        super().__init__(lk, prefix)
         self.max_agents: dict[str, int] = defaultdict(int)
         self.two_agents_seen: set[str] = set()
         self.rooms_seen: set[str] = set()
         self.violations: list[str] = []
-        self._task: asyncio.Task[None] | None = None
 
-    async def _poll(self) -> None:
-        while True:
-            rooms = await self.lk.room.list_rooms(api.ListRoomsRequest())
-            for room in rooms.rooms:
-                if not room.name.startswith(self.prefix):
-                    continue
-                try:
-                    res = await self.lk.room.list_participants(api.ListParticipantsRequest(room=room.name))
-                except api.TwirpError as exc:
-                    if exc.code == api.TwirpErrorCode.NOT_FOUND:  # deleted since list_rooms
-                        continue
-                    raise
-                self.rooms_seen.add(room.name)
-                agents = [p for p in res.participants if p.kind == api.ParticipantInfo.Kind.AGENT]
-                self.max_agents[room.name] = max(self.max_agents[room.name], len(agents))
-                roles = [p.attributes.get("crosstalk.role") for p in agents if p.attributes.get("crosstalk.role")]
-                if len(roles) != len(set(roles)):
-                    self.violations.append(f"{room.name}: two agents with one role {roles}")
-                if len(agents) == 2 and sorted(roles) == ["customer", "support"]:
-                    self.two_agents_seen.add(room.name)
-            await asyncio.sleep(0.25)
-
-    def __enter__(self) -> RoomWatch:
-        self._task = asyncio.ensure_future(self._poll())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._task is not None
-        task = self._task
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise AssertionError(f"RoomWatch poller failed: {task.exception()!r}") from task.exception()
-        task.cancel()
+    def saw(self, room: Any, participants: list[Any]) -> None:
+        self.rooms_seen.add(room.name)
+        agents = [p for p in participants if p.kind == api.ParticipantInfo.Kind.AGENT]
+        self.max_agents[room.name] = max(self.max_agents[room.name], len(agents))
+        roles = [p.attributes.get("crosstalk.role") for p in agents if p.attributes.get("crosstalk.role")]
+        if len(roles) != len(set(roles)):
+            self.violations.append(f"{room.name}: two agents with one role {roles}")
+        if len(agents) == 2 and sorted(roles) == ["customer", "support"]:
+            self.two_agents_seen.add(room.name)
 
 
 async def test_nats_pub_batch_runs_to_transcripts(stack: Any, lkapi: api.LiveKitAPI, js: Any) -> None:
