@@ -186,4 +186,5 @@ async def start(ctx: JobContext, settings: Settings, meta: JobMetadata, role: Ro
         # the peer's track as the session hears it is also the recording of the peer's channel
         conv.tap = Tap(session.input.audio, sample_rate=voice_mode.INPUT_RATE)
         session.input.audio = conv.tap
+        conv.session = session  # to say "sorry, I didn't catch that" when the STT heard nothing
     return Session(session, transcription, client, speech)

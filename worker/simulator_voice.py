@@ -22,6 +22,12 @@ second connection (hidden, subscribe-only standard participant, invisible to the
 subscribes to the customer's microphone track as livekit-server carries it. Both go to the sink
 like a crosstalk pair's channels (services/sink/recordings.py); time zero is the customer's
 first speech.
+
+What a person on the line would notice counts as they would: a target turn the customer's STT heard
+as nothing is answered "sorry, I didn't catch that" (worker/voice.py ``say_again``), never with an
+empty message; a call the target answered only in text, its audio never reaching the customer, is
+the target's failure (``target_silent``, judged a failed test), and one where crosstalk's own
+customer was never heard on its track is crosstalk's (``no_audio``, infra, retried).
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from worker.recorder import Tap
 from worker.simulator import SimConversation
 from worker.target_link import ATTR_AGENT_STATE
 from worker.target_reply import BUSY_STATES, Reply
-from worker.turns import Speak
+from worker.turns import End, Speak
 
 log = logging.getLogger("worker.simulator")
 
@@ -74,6 +80,7 @@ class SimVoiceConversation(SimConversation):
         self.room_io: room_io.RoomIO | None = None
         self._heard_parts: list[str] = []  # the target's final transcripts of the customer's current turn
         self._heard_at = 0.0
+        self._spoken = 0  # the customer's turns played out
         self.link.on_heard = self.on_heard
 
     @property
@@ -173,8 +180,23 @@ class SimVoiceConversation(SimConversation):
         assert self.session is not None
         if heard:
             self.session.generate_reply(user_input=heard)
-        else:
-            self.session.generate_reply()
+        else:  # the STT heard nothing: ask again, as a caller would
+            log.info("nothing heard of the target's turn: asking again", extra=kv(room=self.room))
+            self.session.say(voice_mode.say_again(self.plan.language))
+
+    def finish(self, end: End) -> None:
+        super().finish(self.audio_check(end))
+
+    def audio_check(self, end: End) -> End:
+        """``end``, or why it is not ok: the target answered without audio, or the customer's was never heard."""
+        if not end.ok:
+            return end
+        if self.target_turns and (self.tap is None or self.tap.first_speech_at is None):
+            return End(f"target_silent: agent {self.link.agent_name!r} answered {self.target_turns} turn(s) in text, "
+                       "but no speech of it reached the caller on its audio track", ok=False, mine=True)
+        if self._spoken and (self.mine is None or self.mine.first_speech_at is None):
+            return End("no_audio: the hidden recorder heard no speech on the customer's track", ok=False, mine=True)
+        return end
 
     # -- speaking --------------------------------------------------------------------------
 
@@ -182,6 +204,7 @@ class SimVoiceConversation(SimConversation):
         # The speech has played out (the session adds the message then): the target heard it in the
         # room, so its reply is expected from now on; the turn is recorded with where the hidden
         # recorder heard it and what the target's STT made of it (its lk.transcription of our track).
+        self._spoken += 1
         self.span = await self._own_span()
         if speak.turn == 0:  # added once played out: the first turn began when its reply was asked for
             speak = speak._replace(started_at=min(self.turns.heard_at, speak.started_at))

@@ -35,6 +35,20 @@ INPUT_FRAME_MS = 100
 OUTPUT_RATE = voices.OUTPUT_SAMPLE_RATE
 
 
+# What a listener says when its STT heard nothing of the peer's turn (empty text): a person asks
+# again rather than answering nothing, or answering an empty message the model would guess at.
+# By the primary language this role speaks (shared/voiceplan.py VoicePlan.language); English otherwise.
+SAY_AGAIN: Final = {
+    "en": "Sorry, I didn't catch that. Could you say it again?",
+    "hi": "माफ़ कीजिए, मैं सुन नहीं पाया। क्या आप फिर से कह सकते हैं?",
+}
+
+
+def say_again(language: str) -> str:
+    """The short "sorry, I didn't catch that" in ``language`` (its primary subtag)."""
+    return SAY_AGAIN.get(voices.primary(language), SAY_AGAIN["en"])
+
+
 _vad_lock = threading.Lock()
 _vad: lk_vad.VAD | None = None
 

@@ -13,6 +13,13 @@ Same turn-taking as text mode (worker/turns.py), with what the room's audio adds
   where the speech lay on the room's timeline); the speaker then records the turn with those
   fields. The recording's time zero, the conversation's first audio, travels with every report.
 - An end (``end_conversation``, ``max_turns``) waits for the last turn to be heard.
+- A turn the STT heard as nothing (empty text) is reported as heard ``""`` (the sink counts it fully
+  misheard) and answered as a person would: "sorry, I didn't catch that" in this role's language
+  (worker/voice.py ``say_again``), never a reply to an empty message nor silence.
+- An end that would be ``ok`` is ``no_audio`` (failed, crosstalk's own fault: the dispatcher retries
+  it) when this listener heard no speech at all from the peer's track although it heard the peer's
+  turns, or when the peer heard none of this agent's turns: turns went by on text alone, which a
+  voice test must not call completed.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from livekit.agents.voice.events import UserStateChangedEvent
 
 from shared.log import kv
 from shared.voiceplan import VoicePlan
+from worker import voice as voice_mode
 from worker.bridge import RoomBridge
 from worker.conversation import Conversation
 from worker.lease import LeaseKeeper
@@ -57,6 +65,8 @@ class VoiceConversation(Conversation):
         self.min_silence_s = min_silence_s
         self.end_grace_s = 60.0  # a goodbye is spoken, then heard, before its turn is recorded
         self.tap: Tap | None = None  # set once the session listens (worker/session.py)
+        self.session: AgentSession | None = None  # set once the session runs (worker/session.py)
+        self._peer_heard_me: list[bool] = []  # per turn of mine the peer reported: did its tap hear speech
         self.origin: float | None = None  # the recording's time zero: the conversation's first audio
         self._texts: dict[int, asyncio.Future[str]] = {}  # the speaker's words per turn (lk.chat)
         self._reports: dict[int, asyncio.Future[dict[str, str]]] = {}  # what the listener heard, per turn
@@ -114,7 +124,19 @@ class VoiceConversation(Conversation):
             return False  # a pause inside the speaker's turn: keep listening
         if self._starts > self._completed:
             return False  # it spoke on after this part: the next part's end of speech ends the turn
-        return await self._heard_turn(turn, self._take_parts(), "stt")
+        heard = self._take_parts()
+        if not await self._heard_turn(turn, heard, "stt"):
+            return False
+        if not heard:
+            self.ask_again(self.session)
+            return False
+        return True
+
+    def ask_again(self, session: AgentSession | None) -> None:
+        """The STT heard nothing of the peer's turn: say so, as a person would, and let the peer repeat."""
+        log.info("nothing heard of the peer's turn: asking again", extra=kv(room=self.room, role=self.role))
+        if session is not None:
+            session.say(voice_mode.say_again(self.plan.language))
 
     def _take_parts(self) -> str:
         heard, self._parts = " ".join(self._parts), []
@@ -146,7 +168,7 @@ class VoiceConversation(Conversation):
             if heard:
                 session.generate_reply(user_input=heard)
             else:
-                session.generate_reply()
+                self.ask_again(session)
 
     async def _heard_turn(self, turn: int, heard: str, via: str) -> bool:
         """Report turn ``turn`` as heard to its speaker; True if this agent replies to it."""
@@ -188,6 +210,22 @@ class VoiceConversation(Conversation):
                 return
         super().on_control(msg, sender)
 
+    def finish(self, end: End) -> None:
+        super().finish(self.audio_check(end))
+
+    def audio_check(self, end: End) -> End:
+        """``end``, or ``no_audio`` if it is ok but the turns went by without audio in one direction."""
+        if not end.ok:
+            return end
+        peer = "support" if self.role == "customer" else "customer"
+        if self._heard and (self.tap is None or self.tap.first_speech_at is None):
+            return End(f"no_audio: the {self.role} heard no speech on the {peer}'s track in "
+                       f"{len(self._heard)} turn(s) it heard", ok=False, mine=end.mine)
+        if self._peer_heard_me and not any(self._peer_heard_me):
+            return End(f"no_audio: the {peer} heard no speech on the {self.role}'s track in "
+                       f"{len(self._peer_heard_me)} turn(s)", ok=False, mine=end.mine)
+        return end
+
     async def _end_later(self, after_s: float) -> None:
         await asyncio.wait({self.done}, timeout=after_s)
         if not self.done.done() and self._end_after is not None:
@@ -208,6 +246,8 @@ class VoiceConversation(Conversation):
         except TimeoutError:
             log.warning("the listener did not report the turn", extra=kv(room=self.room, turn=speak.turn))
         start, stop, origin = _f(report.get("start")), _f(report.get("end")), self.origin
+        if report:
+            self._peer_heard_me.append(start is not None)
         # the session adds a message once it has played out: turn 0 started when its reply was asked
         # for (the customer's generate_reply), not its first token before that
         started_at = speak.started_at if speak.turn > 0 else min(self.turns.heard_at, speak.started_at)
