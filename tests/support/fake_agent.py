@@ -33,10 +33,8 @@ import time
 
 import nats
 from livekit.agents import AutoSubscribe, JobContext
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
 
-from shared import contracts, subjects
+from shared import bus, config, contracts, subjects
 from shared.contracts import (
     AgentJoined,
     ConversationEnded,
@@ -47,33 +45,27 @@ from shared.contracts import (
     RoleRequest,
 )
 from worker.capacity import Announcer, JobCounter
+from worker.lease import request_role
 from worker.server import agent_server
 
 log = logging.getLogger("fake_agent")
 
-NATS_URL = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
-AGENT_NAME = os.environ.get("CROSSTALK_AGENT_NAME", "crosstalk")
+# NATS_URL, CROSSTALK_AGENT_NAME, CROSSTALK_WORKER_MAX_JOBS: read as the real worker reads them
+SETTINGS = config.load()
 MODE = os.environ.get("FAKE_AGENT_MODE", "complete")
 TALK_S = float(os.environ.get("FAKE_AGENT_TALK_S", "1.0"))
 ROLE_WAIT_S = 10.0  # as long as the real worker keeps asking while an allocator restarts
-MAX_JOBS = int(os.environ.get("CROSSTALK_WORKER_MAX_JOBS", "16"))
 
 
 async def ask_role(nc: nats.NATS, ctx: JobContext) -> RoleReply | None:
     """The allocator's grant, or None: fails closed when no allocator answers (never guesses a role)."""
     req = RoleRequest(room=ctx.job.room.name, job_id=ctx.job.id, identity=ctx.local_participant_identity)
-    deadline = time.monotonic() + ROLE_WAIT_S
-    while True:
-        try:
-            msg = await nc.request(subjects.ROLE_REQUEST, contracts.encode(req), timeout=3)
-        except (NoRespondersError, NatsTimeoutError):
-            if time.monotonic() > deadline:
-                log.warning("no allocator answered within %ss: leaving without a role", ROLE_WAIT_S)
-                return None
-            await asyncio.sleep(0.5)
-            continue
-        reply = contracts.decode(msg.data, RoleReply)
-        return reply if reply.granted and reply.role is not None else None
+    try:
+        reply = await request_role(nc, req, within_s=ROLE_WAIT_S)  # asked as the real worker asks
+    except bus.NO_ANSWER:
+        log.warning("no allocator answered within %ss: leaving without a role", ROLE_WAIT_S)
+        return None
+    return reply if reply.granted and reply.role is not None else None
 
 
 async def entrypoint(ctx: JobContext) -> None:
@@ -88,7 +80,7 @@ async def entrypoint(ctx: JobContext) -> None:
 async def _entrypoint(ctx: JobContext) -> None:
     meta = contracts.decode(ctx.job.metadata.encode(), JobMetadata)
     room = ctx.job.room.name
-    nc = await nats.connect(NATS_URL)
+    nc = await nats.connect(SETTINGS.nats_url)
     js = nc.jetstream(timeout=10)
     role: Role | None = None
     try:
@@ -133,9 +125,10 @@ JOBS = JobCounter()
 
 async def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    server = agent_server(entrypoint, agent_name=AGENT_NAME, max_jobs=MAX_JOBS, shutdown_process_timeout=5.0)
-    nc = await nats.connect(NATS_URL)
-    announcer = Announcer(nc, server, agent_name=AGENT_NAME, max_jobs=MAX_JOBS)
+    server = agent_server(entrypoint, agent_name=SETTINGS.agent_name, max_jobs=SETTINGS.worker_max_jobs,
+                          shutdown_process_timeout=5.0)
+    nc = await nats.connect(SETTINGS.nats_url)
+    announcer = Announcer(nc, server, agent_name=SETTINGS.agent_name, max_jobs=SETTINGS.worker_max_jobs)
 
     def registered(worker_id: str, _info: object) -> None:
         if announcer.idle:
