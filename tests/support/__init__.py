@@ -6,5 +6,7 @@
 - ``sink``: the transcript sink run in the test's own process, and whether it has drained.
 - ``leases``: grants written straight to the ROLES stream.
 - ``dispatcher``: the settings and batch spec the dispatcher's unit tests start from.
+- ``results``: a batch's results as the stack leaves them (BatchFinished, batch.json, transcripts).
+- ``rooms``: livekit-server's view of a batch's rooms, polled while it runs.
 - ``prometheus``: a real Prometheus and the dashboards' queries.
 """
