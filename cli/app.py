@@ -22,6 +22,7 @@ from cli import (
     EXIT_UNAVAILABLE,
     CliExit,
     evaluate,
+    testcmd,
 )
 from cli.progress import AUDIT_LABELS, audit_counts, format_duration, summary_lines
 from cli.remote import request_start, watch_batch
@@ -31,14 +32,29 @@ from shared.contracts import BatchReply, ContractError, StartBatch
 
 REQUEST_TIMEOUT_S = 15.0
 
+HELP = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     name="crosstalk",
-    help="Run and follow batches of agent-to-agent conversations on LiveKit.",
+    help="Test your LiveKit agent against simulated callers, and run batches of agent-to-agent conversations.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=HELP,
 )
-batch_app = typer.Typer(help="Start, follow and inspect batches.", no_args_is_help=True)
+batch_app = typer.Typer(help="Start, follow and inspect batches.", no_args_is_help=True, context_settings=HELP)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"crosstalk {version('crosstalk')}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
+    """Test your LiveKit agent against simulated callers, and run batches of agent-to-agent conversations."""
 app.add_typer(batch_app, name="batch")
 
 out = Console(highlight=False, soft_wrap=True)
@@ -108,7 +124,7 @@ def batch_start(
     scenario: Annotated[str | None, typer.Option("--scenario", help="Scenario id (see `crosstalk scenarios`).")] = None,
     language: Annotated[str | None, typer.Option("--language", help="Language, e.g. en, hi.")] = None,
     max_turns: Annotated[int | None, typer.Option("--max-turns", help="Hard cap on turns per conversation.")] = None,
-    mode: Annotated[str | None, typer.Option("--mode", help="text or voice.")] = None,
+    mode: Annotated[testcmd.Mode | None, typer.Option("--mode", help="Talk by text or by voice.")] = None,
     scenarios_path: Annotated[str | None, typer.Option(
         "--scenarios", help="A scenarios.yaml on the dispatcher, relative to its CROSSTALK_SCENARIO_DIR.")] = None,
     scenarios_file: Annotated[Path | None, typer.Option(
@@ -116,7 +132,8 @@ def batch_start(
     trials: Annotated[int | None, typer.Option("--trials", "-k", help="Runs of each scenario (pass^k).")] = None,
     batch_id: Annotated[str | None, typer.Option("--batch-id", help="Batch id; repeating one is idempotent.")] = None,
     target_agent: Annotated[str | None, typer.Option(
-        "--target-agent", help="Your own agent's name: crosstalk's customer calls it (it takes the support role).")] = None,
+        "--agent-name", "--target-agent",
+        help="Your own agent's name: crosstalk's customer calls it (it takes the support role).")] = None,
     target_metadata: Annotated[str | None, typer.Option(
         "--target-metadata", help="Dispatch metadata handed to your agent (with --target-agent).")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Then watch the batch until it finishes.")] = False,
@@ -132,7 +149,7 @@ def batch_start(
         inline = evaluate.inline_entries(scenarios_file) if scenarios_file is not None else None
         body = start_body(
             batch_id=batch_id, conversations=conversations, concurrency=concurrency, scenario=scenario,
-            language=language, max_turns=max_turns, mode=mode, trials=trials,
+            language=language, max_turns=max_turns, mode=mode.value if mode else None, trials=trials,
             scenarios=inline if inline is not None else scenarios_path,
             target_agent=target_agent, target_metadata=target_metadata,
         )
@@ -247,7 +264,7 @@ def batch_show(
 
 
 scenarios_app = typer.Typer(help="List the scenario library; `validate FILE` checks scenario files.",
-                            invoke_without_command=True)
+                            invoke_without_command=True, context_settings=HELP)
 app.add_typer(scenarios_app, name="scenarios")
 
 
@@ -276,6 +293,7 @@ def list_scenarios(ctx: typer.Context) -> None:
 
 
 evaluate.register(app, scenarios_app)
+app.command("test")(testcmd.test_cmd)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

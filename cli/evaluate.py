@@ -83,8 +83,7 @@ def judge(batch_id: Annotated[str, typer.Argument(help="The batch id.")],
           retry: Annotated[bool, typer.Option("--retry", help="Judge again conversations whose judge model failed.")
                            ] = False,
           ) -> None:
-    """Judge a finished batch here (what the judge service does). The LLM judge follows
-    CROSSTALK_JUDGE_URL, else OPENAI_BASE_URL / OPENAI_API_KEY; without one, expectations are not_judged."""
+    """Judge a finished batch here, as the judge service does (LLM judge: CROSSTALK_JUDGE_URL, else OPENAI_BASE_URL / OPENAI_API_KEY; without one, expectations are not_judged)."""
     files = _files(batch_id)
     try:
         cfg = JudgeConfig.from_env()

@@ -47,13 +47,18 @@ def _path(env: dict[str, str], var: str) -> Path | None:
     return Path(raw) if raw else None
 
 
+# The checkout's data folder, where `./ct up` keeps the stack's files: the CLI reads the same
+# folder from whatever directory it runs in (a relative CROSSTALK_DATA_DIR is the user's own choice).
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+
+
 @dataclass(frozen=True)
 class Settings:
     nats_url: str = "nats://127.0.0.1:4222"
     livekit_url: str = "ws://127.0.0.1:7880"
     livekit_api_key: str = "devkey"
     livekit_api_secret: str = field(default="secret", repr=False)
-    data_dir: Path = Path("data")
+    data_dir: Path = DEFAULT_DATA_DIR
     agent_name: str = "crosstalk"
     # batch limits and pacing
     max_conversations: int = 10000
@@ -175,7 +180,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         livekit_url=_str(e, "LIVEKIT_URL", "ws://127.0.0.1:7880"),
         livekit_api_key=_str(e, "LIVEKIT_API_KEY", "devkey"),
         livekit_api_secret=_str(e, "LIVEKIT_API_SECRET", "secret"),
-        data_dir=Path(_str(e, "CROSSTALK_DATA_DIR", "data")),
+        data_dir=Path(_str(e, "CROSSTALK_DATA_DIR", str(DEFAULT_DATA_DIR))),
         agent_name=agent_name,
         max_conversations=_num(e, "CROSSTALK_MAX_CONVERSATIONS", 10000, lo=1, hi=1_000_000, integer=True),
         max_concurrency=_num(e, "CROSSTALK_MAX_CONCURRENCY", 200, lo=1, hi=100_000, integer=True),
