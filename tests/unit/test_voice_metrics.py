@@ -175,3 +175,39 @@ def test_recording_ids_are_validated_before_a_path(tmp_path: Path) -> None:
     for bad in ("../x", "a/b", "a.b"):
         with pytest.raises(ContractError):
             dirs.recording("b1", bad)
+
+
+async def test_a_channel_of_a_superseded_attempt_is_dropped_before_the_store_is_read() -> None:
+    """services/sink/recordings.py: batch.json knows attempt 2, so attempt 1's late channel is acked
+    and nothing is read, merged or written (the object store here would fail if touched)."""
+    from types import SimpleNamespace
+
+    import msgspec
+
+    from services.sink.core import BatchDoc, ConversationEntry
+    from services.sink.recordings import Recordings
+    from shared.contracts import RecordingChannel
+
+    doc = BatchDoc(batch_id="b1", mode="voice", conversations={"c1": ConversationEntry(attempts=2)})
+
+    class Docs:
+        async def get(self, batch_id: str) -> BatchDoc:
+            return doc
+
+        async def set_voice(self, *a: object) -> None:
+            raise AssertionError("figures of a superseded attempt")
+
+    class Store(Exception):
+        pass
+
+    class Js:
+        async def object_store(self, bucket: str) -> None:
+            raise Store(bucket)
+
+    rec = Recordings(js=Js(), io=None, docs=Docs(), metrics=None)  # type: ignore[arg-type]
+    msg = SimpleNamespace()
+    late = RecordingChannel(batch_id="b1", conversation_id="c1", attempt=1, role="customer", sample_rate=16000,
+                            start_at=1.0, at=2.0)
+    assert await rec.on_channel(late, msg) == [msg]  # type: ignore[arg-type]
+    with pytest.raises(Store):  # the current attempt does go on to the object store
+        await rec.on_channel(msgspec.structs.replace(late, attempt=2), msg)  # type: ignore[arg-type]
