@@ -109,12 +109,42 @@ def batch(cfg: Config, conversations: int | None, concurrency: int | None, extra
     return 0
 
 
+def verdict(cfg: Config, batch_id: str, wait_s: float = 120.0) -> None:
+    """The batch's verdict once the judge service has judged it: a short table and the report's path."""
+    import time
+
+    from rich.console import Console
+
+    from cli import compare, report
+    from cli.testcmd import verdict_table
+    from services.judge.store import BatchFiles
+
+    files = BatchFiles(cfg.data_dir, batch_id)
+    deadline = time.monotonic() + wait_s
+    while files.judged() is None:
+        if time.monotonic() > deadline:
+            print(f"the judge has not judged {batch_id} after {wait_s:g}s (`./ct logs judge`)")
+            return
+        time.sleep(0.5)
+    paths = report.write(files)
+    data = report.build(files)
+    Console(highlight=False).print(verdict_table(data, compare.compare(None, data, compare.Thresholds())))
+    if data["totals"]["not_judged"]:
+        print("inconclusive = the deterministic checks passed, but no LLM judge is configured for the "
+              "agent_expectations (set CROSSTALK_JUDGE_URL or OPENAI_API_KEY): never counted as a pass")
+    print(f"report: {paths['html']}")
+
+
 def demo(cfg: Config) -> int:
     up(cfg)
     print("proving it healthy:")
     check(cfg)
     n = int(os.environ.get("CROSSTALK_DEMO_CONVERSATIONS", "10"))
+    batch_id = f"demo-{uuid.uuid4().hex[:8]}"
     print(f"running a batch of {n} conversations on the embedded defaults:")
-    rc = batch(cfg, n, min(n, 5), [], follow=True)
-    print("the stack keeps running: `just status`, `just batch 20 10`, `just down`")
+    rc = batch(cfg, n, min(n, 5), [f"batch_id={batch_id}"], follow=True)
+    if rc in (0, 1):
+        verdict(cfg, batch_id)
+    print("the stack keeps running: `./ct status`, `./ct batch 20 10`, `./ct down` "
+          "(test your own agent: `.venv/bin/crosstalk test -h`)")
     return rc

@@ -123,8 +123,11 @@ def plan(cfg: Config) -> Plan:
             "prometheus",
             (prometheus, f"--config.file={cfg.run_dir / 'prometheus.yml'}",
              f"--storage.tsdb.path={cfg.run_dir / 'prometheus'}",
-             f"--web.listen-address={h}:{cfg.prometheus_port}", "--web.enable-lifecycle"),
-            f"http://{h}:{cfg.prometheus_port}",
+             f"--web.listen-address={h}:{cfg.prometheus_port}",
+             # no --web.enable-lifecycle: nobody may stop or reload it over HTTP unless asked
+             *(("--web.enable-lifecycle",) if os.environ.get("CROSSTALK_PROMETHEUS_LIFECYCLE") == "1" else ())),
+            # `go install` builds no web UI (its React assets are not in the module build): say what works
+            f"API http://{h}:{cfg.prometheus_port}/api/v1/query?query=up (no web UI in this build: Grafana or curl)",
             f"http://{h}:{cfg.prometheus_port}/-/ready",
             (cfg.prometheus_port,),
             priority=60, stopwaitsecs=20,
