@@ -377,6 +377,7 @@ def test_an_older_attempts_figures_leave_when_a_newer_attempt_starts() -> None:
 def test_a_completed_voice_conversation_without_its_recording_is_recording_missing() -> None:
     doc = fold([settled(1, conv="c1"), settled(1, conv="c2")], voice_batch("c1", "c2"))
     doc = core.set_voice(doc, "c1", metrics(1))
+    assert batch_doc.recordings_missing(doc) == ["c2"]  # what a BatchFinished could wait for
     done = core.evolve(doc, finished(2, 0))
     c2 = done.conversations["c2"]
     assert c2.outcome == "failed" and c2.reason is not None and c2.reason.startswith("recording_missing: ")

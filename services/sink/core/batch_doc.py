@@ -224,22 +224,28 @@ def _summary(doc: BatchDoc) -> VoiceSummary | None:
     return summary(recorded, faults)
 
 
+def recordings_missing(doc: BatchDoc) -> list[str]:
+    """The completed voice conversations with turns whose recording is not merged (yet): what a
+    ``BatchFinished`` can wait for, as it waits for short transcripts, before :func:`mark_recording_missing`."""
+    if doc.mode != "voice":
+        return []
+    return sorted(c for c, e in doc.conversations.items() if e.outcome == "completed" and e.voice is None and e.turns)
+
+
 def mark_recording_missing(doc: BatchDoc) -> BatchDoc:
     """Fail, as ``recording_missing``, every completed voice conversation without its recording.
 
     Applied with ``BatchFinished`` (``doc`` carries that event's counts, in which these conversations
-    are completed): a recording the sink has not merged by then is missing (its channels are uploaded
-    before the end is reported: worker/job.py, worker/simulator.py), and the conversation says so
-    instead of quietly leaving the voice summary. Like a short transcript, it moves the conversation
-    to ``failed`` and the batch with it; a recording that arrives after all puts it back
+    are completed): a recording the sink has not merged by then is missing, and the conversation says
+    so instead of quietly leaving the voice summary. Like a short transcript, it moves the conversation
+    to ``failed`` and the batch with it. Each listener uploads its channel before it reports an end
+    (worker/job.py, worker/simulator.py), but the dispatcher settles on the first end, so the other
+    channel may still be on its way: a recording that arrives after all puts the conversation back
     (:func:`set_voice`). Applying it again, or the event again, gives the same document.
     """
-    if doc.mode != "voice":
-        return doc
     conversations = dict(doc.conversations)
-    for conv, entry in doc.conversations.items():
-        if entry.outcome != "completed" or entry.voice is not None or entry.turns == 0:
-            continue
+    for conv in recordings_missing(doc):
+        entry = conversations[conv]
         reason = f"{RECORDING_MISSING}: no recording of attempt {entry.attempts} reached the sink{_WAS}{entry.reason}"
         conversations[conv] = msgspec.structs.replace(entry, outcome="failed", reason=reason)
     missing = sum(1 for e in conversations.values() if voice_fault(e) == RECORDING_MISSING)
