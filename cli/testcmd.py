@@ -136,7 +136,7 @@ def _pct(v: float | None) -> str:
 
 
 def verdict_table(data: dict[str, Any], result: compare.Comparison) -> Table:
-    table = Table(title=f"crosstalk test {data['batch_id']}", title_justify="left")
+    table = Table(title=f"verdict of {data['batch_id']}", title_justify="left")
     for col in ("scenario", "n", "passed", "pass rate (95% CI)", f"pass^{data['trials']}", "latency p50/p95",
                 "failing criteria"):
         table.add_column(col)

@@ -38,10 +38,10 @@ from infra.stack.supervisor import (
 def check_external(p: Plan) -> None:
     if "nats" in p.external and not tcp_ok(p.external["nats"], PORTS["CROSSTALK_NATS_PORT"]):
         raise StackError(f"NATS_URL={p.external['nats']} does not answer: start that server, "
-                         "or unset NATS_URL so `just up` runs nats-server")
+                         "or unset NATS_URL so `./ct up` runs nats-server")
     if "livekit" in p.external and not tcp_ok(p.external["livekit"], PORTS["CROSSTALK_LIVEKIT_PORT"]):
         raise StackError(f"LIVEKIT_URL={p.external['livekit']} does not answer: start that server, "
-                         "or unset LIVEKIT_URL so `just up` runs livekit-server")
+                         "or unset LIVEKIT_URL so `./ct up` runs livekit-server")
 
 
 def up(cfg: Config) -> Plan:
@@ -63,7 +63,7 @@ def up(cfg: Config) -> Plan:
         if pid is not None:
             if fp_file.exists() and fp_file.read_text().strip() != secret_fingerprint():
                 raise StackError("LiveKit/model credentials changed since the stack started: "
-                                 "run `just down`, then `just up`")
+                                 "run `./ct down`, then `./ct up`")
             cfg.conf.write_text(render_supervisord(cfg, p.programs))
             res = subprocess.run([supervisor_bin("supervisorctl"), "-c", str(cfg.conf), "update"],
                                  capture_output=True, text=True)
@@ -84,7 +84,7 @@ def up(cfg: Config) -> Plan:
             leftovers = tagged_processes(cfg)
             if leftovers:
                 raise StackError(f"processes of a previous stack in {cfg.run_dir} are still running "
-                                 f"(pids {', '.join(str(x.pid) for x in leftovers)}): run `just down` first")
+                                 f"(pids {', '.join(str(x.pid) for x in leftovers)}): run `./ct down` first")
             cfg.sock.unlink(missing_ok=True)
             for prog in p.programs:
                 for port in prog.ports:
@@ -141,14 +141,14 @@ def wait_healthy(cfg: Config, programs: Sequence[Program]) -> None:
             if state in ("FATAL", "EXITED", "MISSING"):
                 tail = log_tail(cfg, name)
                 raise StackError(f"{name} is {state}: see {cfg.logs / (name + '.log')} "
-                                 f"(`just logs {name}`; `just down` stops the rest)"
+                                 f"(`./ct logs {name}`; `./ct down` stops the rest)"
                                  + (f"\n{tail}" if tail else ""))
             if state == "RUNNING" and (prog.health is None or http_ok(prog.health)):
                 print(f"  ok  {name:<11} {time.monotonic() - t0:5.1f}s")
                 del pending[name]
         if pending and time.monotonic() > deadline:
             names = ", ".join(f"{n} ({states.get(n, '?')})" for n in pending)
-            raise StackError(f"not healthy after {cfg.up_timeout_s:g}s: {names}; see `just logs <name>`, "
+            raise StackError(f"not healthy after {cfg.up_timeout_s:g}s: {names}; see `./ct logs <name>`, "
                              "or raise CROSSTALK_UP_TIMEOUT_S")
         if pending:
             time.sleep(0.25)
@@ -163,7 +163,7 @@ def print_summary(cfg: Config, p: Plan) -> None:
     if any(x.name == "worker" for x in p.programs):
         print(f"  workers     {cfg.workers_why}")
     print(f"  data        {cfg.data_dir}")
-    print(f"  logs        {cfg.logs}  (`just logs [name]`; `just status`; `just down` stops it all)")
+    print(f"  logs        {cfg.logs}  (`./ct logs [name]`; `./ct status`; `./ct down` stops it all)")
 
 
 def down(cfg: Config) -> int:
@@ -218,7 +218,7 @@ def down(cfg: Config) -> int:
 def status(cfg: Config) -> int:
     pid = supervisord_pid(cfg)
     if pid is None:
-        print(f"crosstalk stack is not running (run dir {cfg.run_dir}); `just up` starts it")
+        print(f"crosstalk stack is not running (run dir {cfg.run_dir}); `./ct up` starts it")
         return 0
     state = json.loads(cfg.state_file.read_text()) if cfg.state_file.exists() else {"programs": []}
     meta = {x["name"]: x for x in state["programs"]}
@@ -248,7 +248,7 @@ def logs(cfg: Config, name: str | None, lines: int, follow: bool) -> int:
     else:
         files = sorted(cfg.logs.glob("*.log"))
         if not files:
-            raise StackError(f"no logs in {cfg.logs}: `just up` first")
+            raise StackError(f"no logs in {cfg.logs}: `./ct up` first")
     argv = ["tail", "-n", str(lines), *(["-F"] if follow else []), *map(str, files)]
     os.execvp("tail", argv)
     return 0
