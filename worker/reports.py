@@ -66,14 +66,16 @@ class Reports:
         await self.publish(self._subject("turn"), TurnRecorded(
             batch_id=m.batch_id, conversation_id=m.conversation_id, attempt=m.attempt, turn=turn, role=self.role,
             text=text, started_at=started_at, ended_at=ended_at, first_token_s=first_token_s,
-            total_s=ended_at - started_at, language=m.language, room=self.room, lease=self._token,
-            audio_start_s=audio_start_s, audio_end_s=audio_end_s, heard_text=heard_text, heard_via=heard_via,
-            unprompted=unprompted),
+            # a turn said unprompted answers nothing: it has no response time (latency checks skip it)
+            total_s=None if unprompted else ended_at - started_at, language=m.language, room=self.room,
+            lease=self._token, audio_start_s=audio_start_s, audio_end_s=audio_end_s, heard_text=heard_text,
+            heard_via=heard_via, unprompted=unprompted),
             msg_id=self._msg_id(f"turn:{turn}"))
         self.metrics.turns.labels(self.role).inc()
         if first_token_s is not None:
             self.metrics.first_token.labels(self.role).observe(first_token_s)
-        self.metrics.turn_seconds.labels(self.role).observe(ended_at - started_at)
+        if not unprompted:
+            self.metrics.turn_seconds.labels(self.role).observe(ended_at - started_at)
 
     async def ended(self, end: End, turns: int, target_identity: str | None = None) -> None:
         m = self.meta

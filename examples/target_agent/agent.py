@@ -24,8 +24,10 @@ Settings (environment):
 
 Test knobs (misbehaviour on purpose, for the failure tests): ACME_NEVER_SPEAK=1 never answers;
 ACME_STOP_AFTER=N stops answering after N replies; ACME_LEAVE_AFTER=N leaves the room when
-spoken to after N replies. (They act in ``llm_node``, which every reply goes through, typed or
-spoken.) For the ground-truth tests: ACME_REPLY_DELAY_S=X holds every reply X seconds before
+spoken to after N replies, leaving the caller waiting for an answer. (They act in ``llm_node``,
+which every reply goes through, typed or spoken.) ACME_HANG_UP=1 is no misbehaviour: it offers the
+model an ``end_conversation`` tool that hangs up once its goodbye has played out, as production
+agents end calls. For the ground-truth tests: ACME_REPLY_DELAY_S=X holds every reply X seconds before
 asking the model (a slower LLM, in ``llm_node``); ACME_STATE_LOG=<file> appends one JSON line per
 ``user_state_changed`` / ``agent_state_changed`` session event (room, wall time, old and new
 state): the agent's own view of when the caller stopped speaking and when it began to answer.
@@ -51,8 +53,10 @@ from livekit.agents import (
     JobContext,
     JobExecutorType,
     ModelSettings,
+    RunContext,
     UserStateChangedEvent,
     cli,
+    function_tool,
     llm,
 )
 from livekit.plugins import openai, silero
@@ -102,11 +106,28 @@ def log_states(session: AgentSession, room: str, path: str) -> None:
     session.on("agent_state_changed", lambda ev: write("agent_state_changed", ev))
 
 
+HANG_UP_PAUSE_S = 0.5
+
+
 class AcmeSupport(Agent):
     def __init__(self, ctx: JobContext, instructions: str) -> None:
-        super().__init__(instructions=instructions)
+        hang_up = function_tool(self._hang_up, name="end_conversation",
+                                description="End the call once the caller has what they needed and you said goodbye.")
+        super().__init__(instructions=instructions, tools=[hang_up] if os.environ.get("ACME_HANG_UP") == "1" else [])
         self._ctx = ctx
         self.replies = 0
+
+    async def _hang_up(self, context: RunContext) -> None:
+        """ACME_HANG_UP: hang up as a production agent does, the goodbye played out, then leave the room."""
+        await context.wait_for_playout()
+        await asyncio.sleep(HANG_UP_PAUSE_S)  # a breath before hanging up: the goodbye's last packets go out first
+        record(event="hanging_up", room=self._ctx.room.name, replies=self.replies)
+        # Leave the room from inside the tool: while a tool runs the agent stays "thinking"
+        # (livekit-agents sets "listening" only once its tools are done), so the caller never sees it
+        # listening for another turn after the goodbye. The job's shutdown alone leaves only after
+        # the session closes, which waits for the speech this tool belongs to.
+        await self._ctx.room.disconnect()
+        self._ctx.shutdown(reason="the agent ended the call")
 
     async def llm_node(
         self, chat_ctx: ChatContext, tools: list[llm.Tool], model_settings: ModelSettings
@@ -203,6 +224,10 @@ async def entrypoint(ctx: JobContext) -> None:
 
     await session.start(AcmeSupport(ctx, instructions), room=ctx.room)
     if greeting := os.environ.get("ACME_GREETING", ""):
+        # session.start returns before RoomIO has linked the caller and set up its outputs (livekit-agents
+        # 1.8.9, RoomIO._init_task): a greeting said before then never reaches the room's transcription
+        # (seen here: one greeting in three lost under load)
+        await session.room_io.wait_for_ready()
         session.say(greeting)
 
 

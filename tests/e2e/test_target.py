@@ -23,6 +23,7 @@ from stack import running_stack
 from support.target import Target, scenario_dir
 from test_batch import read_audit, read_batch, read_turns, wait_finished
 
+from services.judge.checks import ended_by
 from shared import contracts, subjects
 from shared.contracts import BatchReply
 from shared.rooms import room_name
@@ -139,7 +140,9 @@ GREETING = "Welcome to Acme Bank! एक्मे बैंक में आप�
 
 
 @pytest.mark.parametrize("target", [("acme-greets", {"ACME_GREETING": GREETING})], indirect=True, ids=["greets"])
-async def test_a_target_that_greets_first_is_heard_out_and_never_misattributed(stack: Any, target: Target) -> None:
+async def test_a_greeting_the_target_says_first_is_turn_0_and_the_customer_answers_it(stack: Any, target: Target) -> None:
+    """Everything the target says is a turn: its greeting is turn 0 (support, unprompted), heard out
+    before the customer's first words (turn 1), never taken for the answer to them."""
     bid = f"tgt-greet-{int(time.time())}"
     batch = await run_batch(stack, {"batch_id": bid, "conversations": 3, "concurrency": 3,
                                     "scenario": "acme-locked-out", "max_turns": 6, "target_agent": target.name})
@@ -147,27 +150,51 @@ async def test_a_target_that_greets_first_is_heard_out_and_never_misattributed(s
     replies: dict[str, list[str]] = {}
     for e in target.events("reply"):
         replies.setdefault(e["room"], []).append(e["text"])
+    script = [line["text"] for line in SCENARIO["script"]]
     for cid, conv in batch["conversations"].items():
         turns = read_turns(stack, bid, cid)
-        assert [t["role"] for t in turns] == ["customer", "support"] * 3
+        assert [(t["turn"], t["role"], t["unprompted"]) for t in turns] == [
+            (0, "support", True), (1, "customer", False), (2, "support", False), (3, "customer", False),
+            (4, "support", False), (5, "customer", False)], turns
+        assert [t["text"] for t in turns] == [GREETING, *script[:5]]  # Devanagari byte-exact
+        assert turns[0]["first_token_s"] is turns[0]["total_s"] is None  # nobody asked: no response time
         said = [t["text"] for t in turns if t["role"] == "support"]
-        room = replies[room_name(cid, conv["attempts"])]
-        assert room[0] == GREETING and said == room[1:4]  # the greeting first, then one answer per turn
-        assert said == [line["text"] for line in SCENARIO["script"] if line["role"] == "support"]
+        assert said == replies[room_name(cid, conv["attempts"])][:3]  # as the target itself logged it
+        assert conv["turns"] == 6 and conv["ended"] == "max_turns", conv
+
+
+@pytest.mark.parametrize("target", [("acme-hangs-up", {"ACME_HANG_UP": "1"})], indirect=True, ids=["hangs-up"])
+async def test_a_target_that_hangs_up_after_its_goodbye_ended_the_call(stack: Any, target: Target) -> None:
+    """The agent's end_conversation tool: its goodbye plays out, then it leaves the room. It answered
+    the last thing said, so the conversation completes as ended by support, its goodbye the last turn."""
+    bid = f"tgt-hangup-{int(time.time())}"
+    batch = await run_batch(stack, {"batch_id": bid, "conversations": 2, "concurrency": 2,
+                                    "scenario": "acme-locked-out", "max_turns": 10, "target_agent": target.name})
+    assert (batch["status"], batch["completed"], batch["failed"]) == ("completed", 2, 0), [
+        (c["reason"], c["ended"]) for c in batch["conversations"].values()]
+    for cid, conv in batch["conversations"].items():
+        assert ended_by(conv["ended"]) == "support" and "left the room after answering" in conv["ended"], conv
+        assert conv["attempts"] == 1 and conv["turns"] == 6, conv
+        turns = read_turns(stack, bid, cid)
+        assert [t["text"] for t in turns] == [line["text"] for line in SCENARIO["script"]]
+        assert [t["role"] for t in turns] == ["customer", "support"] * 3
+    assert len(target.events("hanging_up")) == 2
 
 
 FAILURES = [
     ("acme-silent", {"ACME_NEVER_SPEAK": "1"}, "target_silent"),
     ("acme-stops", {"ACME_STOP_AFTER": "1"}, "target_unresponsive"),
-    ("acme-leaves", {"ACME_LEAVE_AFTER": "1"}, "target_left"),
+    # leaves when spoken to after its first answer: the customer's second turn waits for a reply
+    ("acme-leaves", {"ACME_LEAVE_AFTER": "1"}, "target_left: agent 'acme-leaves' (agent-"),
 ]
 
 
 @pytest.mark.parametrize(("target", "reason"), [((n, k), r) for n, k, r in FAILURES], indirect=["target"],
-                         ids=[r for _, _, r in FAILURES])
+                         ids=[r.split(":")[0] for _, _, r in FAILURES])
 async def test_a_misbehaving_target_fails_with_its_named_reason_and_the_batch_goes_on(
         stack: Any, target: Target, reason: str) -> None:
-    bid = f"tgt-{reason.replace('_', '-')}-{int(time.time())}"
+    kind = reason.split(":")[0]
+    bid = f"tgt-{kind.replace('_', '-')}-{int(time.time())}"
     batch = await run_batch(stack, {"batch_id": bid, "conversations": 2, "concurrency": 2,
                                     "scenario": "acme-locked-out", "target_agent": target.name}, timeout=120)
     assert (batch["status"], batch["completed"], batch["failed"]) == ("failed", 0, 2), batch
@@ -178,11 +205,13 @@ async def test_a_misbehaving_target_fails_with_its_named_reason_and_the_batch_go
     # what the target itself logged: it heard the customer, and misbehaved as asked
     assert b"ignoring text input" not in target.out.read_bytes()
     replies = target.events("reply")
-    expected = {"target_silent": 0, "target_unresponsive": 2, "target_left": 2}[reason]
+    expected = {"target_silent": 0, "target_unresponsive": 2, "target_left": 2}[kind]
     assert len(replies) == expected, replies
-    if reason == "target_left":
+    if kind == "target_left":
         assert len(target.events("leaving")) == 2
-    if reason == "target_unresponsive":  # the one answer is in each transcript, then nothing
+        for conv in batch["conversations"].values():
+            assert "left the room with a reply owed after 1 answer(s)" in conv["reason"], conv["reason"]
+    if kind in ("target_unresponsive", "target_left"):  # the one answer is in each transcript, then nothing
         for cid in batch["conversations"]:
             assert [t["role"] for t in read_turns(stack, bid, cid)] == ["customer", "support", "customer"]
 
