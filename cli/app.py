@@ -22,6 +22,7 @@ from cli import (
     EXIT_UNAVAILABLE,
     CliExit,
     evaluate,
+    export,
     testcmd,
 )
 from cli.progress import AUDIT_LABELS, audit_counts, format_duration, summary_lines
@@ -294,6 +295,7 @@ def list_scenarios(ctx: typer.Context) -> None:
 
 evaluate.register(app, scenarios_app)
 app.command("test")(testcmd.test_cmd)
+app.command("export")(export.export_cmd)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -45,6 +45,10 @@ def _files(batch_id: str) -> BatchFiles:
     return files
 
 
+batch_files = _files  # for the other commands over a batch's files (cli/export.py)
+fail = _fail
+
+
 def inline_entries(path: Path) -> list[dict[str, Any]]:
     """A local scenarios.yaml's entries, to send inline; ContractError (field ``scenarios``) if it is bad."""
     try:
