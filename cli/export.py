@@ -38,18 +38,7 @@ class Format(StrEnum):
 
 
 def _turns(files: BatchFiles, cid: str) -> list[dict[str, Any]]:
-    try:
-        raw = files.transcript(cid).read_bytes()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in raw.splitlines():
-        try:
-            t = json.loads(line)
-        except ValueError:
-            continue  # a torn last line (a crash mid-append) is not a turn
-        out.append({k: t.get(k) for k in TURN_FIELDS})
-    return sorted(out, key=lambda t: t["turn"])
+    return [{k: t.get(k) for k in TURN_FIELDS} for t in files.turn_lines(cid)]
 
 
 def records(files: BatchFiles) -> Iterator[dict[str, Any]]:

@@ -27,7 +27,6 @@ from .checks import Turn
 from .core import Judgment
 
 _enc = msgspec.json.Encoder()
-_turn = msgspec.json.Decoder(Turn)
 _judgment = msgspec.json.Decoder(Judgment)
 _spec = msgspec.json.Decoder(BatchSpec)
 _judged = msgspec.json.Decoder(BatchJudged)
@@ -88,8 +87,8 @@ class BatchFiles:
             return None
         return doc if isinstance(doc, dict) else None
 
-    def turns(self, conversation_id: str) -> list[Turn]:
-        """The transcript's turns in order; a torn last line (a crash mid-append) is left out."""
+    def turn_lines(self, conversation_id: str) -> list[dict[str, Any]]:
+        """The transcript's lines as stored, in order; a torn last line (a crash mid-append) is left out."""
         try:
             raw = self.transcript(conversation_id).read_bytes()
         except FileNotFoundError:
@@ -97,14 +96,25 @@ class BatchFiles:
         out = []
         for line in raw.splitlines():
             try:
-                turn = _turn.decode(line)
                 fields = msgspec.json.decode(line)
             except msgspec.DecodeError:
+                continue
+            if isinstance(fields, dict) and isinstance(fields.get("turn"), int):
+                out.append(fields)
+        return sorted(out, key=lambda f: f["turn"])
+
+    def turns(self, conversation_id: str) -> list[Turn]:
+        """The transcript's turns as the checks read them (every other number a timing)."""
+        out = []
+        for fields in self.turn_lines(conversation_id):
+            try:
+                turn = msgspec.convert(fields, Turn)
+            except msgspec.ValidationError:
                 continue
             timings = {k: float(v) for k, v in fields.items() if k not in _NOT_TIMINGS
                        and isinstance(v, int | float) and not isinstance(v, bool)}
             out.append(msgspec.structs.replace(turn, timings=timings))
-        return sorted(out, key=lambda t: t.turn)
+        return out
 
     def plan(self) -> BatchSpec | None:
         try:

@@ -148,8 +148,13 @@ class Stack:
 
 
 @contextmanager
-def running_stack(tmp: Path, **overrides: str) -> Iterator[Stack]:
+def running_stack(tmp: Path, *, scripted_judge: bool = False, **overrides: str) -> Iterator[Stack]:
+    """The stack up with ``overrides``; ``scripted_judge``: the judge service asks the stack's scripted
+    model (services/model/judge.py's quoted-phrase rule stands in for a paid LLM judge)."""
     stack = Stack.create(tmp, **overrides)
+    if scripted_judge:
+        stack.env["CROSSTALK_JUDGE_URL"] = f"http://127.0.0.1:{stack.env['CROSSTALK_MODEL_PORT']}/v1"
+        stack.env["CROSSTALK_JUDGE_MODEL"] = "crosstalk-scripted"
     try:
         stack.up()
         yield stack

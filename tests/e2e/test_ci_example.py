@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from stack import Stack
+from stack import Stack, running_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -34,19 +34,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     scen_dir.mkdir()
     # the scripted model answers an agent with no marker from the library's scripts: it must know this file's
     shutil.copy(SCRIPT.with_name("scenarios.yaml"), scen_dir / "ci.yaml")
-    s = Stack.create(tmp, CROSSTALK_MODEL_TTFT_MS="20", CROSSTALK_MODEL_TOKENS_PER_S="2000",
-                     CROSSTALK_JOIN_DEADLINE_S="40", CROSSTALK_TARGET_JOIN_S="15", CROSSTALK_TARGET_REPLY_S="8",
-                     CROSSTALK_SCENARIO_DIR=str(scen_dir))
-    s.env["CROSSTALK_JUDGE_URL"] = f"http://127.0.0.1:{s.env['CROSSTALK_MODEL_PORT']}/v1"
-    s.env["CROSSTALK_JUDGE_MODEL"] = "crosstalk-scripted"
-    try:
-        s.up()
+    with running_stack(tmp, scripted_judge=True, CROSSTALK_MODEL_TTFT_MS="20", CROSSTALK_MODEL_TOKENS_PER_S="2000",
+                       CROSSTALK_JOIN_DEADLINE_S="40", CROSSTALK_TARGET_JOIN_S="15", CROSSTALK_TARGET_REPLY_S="8",
+                       CROSSTALK_SCENARIO_DIR=str(scen_dir)) as s:
         yield s
-    except BaseException:
-        s.dump_logs(80)
-        raise
-    finally:
-        s.cleanup()
 
 
 def stack_env(stack: Stack) -> dict[str, str]:

@@ -27,7 +27,7 @@ from typing import Any
 import nats
 import pytest
 import yaml
-from stack import ROOT, Stack
+from stack import ROOT, Stack, running_stack
 from support.chromium import render
 
 pytestmark = pytest.mark.e2e
@@ -104,18 +104,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     scen_dir = tmp / "scenarios"
     (scen_dir / "regression").mkdir(parents=True)
     (scen_dir / "regression" / "support.yaml").write_text(SCENARIOS, encoding="utf-8")
-    s = Stack.create(tmp, CROSSTALK_MODEL_TTFT_MS="20", CROSSTALK_MODEL_TOKENS_PER_S="2000",
-                     CROSSTALK_JOIN_DEADLINE_S="30", CROSSTALK_SCENARIO_DIR=str(scen_dir))
-    s.env["CROSSTALK_JUDGE_URL"] = f"http://127.0.0.1:{s.env['CROSSTALK_MODEL_PORT']}/v1"
-    s.env["CROSSTALK_JUDGE_MODEL"] = "crosstalk-scripted"
-    try:
-        s.up()
+    with running_stack(tmp, scripted_judge=True, CROSSTALK_MODEL_TTFT_MS="20", CROSSTALK_MODEL_TOKENS_PER_S="2000",
+                       CROSSTALK_JOIN_DEADLINE_S="30", CROSSTALK_SCENARIO_DIR=str(scen_dir)) as s:
         yield s
-    except BaseException:
-        s.dump_logs(80)
-        raise
-    finally:
-        s.cleanup()
 
 
 async def start(stack: Stack, body: dict[str, Any]) -> dict[str, Any]:
