@@ -39,7 +39,8 @@ AGENT = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
 
 
 class TargetLink:
-    """The room as the simulated customer sees it: the target agent, its state, its replies.
+    """The room as the simulated customer sees it: the target agent, its state, its replies, what it
+    says unprompted.
 
     Duck-types :class:`worker.bridge.RoomBridge` for :class:`Conversation` (``peer``,
     ``send_turn``, ``send_control``).
