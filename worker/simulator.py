@@ -159,6 +159,7 @@ class SimConversation(Conversation):
                                 ok=False, mine=True))
                 return
             turn, end = self.turns.peer_turn(time.time(), prompted=prompted)
+            span = span if prompted else self.unprompted_span()
             await self.target.turn(turn, said.text, started_at=said.started_at or said.sent_at,
                                    ended_at=said.ended_at or time.time(),
                                    first_token_s=said.first_token_s if prompted else None,
@@ -177,6 +178,11 @@ class SimConversation(Conversation):
         """The customer's next turn, in answer to the target's words (text mode: as published)."""
         assert self.session is not None
         self.session.generate_reply(user_input=reply.text)
+
+    def unprompted_span(self) -> tuple[float, float] | None:
+        """Voice mode: where the target's unprompted turn lies in the room's audio, taken so that its
+        speech is not counted in the next answer's span (text mode: nowhere)."""
+        return None
 
     def _offset(self, at: float | None) -> float | None:
         """A wall time as an offset in the recording (voice mode: :mod:`worker.simulator_voice`)."""
