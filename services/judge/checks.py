@@ -39,6 +39,7 @@ class Turn(msgspec.Struct, frozen=True, kw_only=True):
     total_s: float | None = None
     tool_calls: list[dict[str, Any]] | None = None  # not recorded by this worker yet; read when present
     timings: dict[str, float] = {}  # every other numeric field of the line (voice timings), by name
+    unprompted: bool = False  # the agent under test spoke with no caller turn waiting (a greeting, a follow-up)
 
     def timing(self, name: str) -> float | None:
         value = getattr(self, name, None) if name in ("first_token_s", "total_s") else self.timings.get(name)
@@ -131,9 +132,10 @@ def run(scenario: Scenario, turns: Sequence[Turn], ended: str | None) -> list[Cr
         who = ended_by(ended)
         ok = who is not None and (c.ended_by == "either" or who == c.ended_by)
         add(f"ended_by: {c.ended_by}", "pass" if ok else "fail", f"the conversation ended with {ended or 'no end'!r}")
-    if c.within_turns is not None:
-        add(f"within_turns: {c.within_turns}", "pass" if len(turns) <= c.within_turns else "fail",
-            f"{len(turns)} turn(s)")
+    if c.within_turns is not None:  # the exchange's length: a greeting or follow-up nobody asked for is not a turn of it
+        asked = [t for t in turns if not t.unprompted]
+        add(f"within_turns: {c.within_turns}", "pass" if len(asked) <= c.within_turns else "fail",
+            f"{len(asked)} turn(s)" + (f" (+{len(turns) - len(asked)} unprompted)" if len(asked) < len(turns) else ""))
     if c.language:
         lang = scenario.language if c.language is True else str(c.language)
         out.append(_language(lang, turns))

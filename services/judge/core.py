@@ -33,7 +33,7 @@ WHAT_IT_MEANS = {
     "target_no_show": "the agent never joined the call, or never got ready to listen",
     "target_silent": "the agent joined but never answered",
     "target_unresponsive": "the agent stopped answering mid-conversation",
-    "target_left": "the agent left the call while the caller waited for an answer",
+    "target_left": "the agent left the call before answering, or while the caller waited for an answer",
 }
 
 

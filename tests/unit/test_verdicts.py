@@ -135,3 +135,13 @@ def test_a_silent_agent_is_a_failed_junit_case_with_pass_rate_0(tmp_path: Path) 
     junit = report.junit_xml(data).decode()
     assert junit.count("<failure") == 2 and "target_silent" in junit and "<skipped" not in junit
     assert not compare(None, data, Thresholds(min_pass_rate=0.5)).passed
+
+
+def test_within_turns_counts_the_exchange_not_a_greeting() -> None:
+    sc = scenarios.library()["en-account-help"]
+    sc = type(sc)(**{**{f: getattr(sc, f) for f in sc.__struct_fields__},
+                     "checks": type(sc.checks)(within_turns=2)})
+    greeting = checks.Turn(turn=0, role="support", text="Hi, Acme here.", unprompted=True)
+    asked = [checks.Turn(turn=1, role="customer", text="Locked out."), checks.Turn(turn=2, role="support", text="Ok.")]
+    got = {c.name: (c.verdict, c.evidence) for c in checks.run(sc, [greeting, *asked], None)}
+    assert got["within_turns: 2"] == ("pass", "2 turn(s) (+1 unprompted)")
