@@ -21,6 +21,7 @@ from cli import (
     EXIT_INTERRUPTED,
     EXIT_UNAVAILABLE,
     CliExit,
+    batches,
     evaluate,
     export,
     testcmd,
@@ -294,6 +295,7 @@ def list_scenarios(ctx: typer.Context) -> None:
 
 
 evaluate.register(app, scenarios_app)
+batches.register(batch_app)  # batch cancel, batch list (cli/batches.py)
 app.command("test")(testcmd.test_cmd)
 app.command("export")(export.export_cmd)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from shared.contracts import (
     BatchAccepted,
+    BatchCancelled,
     BatchFinished,
     ConversationDispatched,
     ConversationSettled,
@@ -39,6 +40,7 @@ class BatchProgress:
     started_at: float | None = None
     last_at: float | None = None
     finished: BatchFinished | None = None
+    cancelled: BatchCancelled | None = None  # batch.cancel accepted: the running ones finish, nothing new starts
     ignored: int = 0
     # From the dispatcher's live ``dispatcher.status`` (not in the batch log): conversations waiting
     # for worker capacity, and the live workers' free/total agent sessions. None until one arrives.
@@ -68,6 +70,8 @@ class BatchProgress:
                 self._failed.pop(event.conversation_id, None)
             elif not event.retry and event.conversation_id not in self._completed:
                 self._failed[event.conversation_id] = event.reason
+        elif isinstance(event, BatchCancelled):
+            self.cancelled = self.cancelled or event
         elif isinstance(event, BatchFinished):
             self.finished = event
             self.requested = event.requested
@@ -80,7 +84,10 @@ class BatchProgress:
 
     @property
     def waiting(self) -> str:
-        """``", 8 queued for worker capacity (0 of 16 sessions free)"`` while conversations wait, else ""."""
+        """``", 8 queued for worker capacity (0 of 16 sessions free)"`` while conversations wait, else ""
+        (``", cancelling: ..."`` once a cancel was accepted)."""
+        if self.cancelled is not None and not self.finished:
+            return f", cancelling: {self.cancelled.never_started} never started, the running ones finish"
         if self.finished or not self.queued:
             return ""
         return (f", {self.queued} queued for worker capacity "
@@ -140,9 +147,10 @@ def status_line(p: BatchProgress, now: float) -> str:
 def summary_lines(p: BatchProgress, results: Path, now: float) -> list[str]:
     status = p.finished.status if p.finished else "running"
     total = p.requested if p.requested is not None else "?"
+    never = f", {p.finished.cancelled} never started (cancelled)" if p.finished and p.finished.cancelled else ""
     lines = [
         f"batch {p.batch_id} {status}",
-        f"  conversations: {p.completed} completed, {p.failed} failed, of {total}",
+        f"  conversations: {p.completed} completed, {p.failed} failed{never}, of {total}",
     ]
     reasons = p.failure_reasons
     if reasons:

@@ -19,6 +19,7 @@ import msgspec
 # Re-exported: the codec, and the ids with their rules, are part of the contracts.
 from shared.codec import decode, decode_event, encode  # noqa: F401
 from shared.contracts_base import Struct
+from shared.contracts_batch import BatchCancelled, CancelBatch  # noqa: F401  (re-exported: batch.cancel)
 from shared.ids import (
     ID_PATTERN,
     ID_RULE,  # noqa: F401
@@ -154,12 +155,13 @@ class ConversationSettled(Struct, frozen=True, kw_only=True, tag="conversation_s
 
 class BatchFinished(Struct, frozen=True, kw_only=True, tag="batch_finished"):
     batch_id: BatchId
-    status: Literal["completed", "failed"]
+    status: Literal["completed", "failed", "cancelled"]  # cancelled: after an accepted batch.cancel
     requested: int
     completed: int
     failed: int
     started_at: float
     finished_at: float
+    cancelled: int = 0  # never started (batch.cancel): requested = completed + failed + cancelled
 
 
 class BatchJudged(Struct, frozen=True, kw_only=True, tag="batch_judged"):
@@ -178,7 +180,7 @@ class BatchJudged(Struct, frozen=True, kw_only=True, tag="batch_judged"):
 
 
 BatchEvent = (BatchAccepted | ConversationDispatched | ConversationJoined | ConversationSettled | BatchFinished
-              | BatchJudged)
+              | BatchJudged | BatchCancelled)
 
 # --------------------------------------------------------------------------- roles
 

@@ -60,8 +60,8 @@ def _stream(
 
 
 BATCH_CMDS = _stream(
-    "BATCH_CMDS", [subjects.BATCH_START], max_age=7 * DAY,
-    description="batch.start commands, captured so a core `nats pub` is never lost",
+    "BATCH_CMDS", [subjects.BATCH_START, subjects.BATCH_CANCEL], max_age=7 * DAY,
+    description="batch.start and batch.cancel commands, captured so a core `nats pub` is never lost",
     # no_ack: JetStream must not answer a `nats request batch.start`; the dispatcher
     # replies with its verdict (accepted/rejected) once it has processed the command.
     no_ack=True,
@@ -181,9 +181,12 @@ async def bind(js: JetStreamContext, consumer: Durable) -> JetStreamContext.Pull
 
 # --------------------------------------------------------------------------- the consumers
 
-# The dispatcher's batch.start commands (BATCH_CMDS). Few in flight: each waits for its verdict.
+# The dispatcher's batch.start and batch.cancel commands (BATCH_CMDS), one consumer so they are taken in
+# the order they were stored (a cancel never overtakes the start it cancels). Few in flight: each waits
+# for its verdict.
 DISPATCHER_CMDS = Durable(
-    str(BATCH_CMDS.name), durable("dispatcher-cmds", subjects.BATCH_START, ack_wait=60.0, max_ack_pending=64)
+    str(BATCH_CMDS.name),
+    durable("dispatcher-cmds", [subjects.BATCH_START, subjects.BATCH_CANCEL], ack_wait=60.0, max_ack_pending=64),
 )
 
 

@@ -11,6 +11,7 @@ from shared.contracts import ID_RULE, ROLES, TOKEN_RULE, ContractError, Role, is
 
 # Public commands (docs/ARCHITECTURE.md "Public contracts").
 BATCH_START = "batch.start"
+BATCH_CANCEL = "batch.cancel"  # {"batch_id": ...}: no new conversation starts; the batch ends cancelled
 ROLE_REQUEST = "role.request"
 ROLE_RELEASE = "role.release"
 ROLE_RENEW = "role.renew"

@@ -39,7 +39,7 @@ PUBLISHES: dict[str, list[str]] = {
     "worker": ["conv.>", "role.request", "role.renew", "role.release", "worker.capacity.*",
                f"$O.{RECORDINGS_BUCKET}.>"],
     "judge": ["batch.evt.*"],  # consumes batch events, writes files, publishes BatchJudged
-    "cli": ["batch.start", "smoke.*"],  # smoke.*: `just check`'s JetStream round trip
+    "cli": ["batch.start", "batch.cancel", "smoke.*"],  # smoke.*: `just check`'s JetStream round trip
 }
 COMMON = ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>"]  # streams/consumers API, acks, flow control
 NKEY_SERVICES = ("worker",)  # authenticate with an nkey instead of a password

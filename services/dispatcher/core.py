@@ -109,7 +109,9 @@ def normalize_reason(reason: str) -> str:
 
 def settle_failed(state: BatchState, conv: Conversation, reason: str, now: float, settings: Settings) -> ConversationSettled:
     reason = normalize_reason(reason)
-    if reason_label(reason) == "no_capacity":
+    if state.cancelled_at is not None:
+        retry = False  # batch.cancel: no conversation starts again, this failure is its last word
+    elif reason_label(reason) == "no_capacity":
         retry = conv.requeues < MAX_NO_CAPACITY_REQUEUES  # ours, not the conversation's: no attempt used
     elif reason_label(reason).startswith("target_"):
         retry = False  # the user's agent failed: that is the result this batch measures, not a fault to hide
@@ -263,7 +265,7 @@ def on_tick(state: BatchState, now: float, settings: Settings,
     """
     if not state.running:
         return []
-    events: list[BatchEvent] = []
+    events: list[BatchEvent] = dropped_retries(state, now)
     for cid in sorted(state.in_flight):
         conv = state.convs[cid]
         age = now - conv.dispatched_at
@@ -279,8 +281,33 @@ def on_tick(state: BatchState, now: float, settings: Settings,
     return events
 
 
+def dropped_retries(state: BatchState, now: float) -> list[BatchEvent]:
+    """A cancelled batch's waiting retries, settled for good with their last failure (none otherwise)."""
+    if state.cancelled_at is None:
+        return []
+    return [ConversationSettled(batch_id=state.spec.batch_id, conversation_id=cid, attempt=conv.attempt,
+                                outcome="failed", reason=_noted(conv.reason, "not retried, batch cancelled"),
+                                retry=False, turns=conv.turns, at=now)
+            for cid in state.retry_queue for conv in (state.convs[cid],)]
+
+
+def _noted(reason: str, note: str) -> str:
+    """``reason`` with ``note`` after it, its label (the part before the first colon) kept."""
+    return f"{reason} ({note})" if ":" in reason else f"{reason}: {note}"
+
+
 def finish(state: BatchState, now: float) -> BatchFinished | None:
-    if not state.running or state.settled < state.spec.conversations:
+    """The batch's end: every conversation settled, or, once cancelled, every one that started."""
+    if not state.running:
+        return None
+    if state.cancelled_at is not None:
+        if state.in_flight or state.retry_queue:
+            return None
+        return BatchFinished(
+            batch_id=state.spec.batch_id, status="cancelled", requested=state.spec.conversations,
+            completed=state.completed, failed=state.failed, cancelled=state.never_started,
+            started_at=state.started_at, finished_at=now)
+    if state.settled < state.spec.conversations:
         return None
     return BatchFinished(
         batch_id=state.spec.batch_id, status="completed" if state.failed == 0 else "failed",

@@ -24,6 +24,7 @@ from shared.config import Settings
 from shared.contracts import (
     AgentJoined,
     BatchAccepted,
+    BatchCancelled,
     BatchEvent,
     BatchFinished,
     BatchRejected,
@@ -39,7 +40,8 @@ from shared.contracts import (
 from shared.log import kv
 from shared.metrics import DispatcherMetrics, reason_label
 
-from . import core
+from . import cancel, core
+from .cancel import CancelReceived
 from .core import CommandReceived, DispatchDue, DispatchFailed, RoomCount, Tick, Watch
 from .eventlog import BatchLog
 from .rooms import RoomEffects, Rooms
@@ -68,6 +70,7 @@ class Dispatcher:
         self.wake = asyncio.Event()  # something changed that may let the next conversation in
         self.handlers: dict[type, Callable[[Any], Awaitable[Any]]] = {
             CommandReceived: self.on_command,
+            CancelReceived: self.on_cancel,
             AgentJoined: self.on_joined,
             ConversationEnded: self.on_ended,
             DispatchDue: self.on_dispatch_due,
@@ -116,6 +119,20 @@ class Dispatcher:
         log.info("duplicate batch_id, the existing batch stands", extra=kv(batch_id=bid))
         return BatchReply(accepted=True, batch_id=bid, duplicate=True,
                           reason="batch_id already exists; the existing batch stands")
+
+    async def on_cancel(self, msg: CancelReceived) -> BatchReply:
+        """``batch.cancel``: accepted once (BatchCancelled in the batch's log), repeated idempotently."""
+        if isinstance(msg.command, Rejection):
+            log.info("batch.cancel rejected", extra=kv(field=msg.command.field, reason=msg.command.reason))
+            return BatchReply(accepted=False, field=msg.command.field, reason=msg.command.reason)
+        bid = msg.command.batch_id
+        for _ in range(DECIDE_TRIES):
+            reply, events = cancel.on_cancel(self.log.batches.get(bid), bid, time.time())
+            if not events or await self._append(events[0]):
+                break
+        log.info("batch.cancel", extra=kv(batch_id=bid, accepted=reply.accepted, duplicate=reply.duplicate,
+                                          field=reply.field, reason=reply.reason))
+        return reply
 
     async def on_joined(self, ev: AgentJoined) -> None:
         await self._decide(ev.batch_id, self._watched(
@@ -208,10 +225,13 @@ class Dispatcher:
             log.info("conversation settled", extra=kv(
                 batch_id=ev.batch_id, conversation_id=ev.conversation_id, attempt=ev.attempt,
                 outcome=ev.outcome, reason=ev.reason, retry=ev.retry))
+        elif isinstance(ev, BatchCancelled):
+            log.info("batch cancelled: nothing more is dispatched", extra=kv(
+                batch_id=ev.batch_id, never_started=ev.never_started, in_flight=ev.in_flight))
         elif isinstance(ev, BatchFinished):
             m.batches.labels(ev.status).inc()
             log.info("batch finished", extra=kv(batch_id=ev.batch_id, status=ev.status, requested=ev.requested,
-                                                completed=ev.completed, failed=ev.failed))
+                                                completed=ev.completed, failed=ev.failed, cancelled=ev.cancelled))
         self.gauges()
         self.wake.set()
 

@@ -1,10 +1,11 @@
 """The dispatcher's inputs: wire messages and timers, decoded and handed to the handler table.
 
-- ``batch.start`` through the durable pull consumer ``dispatcher-cmds`` on
-  ``BATCH_CMDS`` (so a core ``nats pub`` while the dispatcher is down is not
-  lost), plus a core subscription that answers requests with the verdict the
-  durable consumer reached for the same body (a stored message has no reply
-  subject, see :mod:`.verdicts`).
+- ``batch.start`` and ``batch.cancel`` through the durable pull consumer
+  ``dispatcher-cmds`` on ``BATCH_CMDS`` (so a core ``nats pub`` while the
+  dispatcher is down is not lost), plus a core subscription per subject that
+  answers requests with the verdict the durable consumer reached for the same
+  body on the same subject (a stored message has no reply subject, see
+  :mod:`.verdicts`).
 - ``conv.*.*.joined`` / ``conv.*.*.ended`` through the durable pull consumer
   ``dispatcher-conv`` (see :func:`.main.conv_consumer`).
 - workers' capacity heartbeats, and four timers: dispatch pacing, deadlines
@@ -37,6 +38,7 @@ from shared.contracts import (
 )
 from shared.log import kv
 
+from .cancel import CancelReceived, decode_cancel
 from .core import CommandReceived, DispatchDue, RoomCount, Tick, TokenBucket, join_overdue
 from .handlers import Dispatcher
 from .rooms import Rooms
@@ -54,8 +56,10 @@ STATUS_INTERVAL_S = 1.0
 Loop = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
-def decode_command(msg: Msg) -> CommandReceived:
-    """A stored ``batch.start`` as the handlers take it: decoded, or refused naming the field."""
+def decode_command(msg: Msg) -> CommandReceived | CancelReceived:
+    """A stored ``batch.start`` or ``batch.cancel`` as the handlers take it: decoded, or refused naming the field."""
+    if msg.subject == subjects.BATCH_CANCEL:
+        return CancelReceived(command=decode_cancel(msg.data), seq=msg.metadata.sequence.stream)
     received_at = msg.metadata.timestamp.timestamp()
     return CommandReceived(command=decode_start(msg.data), seq=msg.metadata.sequence.stream, received_at=received_at)
 
@@ -84,7 +88,8 @@ class Inputs:
                  conv_sub: JetStreamContext.PullSubscription) -> None:
         self.d, self.rooms, self.nc = d, rooms, nc
         self.cmd_sub, self.conv_sub = cmd_sub, conv_sub
-        self.verdicts = Verdicts()
+        # one per command subject: a cancel's body can be byte for byte a valid start's ({"batch_id": ...})
+        self.verdicts = {subjects.BATCH_START: Verdicts(), subjects.BATCH_CANCEL: Verdicts()}
         self.bucket = TokenBucket(rate=d.settings.dispatch_rate)
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -92,7 +97,7 @@ class Inputs:
         while not stop.is_set():
             for msg in await bus.fetch(self.cmd_sub, 16):
                 reply = await self.d.handle(decode_command(msg))
-                self.verdicts.settle(msg.data, reply)
+                self.verdicts[msg.subject].settle(msg.data, reply)
                 await msg.ack()
 
     async def on_request(self, msg: Msg) -> None:
@@ -102,7 +107,7 @@ class Inputs:
             task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, msg: Msg) -> None:
-        reply = await self.verdicts.wait(msg.data, REPLY_TIMEOUT_S)
+        reply = await self.verdicts[msg.subject].wait(msg.data, REPLY_TIMEOUT_S)
         if reply is None:
             reply = BatchReply(accepted=False, reason=BUSY)
         with contextlib.suppress(Exception):
@@ -188,6 +193,7 @@ class Inputs:
 
     async def serve(self, stop: asyncio.Event) -> None:
         subs = [await self.nc.subscribe(subjects.BATCH_START, cb=self.on_request),
+                await self.nc.subscribe(subjects.BATCH_CANCEL, cb=self.on_request),
                 await self.nc.subscribe(subjects.WORKER_CAPACITY_ALL, cb=self.on_capacity)]
         loops: list[Loop] = [self.commands, self.conversations, self.pacing, self.deadlines, self.liveness,
                              self.status]

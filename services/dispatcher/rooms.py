@@ -1,5 +1,14 @@
 """LiveKit side of the dispatcher: rooms and explicit agent dispatches through livekit-api.
 
+A room is created with its dispatches in the same ``CreateRoomRequest`` (``agents``), which also
+keeps livekit-server's automatic dispatch out of it: livekit-server v1.13.5 gives a room created
+without ``agents`` one dispatch with an empty agent name (pkg/rtc/room.go
+``createAgentDispatchesFromRoomAgent``: "Backward compatibility: by default, start any agent in
+the empty JobName"), so every worker registered without an ``agent_name`` (LiveKit's quickstart)
+would join every room as a third agent; a room whose ``agents`` list is not empty gets exactly
+those dispatches and no other (pkg/service/roomallocator.go ``CreateRoom`` stores ``req.Agents``
+as ``RoomInternal.AgentDispatches``). tests/integration/test_dispatcher_autodispatch.py shows both.
+
 One :class:`livekit.api.LiveKitAPI` per process (its aiohttp session reuses
 connections); transient failures (transport errors, 5xx) are retried with
 tenacity; every call is timed and counted in :class:`DispatcherMetrics`.
@@ -82,20 +91,23 @@ class Rooms:
         raise RuntimeError("unreachable")
 
     async def open(self, room: str, meta: JobMetadata) -> None:
-        """Create the room and its dispatches (a fresh attempt)."""
-        await self._create_room(room, contracts.encode(meta).decode())
-        await self._dispatches(room, meta, fresh=True)
+        """Create the room with its dispatches, in one call (a fresh attempt).
+
+        A retried ``create_room`` whose first try landed gets the room that try created, dispatches
+        and all (livekit-server returns an existing room as it is), so no dispatch is ever doubled.
+        """
+        await self._create_room(room, meta)
 
     async def ensure(self, room: str, meta: JobMetadata) -> None:
         """Idempotent :meth:`open` for an attempt resumed after a restart: create only what is missing."""
-        await self._create_room(room, contracts.encode(meta).decode())  # returns the existing room if there is one
-        await self._dispatches(room, meta, fresh=False)
+        await self._create_room(room, meta)  # returns the existing room if there is one
+        await self._dispatches(room, meta)
 
     async def _missing(self, room: str, wanted: list[api.CreateAgentDispatchRequest]) -> list[api.CreateAgentDispatchRequest]:
         existing = await self._call("list_dispatch", lambda: self._api.agent_dispatch.list_dispatch(room))
         return target.missing(wanted, (d.agent_name for d in existing))
 
-    async def _dispatches(self, room: str, meta: JobMetadata, *, fresh: bool) -> None:
+    async def _dispatches(self, room: str, meta: JobMetadata) -> None:
         """Create the room's missing dispatches (two of crosstalk's, or one customer against a target: target.py).
 
         A ``create_dispatch`` that failed in transit (timeout, reset, 5xx) may still have landed: it is
@@ -103,7 +115,7 @@ class Rooms:
         dispatches are listed first and only what is really missing is created again.
         """
         wanted = target.dispatches(room, meta, self._settings.agent_name)
-        missing: list[api.CreateAgentDispatchRequest] | None = list(wanted) if fresh else None
+        missing: list[api.CreateAgentDispatchRequest] | None = None
         for attempt in range(self._attempts):
             if missing is None:
                 missing = await self._missing(room, wanted)
@@ -118,9 +130,13 @@ class Rooms:
                 missing = None  # we cannot know whether the failed one landed: ask livekit-server
                 await asyncio.sleep(min(3.0, 0.2 * 2**attempt))
 
-    async def _create_room(self, room: str, metadata: str) -> None:
+    async def _create_room(self, room: str, meta: JobMetadata) -> None:
+        # agents: our dispatches, and (never empty) what keeps livekit-server's automatic one out (above)
+        agents = [api.RoomAgentDispatch(agent_name=d.agent_name, metadata=d.metadata)
+                  for d in target.dispatches(room, meta, self._settings.agent_name)]
         req = api.CreateRoomRequest(name=room, empty_timeout=self._settings.room_empty_timeout_s,
-                                    departure_timeout=DEPARTURE_TIMEOUT_S, metadata=metadata)
+                                    departure_timeout=DEPARTURE_TIMEOUT_S, metadata=contracts.encode(meta).decode(),
+                                    agents=agents)
         await self._call("create_room", lambda: self._api.room.create_room(req))
 
     async def _dispatch(self, req: api.CreateAgentDispatchRequest) -> None:

@@ -17,6 +17,7 @@ from msgspec.structs import replace
 from shared import batch_plan, rooms
 from shared.contracts import (
     BatchAccepted,
+    BatchCancelled,
     BatchEvent,
     BatchFinished,
     BatchSpec,
@@ -70,7 +71,7 @@ def job_metadata(spec: BatchSpec, conv_id: str, attempt: int) -> JobMetadata:
 # --------------------------------------------------------------------------- state
 
 ConvStatus = Literal["in_flight", "retry", "completed", "failed"]
-BatchStatus = Literal["running", "completed", "failed"]
+BatchStatus = Literal["running", "completed", "failed", "cancelled"]
 
 
 class Conversation(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,10 +100,20 @@ class BatchState(msgspec.Struct, frozen=True, kw_only=True):
     failed: int = 0
     status: BatchStatus = "running"
     finished_at: float | None = None
+    # batch.cancel accepted (BatchCancelled): nothing more is dispatched; the batch still runs until
+    # its conversations in flight settle and its dropped retries are settled for good (core.py).
+    cancelled_at: float | None = None
 
     @property
     def pending(self) -> int:
+        if self.cancelled_at is not None:
+            return 0
         return self.spec.conversations - self.next_index + len(self.retry_queue)
+
+    @property
+    def never_started(self) -> int:
+        """Conversations never dispatched: after a cancel, the finished batch's ``cancelled`` count."""
+        return self.spec.conversations - self.next_index
 
     @property
     def settled(self) -> int:
@@ -134,6 +145,10 @@ def evolve(state: BatchState | None, event: BatchEvent, seq: int = 0) -> BatchSt
         return _put(state, replace(conv, joined_at=event.at))
     if isinstance(event, ConversationSettled):
         return _on_settled(state, event)
+    if isinstance(event, BatchCancelled):
+        if not state.running or state.cancelled_at is not None:
+            return state  # a repeat, or a batch already over: the first word stands
+        return replace(state, cancelled_at=event.at)
     if isinstance(event, BatchFinished):
         if not state.running:
             return state
@@ -150,7 +165,7 @@ def _put(state: BatchState, conv: Conversation, **changes: object) -> BatchState
 
 
 def _on_dispatched(state: BatchState, ev: ConversationDispatched) -> BatchState:
-    if not state.running:
+    if not state.running or state.cancelled_at is not None:
         return state
     cid = ev.conversation_id
     prev = state.convs.get(cid)
@@ -171,7 +186,14 @@ def _on_dispatched(state: BatchState, ev: ConversationDispatched) -> BatchState:
 
 def _on_settled(state: BatchState, ev: ConversationSettled) -> BatchState:
     conv = state.convs.get(ev.conversation_id)
-    if conv is None or conv.attempt != ev.attempt or conv.status != "in_flight":
+    if conv is None or conv.attempt != ev.attempt:
+        return state
+    if conv.status == "retry" and state.cancelled_at is not None and not ev.retry:
+        # a cancelled batch drops a waiting retry: the attempt that failed is the conversation's last
+        dropped = replace(conv, status="failed", reason=ev.reason)
+        return _put(state, dropped, retry_queue=tuple(c for c in state.retry_queue if c != conv.conversation_id),
+                    failed=state.failed + 1)
+    if conv.status != "in_flight":
         return state
     in_flight = state.in_flight - {conv.conversation_id}
     if ev.outcome == "failed" and ev.retry:

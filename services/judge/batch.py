@@ -87,6 +87,13 @@ NO_JUDGE = ("no judge configured: set CROSSTALK_JUDGE_URL (or OPENAI_BASE_URL / 
             "to an OpenAI-compatible model")
 
 
+def never_started(doc: Mapping[str, object], cid: str) -> bool:
+    """A conversation of a cancelled batch that was never dispatched (batch.cancel): the sink's batch.json
+    has no entry for it. Nothing ran, so nothing is judged: it is neither a failure nor in the counts."""
+    entries = doc.get("conversations")
+    return doc.get("status") == "cancelled" and not (isinstance(entries, dict) and cid in entries)
+
+
 def _stale(j: Judgment | None, force: bool, retry: bool) -> bool:
     """Whether a conversation is (re)judged: no judgment yet, ``force``, or ``retry`` and its judge failed."""
     return j is None or force or (retry and j.judge_error is not None)
@@ -118,7 +125,7 @@ async def judge_batch(files: BatchFiles, library: Mapping[str, Scenario], llm: L
     written: list[Judgment] = []
     for index in range(spec.conversations):
         cid = f"{spec.batch_id}-{index:05d}"
-        if not _stale(files.judgment(cid), force, retry):
+        if never_started(doc, cid) or not _stale(files.judgment(cid), force, retry):  # never started: cancelled
             continue
         scenario, trial = scenario_of(spec, index, library)
         turns = files.turns(cid)
@@ -149,7 +156,8 @@ def judged_event(files: BatchFiles, now: float) -> BatchJudged | None:
     """The batch's :class:`BatchJudged` when every conversation has a judgment (else None)."""
     doc = files.batch_doc() or {}
     spec = files.plan() or legacy_spec(files.batch_id, doc)
-    judgments = [files.judgment(f"{spec.batch_id}-{i:05d}") for i in range(spec.conversations)]
+    judgments = [files.judgment(cid) for cid in (f"{spec.batch_id}-{i:05d}" for i in range(spec.conversations))
+                 if not never_started(doc, cid)]  # a cancelled batch: only what ran is judged
     if any(j is None for j in judgments):
         return None
     verdicts = {"pass": 0, "fail": 0, "inconclusive": 0, "infra_failure": 0}

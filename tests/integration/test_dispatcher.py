@@ -273,8 +273,8 @@ async def _rooms_and_dispatches(nc: Client, js: JetStreamContext, lk: api.LiveKi
             meta = contracts.decode(room.metadata.encode(), JobMetadata)
             assert (meta.batch_id, meta.conversation_id, meta.attempt) == (bid, room.name[:-3], 1)
             assert (meta.scenario, meta.language, meta.mode, meta.max_turns) == ("hi-account-help", "hi", "text", 4)
-            # livekit-server adds its own automatic dispatch (agent_name ""); ours are the named ones
-            dispatches = [d for d in await lk.agent_dispatch.list_dispatch(room.name) if d.agent_name]
+            # ours only: the room is created with them, so livekit-server adds no automatic one (agent_name "")
+            dispatches = await lk.agent_dispatch.list_dispatch(room.name)
             assert len(dispatches) == 2
             for disp in dispatches:
                 assert disp.agent_name == name

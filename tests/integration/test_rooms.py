@@ -24,6 +24,9 @@ def settings(livekit_env: dict[str, str]) -> config.Settings:
 
 
 async def test_a_create_dispatch_whose_reply_was_lost_is_not_repeated(livekit_env: dict[str, str]) -> None:
+    """A fresh room gets its two dispatches with the room itself (CreateRoomRequest.agents: no
+    create_dispatch at all, and no automatic dispatch); a resumed attempt whose room lost one
+    re-creates it once, even when the reply to that create_dispatch is lost."""
     s = settings(livekit_env)
     rooms = Rooms(s, DispatcherMetrics(CollectorRegistry()))
     real = rooms._api.agent_dispatch.create_dispatch
@@ -44,7 +47,11 @@ async def test_a_create_dispatch_whose_reply_was_lost_is_not_repeated(livekit_en
     try:
         await rooms.open(room, meta)
         listed = await rooms._api.agent_dispatch.list_dispatch(room)
-        ours = [d for d in listed if d.agent_name == s.agent_name]
+        assert calls == 0 and [d.agent_name for d in listed] == [s.agent_name] * 2  # ours, and only ours
+        for d in listed:  # as a crash after create_room and before its dispatches would have left it
+            await rooms._api.agent_dispatch.delete_dispatch(d.id, room)
+        await rooms.ensure(room, meta)
+        ours = [d for d in await rooms._api.agent_dispatch.list_dispatch(room) if d.agent_name == s.agent_name]
         assert calls == 2  # the first landed, the list showed one missing, one more was created
         assert len(ours) == 2
         await rooms.ensure(room, meta)  # a resumed attempt creates nothing more

@@ -16,6 +16,7 @@ import msgspec
 
 from shared.contracts import (
     BatchAccepted,
+    BatchCancelled,
     BatchFinished,
     ConversationDispatched,
     ConversationEnded,
@@ -32,7 +33,7 @@ from shared.rooms import parse_room_full
 from .. import audit
 from .voice import NO_AUDIO, RECORDING_MISSING, VoiceMetrics, VoiceSummary, summary
 
-Status = Literal["running", "completed", "failed"]
+Status = Literal["running", "completed", "failed", "cancelled"]  # cancelled: batch.cancel (BatchFinished says)
 
 
 class ConversationEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -63,6 +64,7 @@ class BatchDoc(msgspec.Struct, frozen=True, kw_only=True):
     requested: int = 0
     completed: int = 0
     failed: int = 0
+    cancelled: int = 0  # never started, the batch cancelled (BatchFinished.cancelled)
     started_at: float | None = None
     finished_at: float | None = None
     concurrency: int | None = None
@@ -82,6 +84,7 @@ BatchDocEvent = (
     | ConversationSettled
     | BatchFinished
     | ConversationEnded
+    | BatchCancelled
 )
 
 _doc_encoder = msgspec.json.Encoder()
@@ -115,9 +118,10 @@ def evolve(doc: BatchDoc, event: BatchDocEvent) -> BatchDoc:
             started_at=doc.started_at if doc.started_at is not None else event.at,
         )
     if isinstance(event, BatchFinished):
-        new = _copied(doc, event, ("status", "requested", "completed", "failed", "started_at", "finished_at"))
+        new = _copied(doc, event, ("status", "requested", "completed", "failed", "cancelled", "started_at",
+                                   "finished_at"))
         return mark_recording_missing(new)
-    if isinstance(event, ConversationJoined):
+    if isinstance(event, ConversationJoined | BatchCancelled):  # a cancel shows in BatchFinished's status
         return doc
     old = doc.conversations.get(event.conversation_id, ConversationEntry())
     entry = _entry(old, event)
@@ -252,7 +256,7 @@ def mark_recording_missing(doc: BatchDoc) -> BatchDoc:
     if not missing:
         return doc
     new = msgspec.structs.replace(doc, conversations=conversations, completed=doc.completed - missing,
-                                  failed=doc.failed + missing, status="failed")
+                                  failed=doc.failed + missing, status=_failed(doc))
     return msgspec.structs.replace(new, voice=_summary(new))
 
 
@@ -278,7 +282,12 @@ def mark_incomplete(doc: BatchDoc, short: Mapping[str, int]) -> BatchDoc:
     if not moved:
         return doc
     return msgspec.structs.replace(doc, conversations=conversations, completed=doc.completed - moved,
-                                   failed=doc.failed + moved, status="failed")
+                                   failed=doc.failed + moved, status=_failed(doc))
+
+
+def _failed(doc: BatchDoc) -> Status:
+    """The status once a conversation fails after the batch finished: ``failed``, but a cancelled batch stays so."""
+    return "cancelled" if doc.status == "cancelled" else "failed"
 
 
 def flag_conflict(doc: BatchDoc, conversation_id: str) -> BatchDoc:
