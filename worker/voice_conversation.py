@@ -3,7 +3,8 @@
 Same turn-taking as text mode (worker/turns.py), with what the room's audio adds:
 
 - The listener's input for a turn is what its STT made of the peer's speech, cut by Silero VAD
-  (``Agent.on_user_turn_completed`` -> :meth:`VoiceConversation.on_user_turn`); where there is no
+  (``Agent.on_user_turn_completed`` -> :meth:`VoiceConversation.on_user_turn`), every segment of it
+  (the model is asked with all of them, not the last one); where there is no
   STT for the peer's language offline (Hindi), the speaker's own text, taken once the speaker's
   audio has gone quiet in the room (``heard_via: "speaker_text"``).
 - The speaker still sends its words and turn index on ``lk.chat`` once its speech has played out:
@@ -130,7 +131,14 @@ class VoiceConversation(Conversation):
         if not heard:
             self.ask_again(self.session)
             return False
-        return True
+        if self.session is None:
+            return True
+        # The model is asked with every segment heard of the turn, not the hook's message (the last
+        # segment only): livekit-agents drops the user message of a segment answered with StopResponse
+        # ("ignore this turn", agent_activity.py), so the earlier segments never reached the model
+        # (tests/e2e/test_ground_truth.py HEARD_IN_PARTS measured it).
+        self.session.generate_reply(user_input=heard)
+        return False
 
     def ask_again(self, session: AgentSession | None) -> None:
         """The STT heard nothing of the peer's turn: say so, as a person would, and let the peer repeat."""

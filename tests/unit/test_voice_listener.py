@@ -91,11 +91,16 @@ async def test_an_empty_transcript_is_reported_heard_as_nothing_and_asked_again(
     assert kind == "heard" and fields["turn"] == "0" and fields["text"] == "" and fields["via"] == "stt"
 
 
-async def test_a_transcript_is_answered_by_the_model() -> None:
+async def test_a_turn_heard_in_segments_is_answered_with_all_of_them() -> None:
+    """The VAD cut the peer's turn in two: the model is asked with both segments, not the last one."""
     conv, session, bridge = listener()
-    peer_turn_over(conv, 0, "my order never arrived")
-    assert await conv.on_user_turn("my order never arrived") is True
-    assert session.said == [] and bridge.controls[0][1]["text"] == "my order never arrived"
+    conv.on_user_state(SimpleNamespace(new_state="speaking"))  # type: ignore[arg-type]
+    conv.on_user_state(SimpleNamespace(new_state="speaking"))  # type: ignore[arg-type]
+    peer_turn_over(conv, 0, "Hello. So I am locked out of my account.")
+    assert await conv.on_user_turn("Hello.") is False  # it spoke on: not the end of its turn
+    assert await conv.on_user_turn("So I am locked out of my account.") is False  # answered here, not by the hook
+    assert session.replies == ["Hello. So I am locked out of my account."] and session.said == []
+    assert bridge.controls[0][1]["text"] == "Hello. So I am locked out of my account."
 
 
 async def test_no_transcript_at_all_is_asked_again_after_the_grace(monkeypatch: pytest.MonkeyPatch) -> None:
