@@ -23,7 +23,7 @@ from prometheus_client import (
 # Default /metrics ports (CROSSTALK_METRICS_PORT overrides per process).
 DEFAULT_PORTS = {
     "dispatcher": 9101, "allocator": 9102, "sink": 9103, "model": 9104, "worker": 9105, "webhook": 9120,
-    "speech": 9106,
+    "speech": 9106, "llm": 9107,
     "judge": 9130,
 }
 
@@ -46,6 +46,8 @@ REASONS = (
     "target_silent",
     "target_unresponsive",
     "target_left",
+    "no_audio",  # voice: a listener heard no speech at all (crosstalk's fault: retried)
+    "recording_missing",  # voice: no recording of the settled attempt reached the sink
     "other",
 )
 
@@ -257,6 +259,25 @@ class SpeechMetrics(MetricGroup):
                              ("engine",), zero=each(*SPEECH_ENGINES))
     busy = Metric(Gauge, "crosstalk_speech_jobs_running", "engine jobs running in the pool")
     waiting = Metric(Gauge, "crosstalk_speech_jobs_waiting", "engine jobs waiting for a pool slot")
+
+
+LLM_OUTCOMES = ("ok", "bad_request", "busy", "error", "aborted")  # busy: the queue was full; aborted: client left
+TOKEN_RATE_BUCKETS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 400)
+
+
+class LlmMetrics(MetricGroup):
+    """services/llm: completions, time to first token (queue wait included), decode rate, queue depth."""
+
+    requests = Metric(Counter, "crosstalk_llm_requests_total", "chat completions by outcome", ("outcome",),
+                      zero=each(*LLM_OUTCOMES))
+    first_token = Metric(Histogram, "crosstalk_llm_first_token_seconds",
+                         "request received to first token generated (queue wait included)", buckets=LATENCY_BUCKETS)
+    tokens_per_s = Metric(Histogram, "crosstalk_llm_tokens_per_second", "completion tokens per second of decoding",
+                          buckets=TOKEN_RATE_BUCKETS)
+    tokens = Metric(Counter, "crosstalk_llm_tokens_total", "tokens by kind", ("kind",),
+                    zero=each("prompt", "completion"))
+    busy = Metric(Gauge, "crosstalk_llm_slots_busy", "completions being generated (at most CROSSTALK_LLM_SLOTS)")
+    waiting = Metric(Gauge, "crosstalk_llm_queue_depth", "completions waiting for a slot")
 
 
 def serve(process: str, host: str, port: int) -> int:

@@ -136,6 +136,12 @@ class Sink:
                 log.error("batch finished with transcripts still short: failing those conversations",
                           extra=kv(batch_id=batch_id, conversations=sorted(short)[:20], count=len(short)))
                 self.metrics.incomplete.inc(len(short))
+            elif msg.metadata.num_delivered < self.tuning.finish_max_deliveries and await self._recordings_due(batch_id):
+                # the dispatcher settles on the first end reported; the other listener's channel of a
+                # voice recording may still be on its way: wait for it (bounded) as for transcripts,
+                # rather than mark a conversation recording_missing that a second later is whole
+                await bus.nak([msg], delay=self.tuning.finish_retry_s)
+                return
         try:
             await self.docs.apply(event, msg)  # acked by the flush that writes it
             if short:
@@ -143,6 +149,12 @@ class Sink:
         except ContractError as exc:
             drop(self.metrics, msg, exc.field, exc.reason)
             await bus.ack([msg])
+
+    async def _recordings_due(self, batch_id: str) -> bool:
+        try:
+            return bool(core.recordings_missing(await self.docs.get(batch_id)))
+        except ContractError:
+            return False
 
     async def on_room_fact(self, fact: RoomWebhook | LeaseEvent, msg: Msg) -> None:
         """A webhook (``lk.room.*``) or lease event (``roles.*``) into its conversation's room audit."""

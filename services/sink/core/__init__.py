@@ -20,6 +20,7 @@ from .batch_doc import (
     evolve,
     flag_conflict,
     mark_incomplete,
+    recordings_missing,
     set_voice,
     transcripts_expected,
 )
@@ -38,6 +39,7 @@ from .transcript import (
 )
 
 __all__ = [
+    "recordings_missing",
     "MAX_TURN", "TRANSCRIPT_INCOMPLETE", "BatchDoc", "BatchDocEvent", "ConversationEntry", "FileWrite", "Outcome",
     "Status", "Step", "Transcript", "TurnLine", "audit_fact", "audit_target", "batch_of", "decode_doc",
     "decode_line", "encode_doc", "encode_line", "event_problem", "evolve", "flag_conflict", "mark_incomplete",
