@@ -271,7 +271,8 @@ app.add_typer(scenarios_app, name="scenarios")
 
 
 @scenarios_app.callback()
-def list_scenarios(ctx: typer.Context) -> None:
+def list_scenarios(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+                   ) -> None:
     """List the scenario library (built-in plus CROSSTALK_SCENARIO_DIR)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -280,6 +281,11 @@ def list_scenarios(ctx: typer.Context) -> None:
     except (OSError, ValueError, msgspec.ValidationError, msgspec.DecodeError) as exc:
         err.print(f"error: scenario library: {exc}", markup=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    if as_json:
+        print(json.dumps([{"id": sid, "language": sc.language, "title": sc.title, "turns": len(sc.script),
+                           "default": sid == scenarios.DEFAULT_SCENARIO} for sid, sc in sorted(library.items())],
+                         ensure_ascii=False, indent=2))
+        return
     table = Table()
     # Ids are what users type: never truncate or wrap them, even on a narrow CI log.
     table.add_column("id", no_wrap=True, min_width=max((len(s) for s in library), default=2) + len(" (default)"))

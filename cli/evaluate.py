@@ -9,6 +9,7 @@ judge's ``judged.json`` (``BatchJudged``) before it writes, never a partial repo
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -59,26 +60,33 @@ def inline_entries(path: Path) -> list[dict[str, Any]]:
         raise contracts.ContractError("scenarios", f"cannot read {path}: {exc}") from None
 
 
-def validate_files(paths: Annotated[list[Path], typer.Argument(help="scenarios.yaml file(s) to check.")]) -> None:
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+def validate_files(paths: Annotated[list[Path], typer.Argument(help="scenarios.yaml file(s) to check.")],
+                   as_json: JsonOpt = False) -> None:
     """Check LiveKit scenario files (with crosstalk's extension); every error names its line and field."""
-    bad = 0
+    results: list[dict[str, Any]] = []
     for path in paths:
         try:
             loaded = scenario_files.load_path(path)
         except scenario_files.ScenarioFileError as exc:
-            bad += 1
-            for problem in exc.problems:
-                out.print(problem.render(str(path)), markup=False)
+            results.append({"file": str(path), "ok": False, "errors": [p.render(str(path)) for p in exc.problems]})
             continue
         except (OSError, UnicodeDecodeError) as exc:
-            bad += 1
-            out.print(f"{path}: cannot read: {exc}", markup=False)
+            results.append({"file": str(path), "ok": False, "errors": [f"{path}: cannot read: {exc}"]})
             continue
-        ids = ", ".join(s.id for s in loaded.scenarios)
-        scripted = sum(1 for s in loaded.scenarios if s.script)
-        out.print(f"{path}: ok, {len(loaded.scenarios)} scenario(s) ({ids}); {scripted} with an offline script",
-                  markup=False)
-    if bad:
+        results.append({"file": str(path), "ok": True, "scenarios": [s.id for s in loaded.scenarios],
+                        "scripted": sum(1 for s in loaded.scenarios if s.script)})
+    if as_json:
+        print(json.dumps(results, ensure_ascii=False, indent=2))
+    for r in results if not as_json else ():
+        if r["ok"]:
+            out.print(f"{r['file']}: ok, {len(r['scenarios'])} scenario(s) ({', '.join(r['scenarios'])}); "
+                      f"{r['scripted']} with an offline script", markup=False)
+        for line in r.get("errors", ()):
+            out.print(line, markup=False)
+    if not all(r["ok"] for r in results):
         raise typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -86,6 +94,7 @@ def judge(batch_id: Annotated[str, typer.Argument(help="The batch id.")],
           force: Annotated[bool, typer.Option("--force", help="Judge again conversations already judged.")] = False,
           retry: Annotated[bool, typer.Option("--retry", help="Judge again conversations whose judge model failed.")
                            ] = False,
+          as_json: JsonOpt = False,
           ) -> None:
     """Judge a finished batch here, as the judge service does (LLM judge: CROSSTALK_JUDGE_URL, else OPENAI_BASE_URL / OPENAI_API_KEY; without one, expectations are not_judged)."""
     files = _files(batch_id)
@@ -104,6 +113,9 @@ def judge(batch_id: Annotated[str, typer.Argument(help="The batch id.")],
                 await llm.aclose()
 
     n, event = asyncio.run(run())
+    if as_json:
+        print(json.dumps({"batch_id": batch_id, "judged_now": n, "judged": msgspec.to_builtins(event) if event else None}))
+        return
     out.print(f"judged {n} conversation(s) of {batch_id}; judgments in {files.dir / 'judgments'}", markup=False)
     if event is not None:
         counts = ", ".join(f"{v} {k}" for k, v in event.verdicts.items())
@@ -135,12 +147,17 @@ def make_report(batch_id: Annotated[str, typer.Argument(help="The batch id.")],
                                   ] = 120.0,
                 partial: Annotated[bool, typer.Option("--partial", help="Write what is judged if judging has not finished.")
                                    ] = False,
+                as_json: JsonOpt = False,
                 ) -> None:
     """Write report.html (self-contained), report.json and junit.xml once the batch is judged."""
     files = _files(batch_id)
     wait_judged(files, wait_s, partial)
     paths = report.write(files, out_dir)
     data = report.build(files)
+    if as_json:
+        print(json.dumps({"batch_id": batch_id, "totals": data["totals"], "scenarios": data["scenarios"],
+                          "files": {k: str(v) for k, v in paths.items()}}, ensure_ascii=False, indent=2))
+        return
     t = data["totals"]
     rate = f"{t['pass_rate']:.1%}" if t["pass_rate"] is not None else "-"
     out.print(f"{t['passed']}/{t['judged']} passed ({rate}), {t['failed']} failed, {t['inconclusive']} inconclusive "

@@ -44,3 +44,20 @@ def test_a_bad_batch_id_or_out_path_changes_nothing(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli_app.app, ["export", "b-x", "--out", str(tmp_path)], env=env)
     assert res.exit_code == 2 and "is a folder" in res.output
     assert not list((tmp_path / "data" / "batches" / "b-x").glob("dataset.*"))
+
+
+def test_json_output_of_the_commands_that_print_results(tmp_path: Path) -> None:
+    env = {"CROSSTALK_DATA_DIR": str(tmp_path / "data")}
+    make_batch(tmp_path / "data", "b-js")
+    runner = CliRunner()
+    judged = json.loads(runner.invoke(cli_app.app, ["judge", "b-js", "--json"], env=env).output)
+    assert judged["judged_now"] == 6 and judged["judged"]["verdicts"]["infra_failure"] == 1
+    rep = json.loads(runner.invoke(cli_app.app, ["report", "b-js", "--json"], env=env).output)
+    assert rep["totals"]["conversations"] == 6 and set(rep["files"]) == {"json", "html", "junit"}
+    lib = json.loads(runner.invoke(cli_app.app, ["scenarios", "--json"], env=env).output)
+    assert sum(s["default"] for s in lib) == 1 and {"en-account-help", "hi-account-help"} <= {s["id"] for s in lib}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scenarios:\n  - label: x\n    instructions: y\n    agent_expectation: z\n", encoding="utf-8")
+    res = runner.invoke(cli_app.app, ["scenarios", "validate", str(bad), "--json"], env=env)
+    got = json.loads(res.output)
+    assert res.exit_code == 2 and got[0]["ok"] is False and "agent_expectations" in got[0]["errors"][0]
