@@ -22,6 +22,7 @@ from cli import (
     EXIT_UNAVAILABLE,
     CliExit,
     batches,
+    config_cmd,
     evaluate,
     export,
     testcmd,
@@ -302,6 +303,7 @@ def list_scenarios(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--
 
 evaluate.register(app, scenarios_app)
 batches.register(batch_app)  # batch cancel, batch list (cli/batches.py)
+config_cmd.register(app)  # config show (cli/config_cmd.py)
 app.command("test")(testcmd.test_cmd)
 app.command("export")(export.export_cmd)
 

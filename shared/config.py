@@ -1,34 +1,37 @@
-"""Configuration from the environment, with errors that name the variable.
+"""Configuration: the environment, ``.env`` and ``crosstalk.toml``, with errors that name the variable.
 
-Every process calls :func:`load` once at start-up. Secrets (LiveKit API
-secret, NATS credentials, model API key) are kept out of ``repr`` so they
-never reach a log line.
+Every process calls :func:`load` once at start-up. Where values come from, in which order, and how
+a file's keys are named: ``shared/config_sources.py`` (the environment wins). Secrets (LiveKit API
+secret, NATS credentials, model API key) are kept out of ``repr`` so they never reach a log line.
+
+A setting is a field of :class:`Settings` and one line of :func:`parse`; its variable is
+``CROSSTALK_<FIELD>`` unless ``config_sources.VARIABLES_OF`` says otherwise, and its crosstalk.toml
+key that variable's name without ``CROSSTALK_`` in lower case.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from shared import config_sources
+from shared.config_sources import ConfigError, Layers
 
-class ConfigError(ValueError):
-    def __init__(self, var: str, reason: str) -> None:
-        super().__init__(f"{var}: {reason}")
-        self.var = var
-        self.reason = reason
+__all__ = ["DEFAULT_DATA_DIR", "ConfigError", "Settings", "load", "load_or_exit", "parse", "sources", "variables"]
 
 
-def _str(env: dict[str, str], var: str, default: str) -> str:
+def _str(env: Mapping[str, str], var: str, default: str) -> str:
     value = env.get(var, default).strip()
     if not value:
         raise ConfigError(var, "must not be empty")
     return value
 
 
-def _num(env: dict[str, str], var: str, default: float, *, lo: float, hi: float, integer: bool = False) -> Any:
+def _num(env: Mapping[str, str], var: str, default: float, *, lo: float, hi: float, integer: bool = False) -> Any:
     raw = env.get(var)
     if raw is None or raw.strip() == "":
         return int(default) if integer else float(default)
@@ -42,7 +45,7 @@ def _num(env: dict[str, str], var: str, default: float, *, lo: float, hi: float,
     return value
 
 
-def _path(env: dict[str, str], var: str) -> Path | None:
+def _path(env: Mapping[str, str], var: str) -> Path | None:
     raw = env.get(var, "").strip()
     return Path(raw) if raw else None
 
@@ -136,8 +139,37 @@ class Settings:
         return "Settings(" + ", ".join(parts) + ")"
 
 
-def load(env: dict[str, str] | None = None) -> Settings:
-    e = dict(os.environ if env is None else env)
+def variables() -> list[str]:
+    """Every variable :class:`Settings` is read from, in field order."""
+    return config_sources.variables(f.name for f in fields(Settings))
+
+
+def sources(env: Mapping[str, str] | None = None, *, toml: Path | None = None, dotenv: Path | None = None) -> Layers:
+    """The values :func:`load` reads. ``env`` None: this process's environment and the files
+    ``config_sources.find`` finds; else only ``env`` and the files given."""
+    if env is None:
+        env = os.environ
+        toml, dotenv = config_sources.find(env)
+    return Layers.read(env, config_sources.known(variables()), toml=toml, dotenv=dotenv)
+
+
+def load(env: Mapping[str, str] | None = None, *, toml: Path | None = None, dotenv: Path | None = None) -> Settings:
+    """The settings; a bad value raises ConfigError naming the variable (a file's: the file and key).
+
+    ``env`` None (a process's start): the environment over ``.env`` over ``crosstalk.toml``, whose
+    values are then exported to the environment for what reads it directly (``Layers.export``)."""
+    src = sources(env, toml=toml, dotenv=dotenv)
+    try:
+        settings = parse(src)
+    except ConfigError as exc:
+        raise src.located(exc) from None
+    if env is None:
+        src.export()
+    return settings
+
+
+def parse(e: Mapping[str, str]) -> Settings:
+    """The settings from variables (the environment, or :class:`Layers`); ConfigError names the variable."""
     real_model = bool(e.get("OPENAI_API_KEY") or e.get("OPENAI_BASE_URL"))
     executor = _str(e, "CROSSTALK_WORKER_EXECUTOR", "thread")
     if executor not in ("thread", "process"):
@@ -244,7 +276,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
 
 
 def load_or_exit(log: logging.Logger) -> Settings:
-    """Every process's start: a bad value is logged with the variable and the reason, exit code 2."""
+    """Every process's start: a bad value is logged with the variable (or file and key) and the reason, exit 2."""
     try:
         return load()
     except ConfigError as exc:

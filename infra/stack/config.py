@@ -1,10 +1,15 @@
-"""The stack's configuration, read once from the environment (``Config.from_env``).
+"""The stack's configuration, read once from the environment and crosstalk.toml (``Config.from_env``).
 
 One config: what the crosstalk processes read themselves (model and webhook ports, the LiveKit
 key, the data dir, sessions per worker) comes from ``shared.config.load``, with its validation;
 the /metrics ports default to ``shared.metrics.DEFAULT_PORTS``, the NATS and LiveKit ports to
 the URLs every process uses by default. Only what the stack alone uses is read here: the ports
 of the servers it runs, its run dir and host, which programs to start, and how many workers.
+
+crosstalk.toml (and .env) is read here once, by ``shared.config.load``, which exports its values into
+this process's environment (the environment still wins): every program the stack starts inherits
+them as variables, so the services read no file of their own and need no change, and the stack's own
+variables below (ports, dirs, workers) come from the file as any other. An error in one names the file.
 """
 
 from __future__ import annotations
@@ -123,11 +128,20 @@ class Config:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
-        e = dict(os.environ if env is None else env)
+        """``env`` None: this process's environment and crosstalk.toml (exported to it); else ``env`` only."""
         try:
-            settings = shared_config.load(e)
+            sources = shared_config.sources(env)
+            settings = shared_config.load(env)  # env None: the file's values are now the environment's too
         except shared_config.ConfigError as exc:
             raise StackError(str(exc)) from None
+        try:
+            return cls._from(dict(os.environ if env is None else env), settings)
+        except StackError as exc:  # the stack's own variables: "VAR: reason"; from a file, name it
+            var, _, reason = str(exc).partition(": ")
+            raise StackError(str(sources.located(shared_config.ConfigError(var, reason)))) from None
+
+    @classmethod
+    def _from(cls, e: dict[str, str], settings: Settings) -> Config:
         udp_raw = e.get("CROSSTALK_LIVEKIT_UDP_PORTS", "").strip() or LIVEKIT_UDP_PORTS
         try:
             lo, hi = (int(x) for x in udp_raw.split("-", 1))

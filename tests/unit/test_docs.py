@@ -5,6 +5,7 @@
   no prose anywhere gives a field another default;
 * the configuration table in docs/development.md: setting a variable to its documented default
   changes nothing, setting it to something else changes something (so it is the variable read);
+  it lists every setting of ``shared.config`` and no other, each with its crosstalk.toml key;
 * every ``crosstalk <command> --flag`` in a code span or code block exists in the CLI (the typer
   app walked through click), every ``./ct <recipe>`` is a recipe of the justfile;
 * README.md stays short, and every relative link in README.md and docs/*.md points to a file that
@@ -28,6 +29,7 @@ import typer.main
 from cli.app import app
 from services.dispatcher.validate import Rejection, validate
 from shared import config, scenarios
+from shared.config_sources import key_of
 from shared.contracts import BatchSpec, StartBatch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -211,19 +213,34 @@ def test_max_conversations_documented_default_is_the_settings(settings: config.S
 # --------------------------------------------------------------------------- configuration table
 
 
-def config_rows() -> list[tuple[str, str]]:
+def config_table() -> list[tuple[list[str], list[str], str]]:
+    """(variables, crosstalk.toml keys, default cell) per row of docs/development.md's configuration table."""
     text = (ROOT / "docs" / "development.md").read_text(encoding="utf-8")
     rows = table_rows(section_of(text, "Configuration"))
-    assert rows[0] == ["variable", "default", "what it sets"]
+    assert rows[0] == ["variable", "crosstalk.toml key", "default", "what it sets"]
+    return [(re.findall(r"`([A-Z][A-Z0-9_]+)`", var_cell), re.findall(r"`([a-z0-9_]+)`", key_cell), default_cell)
+            for var_cell, key_cell, default_cell, _ in rows[1:]]
+
+
+def config_rows() -> list[tuple[str, str]]:
     pairs = []
-    for var_cell, default_cell, _ in rows[1:]:
-        names = re.findall(r"`([A-Z][A-Z0-9_]+)`", var_cell)
+    for names, _, default_cell in config_table():
         if not re.fullmatch(r"`[^`]*`(,\s*`[^`]*`)*", default_cell):
             continue  # a default in words ("unset", "the checkout's `data/`"): not a literal to check
         values = re.findall(r"`([^`]*)`", default_cell)
-        assert len(names) == len(values), f"config table: {var_cell} | {default_cell}: one default per variable"
+        assert len(names) == len(values), f"config table: {names} | {default_cell}: one default per variable"
         pairs.extend(zip(names, values, strict=True))
     return pairs
+
+
+def test_configuration_table_is_every_setting_and_its_key() -> None:
+    documented = [var for names, _, _ in config_table() for var in names]
+    assert sorted(documented) == sorted(set(documented)), "a variable in two rows"
+    settings = config.variables()
+    assert not set(settings) - set(documented), f"settings missing from the table: {sorted(set(settings) - set(documented))}"
+    assert not set(documented) - set(settings), f"documented, not settings: {sorted(set(documented) - set(settings))}"
+    for names, keys, _ in config_table():
+        assert keys == [key_of(var) for var in names], f"config table: {names}: keys {keys}"
 
 
 def perturbed(value: str) -> str:
