@@ -1,7 +1,9 @@
 """JetStream streams and every durable consumer on them, created idempotently at start-up.
 
 Whichever process starts first creates the streams; later ones find them. A stream
-that exists with other settings is updated to these. Each durable consumer is declared
+that exists with other settings is updated to these. With per-service NATS identities (the secured
+profile) the streams are the operator's (`./ct up` creates them): a service only waits for the ones
+it uses (shared/natsauth.py ``ACCESS``), since it may not create, update or delete any. Each durable consumer is declared
 here, beside its stream, as a :class:`Durable`; its owner binds it with :func:`bind`
 (an existing durable keeps its old config in nats-py, so :func:`ensure_consumer`
 updates it on mismatch).
@@ -9,9 +11,11 @@ updates it on mismatch).
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import os
+import time
 from typing import Any, NamedTuple
 
 from nats.js import JetStreamContext
@@ -100,16 +104,50 @@ def recording_object(batch_id: str, conversation_id: str, attempt: int, role: st
 
 
 async def recordings(js: JetStreamContext) -> ObjectStore:
-    """The recordings bucket, created on first use (file-backed, objects expire after two days)."""
+    """The recordings bucket, created on first use (file-backed, objects expire after two days;
+    under per-service identities the operator created it)."""
+    from shared import natsauth
+
     try:
         return await js.object_store(RECORDINGS_BUCKET)
     except BucketNotFoundError:
+        if natsauth.streams_by_operator() and _service(js) != natsauth.OPERATOR:
+            raise
         cfg = ObjectStoreConfig(description="voice-mode recordings per channel, merged by the sink",
                                 ttl=RECORDINGS_TTL_S, storage=StorageType.FILE)
         return await js.create_object_store(RECORDINGS_BUCKET, config=cfg)
 
 
+def _service(js: JetStreamContext) -> str:
+    from shared import natsauth
+
+    return natsauth.service_of(str(js._nc.options.get("name") or ""))
+
+
+async def wait_for_streams(js: JetStreamContext, names: tuple[str, ...], timeout_s: float = 60.0) -> None:
+    """Until each of ``names`` exists (the operator creates them at `./ct up`); RuntimeError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    for name in names:
+        while True:
+            try:
+                await js.stream_info(name)
+                break
+            except NotFoundError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"stream {name} does not exist: the operator creates it (`./ct up`)") from None
+                log.info("waiting for the operator's stream", extra={"stream": name})
+                await asyncio.sleep(1.0)
+
+
 async def ensure_streams(js: JetStreamContext) -> None:
+    """Create or update every stream; under per-service identities, wait for this service's own."""
+    from shared import natsauth
+
+    service = _service(js)
+    if natsauth.streams_by_operator() and service != natsauth.OPERATOR:
+        known = natsauth.ACCESS.get(service)
+        await wait_for_streams(js, known.waits_for if known else ())
+        return
     for cfg in ALL_STREAMS:
         try:
             await js.add_stream(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -23,6 +24,7 @@ from infra.stack.probes import (
     tcp_ok,
 )
 from infra.stack.render import render_livekit, render_prometheus, render_supervisord
+from infra.stack.secure import provision
 from infra.stack.supervisor import (
     RPC_ERRORS,
     locked,
@@ -112,6 +114,8 @@ def up(cfg: Config) -> Plan:
             "data_dir": str(cfg.data_dir),
             "workers": cfg.workers_why if any(x.name == "worker" for x in p.programs) else None,
         }, indent=2))
+    # the secured profile: streams are the operator's, created here; the services wait for them
+    asyncio.run(provision(cfg.nats_url))
     wait_healthy(cfg, p.programs)
     print_summary(cfg, p)
     return p

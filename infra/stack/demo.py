@@ -25,7 +25,7 @@ async def _check(cfg: Config) -> None:
 
     key = uuid.uuid4().hex[:10]
     nc = await nats.connect(cfg.nats_url, connect_timeout=5, max_reconnect_attempts=0,
-                            **natsauth.from_env(service="cli").connect_options())  # the secured profile's too
+                            **natsauth.from_env(service=natsauth.OPERATOR).connect_options())  # it creates a stream
     try:
         js = nc.jetstream(timeout=10)
         stream = f"CROSSTALK_SMOKE_{key}"

@@ -1,18 +1,19 @@
-"""A secured NATS for the stack: TLS, one identity per service, and per-service publish permissions.
+"""A secured NATS for the stack: TLS, one identity per service, least privilege for each.
 
     python -m infra.stack.secure DIR      # writes DIR/{tls,creds,nats.conf}; prints the variables to export
 
 Writes a CA and a server certificate (openssl, for the stack's host), a password per service
 (``creds/<service>.password``, user = service) except the worker, which authenticates with an
-nkey (``creds/worker.nk``, the seed; the server only holds its public key), an ``admin`` user for
-operators and tests, and a nats-server config (the stack's own infra/nats.conf plus ``tls`` and
-``authorization``). Export what it prints and `just up` runs nats-server with that config and
-every process connects as its own service over TLS (shared/natsauth.py).
+nkey (``creds/worker.nk``, the seed; the server only holds its public key), an ``operator`` user
+(creates, updates and deletes streams: `./ct up` and `./ct check` use it; no service holds it), and
+a nats-server config (the stack's own infra/nats.conf plus ``tls`` and ``authorization``, passwords
+as bcrypt hashes made by natscli's ``nats server passwd``). Export what it prints and `./ct up` runs
+nats-server with that config, creates the streams as the operator (:func:`provision`), and every
+process connects as its own service over TLS (shared/natsauth.py).
 
-Each service may publish only its own subjects (and the JetStream API, acks, flow control and
-replies to requests it received): a worker cannot publish ``batch.start``, a batch event, a lease
-event or a webhook. Subscriptions are not restricted. Files with secrets are mode 0600 and nothing
-here prints a secret.
+Each service may do only what ``shared.natsauth.ACCESS`` lists: publish its own subjects, look up and
+consume the streams it uses through its own durables, hear its own inboxes (``_INBOX.<service>.>``)
+and the subjects it serves. Files with secrets are mode 0600 and nothing here prints a secret.
 """
 
 from __future__ import annotations
@@ -27,22 +28,13 @@ from pathlib import Path
 import nkeys
 
 from infra.stack.config import INFRA
-from shared.streams import RECORDINGS_BUCKET
+from infra.stack.plan import find_binary
+from shared import bus, natsauth, streams
 
-# What each service publishes (shared/subjects.py); everything else is refused by nats-server.
-PUBLISHES: dict[str, list[str]] = {
-    "dispatcher": ["batch.evt.*", "batch.rejected", "dispatcher.status"],
-    "allocator": ["roles.>"],
-    "sink": [],
-    "webhook": ["lk.room.>"],
-    # $O.<bucket>.>: a voice job puts its channel of the recording in the object store
-    "worker": ["conv.>", "role.request", "role.renew", "role.release", "worker.capacity.*",
-               f"$O.{RECORDINGS_BUCKET}.>"],
-    "judge": ["batch.evt.*"],  # consumes batch events, writes files, publishes BatchJudged
-    "cli": ["batch.start", "batch.cancel", "smoke.*"],  # smoke.*: `just check`'s JetStream round trip
-}
-COMMON = ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>"]  # streams/consumers API, acks, flow control
+# Every identity the profile writes; a service's permissions are natsauth.permissions(ACCESS[service]).
+IDENTITIES = (*natsauth.ACCESS, natsauth.OPERATOR)
 NKEY_SERVICES = ("worker",)  # authenticate with an nkey instead of a password
+BCRYPT_COST = 11  # nats-server checks it once per connection; only the worker (an nkey) connects per job
 
 
 def _private(path: Path, data: str | bytes) -> None:
@@ -53,6 +45,16 @@ def _private(path: Path, data: str | bytes) -> None:
 
 def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def bcrypt_hash(password: str) -> str:
+    """``$2a$…`` as nats-server checks it, by natscli (the password goes through its environment, not argv)."""
+    nats = find_binary("nats", "run ./ct or infra/install-tools.sh (natscli)", "CROSSTALK_NATSCLI_BIN")
+    out = subprocess.run([nats, "server", "passwd", "-c", str(BCRYPT_COST)], env={**os.environ, "PASSWORD": password},
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True).stdout.strip()
+    if not out.startswith("$2"):
+        raise RuntimeError("nats server passwd printed no bcrypt hash")
+    return out
 
 
 def make_certs(tls: Path, host: str) -> None:
@@ -71,11 +73,6 @@ def make_certs(tls: Path, host: str) -> None:
         os.chmod(tls / key, 0o600)
 
 
-def _permissions(service: str) -> dict[str, object]:
-    return {"publish": {"allow": [*PUBLISHES[service], *COMMON]}, "subscribe": {"allow": [">"]},
-            "allow_responses": True}
-
-
 def write_profile(d: Path, host: str = "127.0.0.1") -> dict[str, str]:
     """Write the profile into ``d``; returns the environment `just up` and every process need."""
     d.mkdir(parents=True, exist_ok=True)
@@ -85,19 +82,18 @@ def write_profile(d: Path, host: str = "127.0.0.1") -> dict[str, str]:
     creds.mkdir(exist_ok=True)
     os.chmod(creds, 0o700)
     users: list[dict[str, object]] = []
-    for service in PUBLISHES:
+    for service in IDENTITIES:
+        # the operator: every subject (it runs `./ct up`'s stream creation and `./ct check`)
+        perms = {} if service == natsauth.OPERATOR else \
+            {"permissions": natsauth.permissions(natsauth.ACCESS[service], service)}
         if service in NKEY_SERVICES:
             seed = nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER)
             _private(creds / f"{service}.nk", seed)
-            users.append({"nkey": nkeys.from_seed(bytearray(seed)).public_key.decode(),
-                          "permissions": _permissions(service)})
+            users.append({"nkey": nkeys.from_seed(bytearray(seed)).public_key.decode(), **perms})
         else:
             password = secrets.token_urlsafe(24)
             _private(creds / f"{service}.password", password)
-            users.append({"user": service, "password": password, "permissions": _permissions(service)})
-    admin = secrets.token_urlsafe(24)
-    _private(creds / "admin.password", admin)
-    users.append({"user": "admin", "password": admin})
+            users.append({"user": service, "password": bcrypt_hash(password), **perms})
     tls = d / "tls"
     # nats-server's config format accepts JSON values; the stack's base config comes first
     conf = (INFRA / "nats.conf").read_text() + "\n" + "\n".join([
@@ -108,6 +104,21 @@ def write_profile(d: Path, host: str = "127.0.0.1") -> dict[str, str]:
     _private(d / "nats.conf", conf)
     return {"CROSSTALK_NATS_CONF": str(d / "nats.conf"), "CROSSTALK_NATS_CREDENTIALS_DIR": str(creds),
             "CROSSTALK_NATS_TLS_CA": str(tls / "ca.pem")}
+
+
+async def provision(nats_url: str) -> bool:
+    """As the operator (`./ct up`): create or update every stream and the recordings bucket, which
+    the services only look up. False (nothing done) without the profile's per-service credentials."""
+    if not natsauth.streams_by_operator():
+        return False
+    nc = await bus.connect(nats_url, natsauth.OPERATOR)
+    try:
+        js = nc.jetstream(timeout=10)
+        await streams.ensure_streams(js)
+        await streams.recordings(js)
+    finally:
+        await nc.close()
+    return True
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""The security profile end to end: `just up` with NATS over TLS, one identity per service (passwords,
-the worker an nkey), per-service publish permissions, a LiveKit API secret and a model API key of
-our own; a batch runs through the whole stack; afterwards no log file, config the stack wrote,
-or /metrics (every crosstalk process, livekit-server, nats-server's monitor) holds any secret.
+"""The security profile end to end: `just up` with NATS over TLS, one identity per service (bcrypt-hashed
+passwords, the worker an nkey), least-privilege permissions (shared/natsauth.py ACCESS; the streams
+the operator's), a LiveKit API secret and a model API key of our own; a batch runs through the whole
+stack without one permission violation in nats-server's log; afterwards no log file, config the stack
+or the profile wrote, or /metrics (every crosstalk process, livekit-server, nats-server's monitor)
+holds any secret. What each identity must not do: tests/e2e/test_least_privilege.py.
 
 The model "API key" goes to the scripted model through the real-model path (OPENAI_API_KEY +
 OPENAI_BASE_URL pointing at the stack's own model server), the one way a key is ever sent.
@@ -22,7 +24,7 @@ import nats
 import pytest
 from stack import Stack
 
-from infra.stack.secure import PUBLISHES, write_profile
+from infra.stack.secure import IDENTITIES, write_profile
 from shared import natsauth, subjects
 from shared.contracts import BatchEvent, BatchFinished, decode_event
 
@@ -50,8 +52,8 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, di
 
 async def admin(stack: Stack, profile: dict[str, str], **kw: Any) -> nats.aio.client.Client:
     auth = natsauth.from_env(profile, service="cli").connect_options()  # for its TLS context
-    password = (Path(profile["CROSSTALK_NATS_CREDENTIALS_DIR"]) / "admin.password").read_text()
-    return await nats.connect(stack.nats_url, user="admin", password=password, tls=auth["tls"], **kw)
+    password = (Path(profile["CROSSTALK_NATS_CREDENTIALS_DIR"]) / "operator.password").read_text()
+    return await nats.connect(stack.nats_url, user="operator", password=password, tls=auth["tls"], **kw)
 
 
 def scrape(url: str) -> str:
@@ -87,6 +89,8 @@ async def test_a_batch_runs_with_tls_and_auth_and_no_secret_is_logged_or_exporte
     for path in sorted(stack.run_dir.rglob("*")):
         if path.is_file() and (path.suffix in (".log", ".conf", ".yaml", ".yml", ".json") or "log" in path.name):
             texts[str(path)] = path.read_text(errors="replace")
+    texts["profile:nats.conf"] = Path(profile["CROSSTALK_NATS_CONF"]).read_text()  # bcrypt hashes only
+    assert texts["profile:nats.conf"].count('"password": "$2a$') == len(IDENTITIES) - 1  # the worker: an nkey
     cfg = stack.config()
     ports = [int(v) for k, v in stack.env.items() if k.endswith("_METRICS_PORT")] + [cfg.model_port]
     for port in sorted(set(ports)):
@@ -103,12 +107,15 @@ async def test_a_batch_runs_with_tls_and_auth_and_no_secret_is_logged_or_exporte
     worker_key = (Path(profile["CROSSTALK_NATS_CONF"]).read_text().split('"nkey": "', 1)[1]).split('"', 1)[0]
     assert worker_key in users or any(worker_key in json.dumps(c) for c in conns), users
     assert all(c.get("tls_version") for c in conns), [c.get("name") for c in conns if not c.get("tls_version")]
-    # LiveKit secret, model key, the NATS secrets (one per identity in PUBLISHES, and admin)
-    assert len(found) == 2 + len(PUBLISHES) + 1 and all(len(s) >= 24 for s in found)
+    # LiveKit secret, model key, the NATS secrets (one per identity, the operator's too)
+    assert len(found) == 2 + len(IDENTITIES) and all(len(s) >= 24 for s in found)
     leaks = [(where, s[:4] + "...") for where, text in texts.items() for s in found if s in text]
     assert leaks == [], leaks
     assert not any("Permissions Violation" in t or "permissions violation" in t for t in texts.values()), \
         [k for k, t in texts.items() if "ermissions violation" in t]
+    # nats-server's own view: nothing any service did was refused (Publish/Subscription Violation)
+    violations = [line for k, t in texts.items() if k.endswith(".log") for line in t.splitlines() if "Violation" in line]
+    assert violations == [], violations[:20]
 
 
 def test_just_check_and_status_work_on_the_secured_stack(secure: Any) -> None:
@@ -154,4 +161,4 @@ async def test_a_worker_cannot_publish_another_services_subjects(secure: Any) ->
                                tls=natsauth.from_env(profile).connect_options()["tls"], **kw)
     with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
         await nats.connect(stack.nats_url, allow_reconnect=False, connect_timeout=3, max_reconnect_attempts=0,
-                           user="admin", password="x")
+                           user="operator", password="x")

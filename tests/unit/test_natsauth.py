@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared import config, natsauth
+from shared import config, natsauth, streams, subjects
 from shared.config import ConfigError
 
 
@@ -44,8 +44,55 @@ def test_each_service_finds_its_own_credentials(tmp_path: Path) -> None:
     (tmp_path / "worker.nk").write_text("SUAxxx")
     env = {"CROSSTALK_NATS_CREDENTIALS_DIR": str(tmp_path)}
     assert natsauth.from_env(env, natsauth.service_of("dispatcher")).connect_options() == {
-        "user": "dispatcher", "password": "d-secret"}
+        "user": "dispatcher", "password": "d-secret", "inbox_prefix": "_INBOX.dispatcher"}
     assert natsauth.from_env(env, natsauth.service_of("worker-job-AJ_1")).connect_options() == {
-        "nkeys_seed": str(tmp_path / "worker.nk")}
+        "nkeys_seed": str(tmp_path / "worker.nk"), "inbox_prefix": "_INBOX.worker"}
     with pytest.raises(ConfigError, match="no sink.nk or sink.password"):
         natsauth.from_env(env, natsauth.service_of("crosstalk-sink"))
+
+
+def _allowed(subject: str, patterns: list[str]) -> bool:
+    """nats-server's matching: ``*`` one token, ``>`` one or more at the end."""
+    toks, pats = subject.split("."), [p.split(".") for p in patterns]
+    return any((len(p) <= len(toks) and p[-1] == ">" and all(a in ("*", b) for a, b in zip(p[:-1], toks, strict=False)))
+               or (len(p) == len(toks) and all(a in ("*", b) for a, b in zip(p, toks, strict=True))) for p in pats)
+
+
+def _perms(service: str) -> tuple[list[str], list[str]]:
+    perms = natsauth.permissions(natsauth.ACCESS[service], service)
+    return perms["publish"]["allow"], perms["subscribe"]["allow"]  # type: ignore[index]
+
+
+STREAMS = [str(s.name) for s in streams.ALL_STREAMS] + [natsauth.RECORDINGS_STREAM]
+
+
+@pytest.mark.parametrize("service", list(natsauth.ACCESS))
+def test_no_service_may_delete_purge_or_rewrite_a_stream(service: str) -> None:
+    pub, sub = _perms(service)
+    for stream in STREAMS:
+        for op in ("DELETE", "PURGE", "UPDATE", "CREATE", "MSG.DELETE", "SNAPSHOT", "RESTORE"):
+            assert not _allowed(f"$JS.API.STREAM.{op}.{stream}", pub), (service, op, stream)
+    assert not _allowed("$JS.API.STREAM.CREATE.EVIL", pub)
+    assert not any(_allowed(s, sub) for s in ("roles.x.customer", "conv.b.c.turn", ">", "_INBOX.x", "_INBOX.nobody.x"))
+    assert not _allowed("$JS.API.CONSUMER.CREATE.ROLES", pub) and not _allowed("$JS.API.CONSUMER.CREATE.ROLES.x.>", pub)
+    assert _allowed(f"{natsauth.inbox_prefix(service)}.abc.1", sub)
+    assert _allowed(subjects.BATCH_START, pub) == (service == "cli")
+
+
+def test_each_service_acks_and_deletes_only_its_own_consumers() -> None:
+    pub, _ = _perms("sink")
+    assert _allowed("$JS.ACK.CONVERSATIONS.sink-conv.1.2.3.4.5", pub)
+    assert not _allowed("$JS.ACK.CONVERSATIONS.dispatcher-conv.1.2.3.4.5", pub)
+    assert not _allowed("$JS.API.CONSUMER.DELETE.BATCH_EVENTS.judge", pub)
+    pub, _ = _perms("dispatcher")
+    assert _allowed("$JS.API.CONSUMER.DELETE.CONVERSATIONS.dispatcher-conv", pub)
+    assert not _allowed("$JS.API.CONSUMER.DELETE.CONVERSATIONS.sink-conv", pub)
+    pub, sub = _perms("worker")  # a worker: its subjects and the recordings bucket, no stream API at all
+    assert not any(p.startswith("$JS.API.CONSUMER") for p in pub) and sub == ["_INBOX.worker.>"]
+    assert _allowed("$O.crosstalk-recordings.C.x", pub) and not _allowed("$JS.API.STREAM.PURGE.OBJ_crosstalk-recordings",
+                                                                          pub)
+
+
+def test_the_streams_are_the_operators_only_with_per_service_credentials() -> None:
+    assert natsauth.streams_by_operator({"CROSSTALK_NATS_CREDENTIALS_DIR": "/x"})
+    assert not natsauth.streams_by_operator({"CROSSTALK_NATS_USER": "svc"})
