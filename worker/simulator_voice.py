@@ -20,8 +20,13 @@ The recording: the target's channel is the customer's subscription to it (the re
 worker/recorder.py); the customer's channel comes from a hidden recorder in the same job, a
 second connection (hidden, subscribe-only standard participant, invisible to the target) that
 subscribes to the customer's microphone track as livekit-server carries it. Both go to the sink
-like a crosstalk pair's channels (services/sink/recordings.py); time zero is the customer's
-first speech.
+like a crosstalk pair's channels (services/sink/recordings.py); time zero is the conversation's
+first speech (the customer's, or the target's greeting when it speaks first).
+
+What the target says while no customer turn waits for it (a greeting, a follow-up: an unprompted
+turn, worker/simulator.py) is heard like an answer, in the order it was said: once its audio is
+quiet and transcribed it takes its own transcripts and audio span (:meth:`SimVoiceConversation.unprompted_span`),
+so the next answer's ``heard_text`` and span hold that answer only.
 
 What a person on the line would notice counts as they would: a target turn the customer's STT heard
 as nothing is answered "sorry, I didn't catch that" (worker/voice.py ``say_again``), never with an
@@ -72,7 +77,9 @@ class SimVoiceConversation(SimConversation):
         self.tap: Tap | None = None  # the target's channel: the customer's subscription to its track
         self.mine: Tap | None = None  # the customer's channel: the hidden recorder's subscription
         self._parts: list[str] = []  # what the STT made of the target's current turn so far
-        self._reply: Reply | None = None  # the target's reply, its text complete, waiting to be heard
+        # what the target said, its text complete, waiting to be heard, in order: (words, an answer?)
+        self._said: list[tuple[Reply, bool]] = []
+        self._span: tuple[float, float] | None = None  # where the unprompted turn being recorded lies
         self._starts = 0
         self._completed = 0
         self._waiter: asyncio.Task[None] | None = None
@@ -85,7 +92,10 @@ class SimVoiceConversation(SimConversation):
 
     @property
     def origin(self) -> float | None:
-        return self.mine.first_speech_at if self.mine is not None else None
+        """The recording's time zero: the conversation's first speech, the customer's or a greeting's
+        (the target's turn 0, said before the customer speaks), so that no turn lies before it."""
+        firsts = [t.first_speech_at for t in (self.mine, self.tap) if t is not None and t.first_speech_at is not None]
+        return min(firsts) if firsts else None
 
     def _offset(self, at: float | None) -> float | None:
         origin = self.origin
@@ -150,31 +160,74 @@ class SimVoiceConversation(SimConversation):
     def on_reply(self, reply: Reply) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
-        self._reply = reply
+        self._hear_next(reply, prompted=True)
+
+    def on_unprompted(self, said: Reply) -> None:
+        if self._early is not None:  # before the support lease is held: recorded by record_early
+            self._early.append(said)
+            return
+        self._hear_next(said, prompted=False)
+
+    async def record_early(self) -> str:
+        """What the target said before the customer's first words (a greeting), each a turn once its
+        audio is heard out; what the customer heard of it is what it answers first (nothing heard,
+        say a greeting played out before the customer listened: it speaks first, as a late caller would)."""
+        assert self._early is not None
+        heard: list[str] = []
+        while self._early:
+            said = self._early.pop(0)
+            heard.append(await self._hear_turn(said, prompted=False))
+        self._early = None  # no await since the list was last seen empty: nothing is left behind
+        return "\n".join(h for h in heard if h)
+
+    def _hear_next(self, said: Reply, *, prompted: bool) -> None:
+        """Hear the target's words after what it said before them: one turn at a time, in order."""
+        self._said.append((said, prompted))
         if self._waiter is None or self._waiter.done():
             self._waiter = asyncio.ensure_future(self._hear())
             self._track(self._waiter)
 
     async def _hear(self) -> None:
-        """Once the target's audio is quiet and every stretch of it is transcribed, the turn is heard."""
+        while self._said and not self.done.done():
+            said, prompted = self._said.pop(0)
+            await self._hear_turn(said, prompted=prompted)
+
+    async def _hear_turn(self, said: Reply, *, prompted: bool) -> str:
+        """Once the target's audio is quiet and every stretch of it is transcribed, the turn is heard:
+        recorded with what the customer's STT made of it and where it lies. An unprompted turn takes its
+        own transcripts and audio span, so neither goes into the next answer's ``heard_text`` or span;
+        its audio may have played out before the customer listened (a greeting): then it has none."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + STT_GRACE_S + self.min_silence_s
         by_text = self.plan.hears_via == "speaker_text"  # no offline STT for the target's language
         while not self.done.done():
-            quiet = self.tap is not None and self.tap.quiet_for(time.time()) >= self.min_silence_s
-            if quiet and (by_text or (self._parts and self._starts <= self._completed)):
+            quiet = self.tap is None or self.tap.quiet_for(time.time()) >= self.min_silence_s
+            transcribed = self._starts <= self._completed and (bool(self._parts) or not prompted)
+            if quiet and (by_text or transcribed):
                 break
             if loop.time() > deadline:
                 log.warning("no transcript of the target's turn: going on with what was heard",
-                            extra=kv(room=self.room, parts=len(self._parts)))
+                            extra=kv(room=self.room, parts=len(self._parts), unprompted=not prompted))
                 break
             await asyncio.sleep(0.05)
-        reply, self._reply = self._reply, None
-        if reply is None or self.done.done():
-            return
-        heard, self._parts = (reply.text if by_text else " ".join(self._parts)), []
+        if self.done.done():
+            return ""
+        heard, self._parts = (said.text if by_text else " ".join(self._parts)), []
         span = self.tap.take_span() if self.tap is not None else None
-        await self._heard(reply, heard=heard, span=span, via=self.plan.hears_via)
+        if prompted:
+            await self._heard(said, heard=heard, span=span, via=self.plan.hears_via)
+            return heard
+        if span is None:  # none of its audio reached the customer: nothing heard, nothing to answer
+            await self._record(said, prompted=False)
+            return ""
+        self._span = span
+        await self._record(said, prompted=False, heard=heard, via=self.plan.hears_via)
+        return heard
+
+    def unprompted_span(self) -> tuple[float, float] | None:
+        """The span :meth:`_hear_turn` took for the unprompted turn it records (heard out: all of its audio)."""
+        span, self._span = self._span, None
+        return span
 
     def answer(self, reply: Reply, heard: str | None) -> None:
         assert self.session is not None

@@ -50,7 +50,15 @@ class Docs:
     async def apply(self, event: BatchDocEvent, msg: Msg) -> None:
         batch_id = core.batch_of(event)
         doc = await self.get(batch_id)
-        self._set(batch_id, doc, core.evolve(doc, event), [msg])
+        new = core.evolve(doc, event)
+        if (stale := core.superseded_recording(doc, new, event)) is not None:
+            # before the document says so: a crash between leaves no file the (redelivered) event would keep
+            try:
+                await self.io.run(self.io.dirs.recording(batch_id, stale).unlink, True)
+            except OSError as exc:
+                log.error("stale recording not removed", extra=kv(batch_id=batch_id, conversation_id=stale,
+                                                                  error=str(exc)))
+        self._set(batch_id, doc, new, [msg])
 
     async def audit(self, batch_id: str, fact: RoomWebhook | LeaseEvent, seq: int | None, msg: Msg) -> None:
         doc = await self.get(batch_id)

@@ -15,7 +15,10 @@ older than one ``batch.json`` knows of (a newer attempt dispatched, settled or r
 and dropped, never merged, so a failed attempt's late channel cannot overwrite the settled
 attempt's WAV (``core.batch_doc.stale_recording``; the metrics carry their ``attempt``). Channel
 events are handled one at a time (turns.py ``_record``), so that check and the write never
-interleave with another attempt's; ``set_voice`` checks again against the document it changes.
+interleave with another attempt's; ``set_voice`` checks again against the document it changes, and
+a file a newer attempt's dispatch made stale while it was merged is removed. An older attempt's file
+already on disk goes when the newer attempt is dispatched (docs.py, ``core.batch_doc.superseded_recording``),
+so a settled attempt whose recording never arrives (``recording_missing``) has none beside it.
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ class Recordings:
         log.info("recording written", extra=kv(batch_id=ev.batch_id, conversation_id=ev.conversation_id,
                                                attempt=ev.attempt, seconds=m.duration_s, turns=len(turns)))
         await self.docs.set_voice(ev.batch_id, ev.conversation_id, m, [msg])
+        if await self._stale(ev):  # a newer attempt was dispatched while this one was merged: not its file
+            await self.io.run(path.unlink, True)
         return []
 
     async def _stale(self, ev: RecordingChannel) -> bool:
@@ -131,5 +136,6 @@ def _read_turns(path: files.Path) -> list[voice.Turn]:
             t = decode_voice_line(line)
             out.append(voice.Turn(turn=t.turn, role=t.role, text=t.text, started_at=t.started_at,
                                   audio_start_s=t.audio_start_s, audio_end_s=t.audio_end_s,
-                                  heard_text=t.heard_text, heard_via=t.heard_via, language=t.language))
+                                  heard_text=t.heard_text, heard_via=t.heard_via, language=t.language,
+                                  unprompted=t.unprompted))
     return out

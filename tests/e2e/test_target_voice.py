@@ -124,6 +124,7 @@ async def test_a_voice_batch_of_3_against_the_example_agent(stack: Any, target: 
         # the recording: the room's two channels, speech inside each turn's span on its speaker's side
         stereo, rate = read_recording(folder / "recordings" / f"{cid}.wav")
         check_speech_spans(stereo, rate, turns)
+        check_span_order(stereo, rate, turns)
         # the target ran under an audio simulation (SIMULATION_MODE_AUDIO = 2), scenario and all
         sim = jobs[room]["simulation"]
         assert sim["mode"] == 2 and sim["userdata"] == USERDATA and sim["run_id"] == bid
@@ -167,17 +168,53 @@ async def test_a_voice_target_without_a_worker_is_a_no_show(stack: Any) -> None:
 
 
 GREETING = "Welcome to Acme Bank, how can I help?"
+SLACK_S = 0.05  # two spans of one channel's 10-ms blocks may touch within this
+
+
+def check_span_order(stereo: np.ndarray, rate: int, turns: list[dict[str, Any]]) -> None:
+    """The spans are positions in the recording: non-negative, inside it, in turn order; a support span
+    starts after the customer's span before it ended, or the recording shows both speaking in the overlap."""
+    duration = len(stereo) / rate
+    spans = [t for t in turns if t.get("audio_start_s") is not None]  # a line without audio fields has none
+    for t in spans:
+        assert 0 <= t["audio_start_s"] < t["audio_end_s"] <= duration + SLACK_S, (t, duration)
+    for prev, cur in zip(spans, spans[1:], strict=False):
+        assert cur["audio_start_s"] >= prev["audio_start_s"], (prev, cur)
+        if prev["role"] == "customer" and cur["role"] == "support" and cur["audio_start_s"] < prev["audio_end_s"] - SLACK_S:
+            a, b = int(cur["audio_start_s"] * rate), int(prev["audio_end_s"] * rate)
+            both = np.sqrt((stereo[a:b].astype(np.float64) ** 2).mean(axis=0))
+            assert (both > 300).all(), f"turn {cur['turn']} starts inside turn {prev['turn']} with no overlap heard"
 
 
 @pytest.mark.parametrize("target", [("acme-voice-greets", {"ACME_GREETING": GREETING})], indirect=True, ids=["greets"])
 async def test_a_voice_target_that_greets_first_is_heard_out_and_never_misattributed(stack: Any, target: Target) -> None:
+    """The greeting is turn 0 (support, unprompted) with its own span; the customer answers it; the
+    first answer's span and heard text hold that answer only (a run before showed audio_start_s -4.28 s
+    for it: the greeting's audio counted in)."""
     bid = f"tgtv-greet-{int(time.time())}"
     batch = await run_batch(stack, {"batch_id": bid, "conversations": 1, "concurrency": 1, "mode": "voice",
                                     "scenario": "acme-voice", "max_turns": 4, "target_agent": target.name}, timeout=300)
     assert (batch["status"], batch["completed"]) == ("completed", 1), batch
     (cid, conv), = batch["conversations"].items()
+    folder = stack.data_dir / "batches" / bid
     replies = [e["text"] for e in target.events("reply") if e["room"] == room_name(cid, conv["attempts"])]
-    turns = read_lines(stack.data_dir / "batches" / bid / "conversations" / f"{cid}.jsonl")
-    assert [t["role"] for t in turns] == ["customer", "support"] * 2
+    turns = read_lines(folder / "conversations" / f"{cid}.jsonl")
+    assert [t["role"] for t in turns] == ["support", "customer", "support", "customer"], turns
+    assert [t.get("unprompted", False) for t in turns] == [True, False, False, False], turns
     said = [t["text"] for t in turns if t["role"] == "support"]
-    assert replies[0] == GREETING and said == replies[1:3]  # the greeting first, then one answer per turn
+    assert replies[0] == GREETING and said == replies[:2], (said, replies)  # the greeting, then one answer
+    script = [line["text"] for line in VOICE_SCENARIO["script"] if line["role"] == "customer"]
+    assert [t["text"] for t in turns if t["role"] == "customer"] == script[:2]
+    answer = turns[2]  # what the customer heard of the first answer: that answer, not the greeting too
+    assert answer["heard_via"] == "stt" and wer.wer(answer["text"], answer["heard_text"], "en") < 0.3, answer
+    stereo, rate = read_recording(folder / "recordings" / f"{cid}.wav")
+    check_span_order(stereo, rate, turns)
+    check_speech_spans(stereo, rate, turns[1:])  # the greeting may have played out before the customer listened
+    assert all(t["audio_start_s"] is not None for t in turns[1:]), turns
+    doc = read_final(folder, 1)
+    voice = doc["conversations"][cid]["voice"]
+    print(f"greeting span: {turns[0].get('audio_start_s')}..{turns[0].get('audio_end_s')} s, heard "
+          f"{turns[0].get('heard_text')!r}; spans {[(t.get('audio_start_s'), t.get('audio_end_s')) for t in turns]}; "
+          f"voice {voice}")
+    # the greeting answers nothing: no latency of its own, never an unheard STT turn
+    assert voice["stt_unheard"] == 0 and len(voice["heard_latency_s"]) == 3 - (turns[0].get("audio_end_s") is None), voice

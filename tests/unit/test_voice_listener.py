@@ -164,3 +164,64 @@ def test_a_target_that_answers_only_in_text_is_target_silent_and_a_silent_caller
     me = sim(target_turns=3, tap=tap_with(loud=True), mine=tap_with(loud=True), _spoken=3)
     assert SimVoiceConversation.audio_check(me, ok) == ok
     assert SimVoiceConversation.audio_check(sim(), ok) == ok  # nothing said yet: nothing to miss
+
+
+class TargetReports:
+    """The support side's reports (under the lease held for the target): the turns recorded."""
+
+    lease = None
+
+    def __init__(self) -> None:
+        self.turns: list[dict[str, Any]] = []
+
+    async def turn(self, turn: int, text: str, **kw: Any) -> None:
+        self.turns.append({"turn": turn, "text": text, **kw})
+
+
+def speak(tap: Tap, seconds: float, loud: bool, at: float) -> None:
+    """``seconds`` of the target's audio reaching the tap (speech or silence), arrived by wall time ``at``."""
+    n = int(seconds * RATE)
+    x = (np.sin(np.arange(n) / RATE * 2 * np.pi * 300) * 5000).astype(np.int16) if loud else np.zeros(n, np.int16)
+    tap.add(rtc.AudioFrame(x.tobytes(), RATE, 1, n), at)
+
+
+async def test_an_unprompted_turn_takes_its_own_audio_and_transcripts_never_the_next_answers() -> None:
+    """A greeting (turn 0) and a follow-up the customer's STT heard while listening: each is recorded
+    with its own span and heard text; the answer after each holds only its own (worker/simulator_voice.py)."""
+    from worker.target_reply import Reply
+
+    link = SimpleNamespace(agent_name="acme", room=None)
+    reports: Any = SimpleNamespace(role="customer", room="r1", meta=SimpleNamespace(max_turns=8))
+    plan = VoicePlan(voice="v", speed=1.0, language="en", hears_via="stt", peer_language="en")
+    conv = SimVoiceConversation(plan=plan, min_silence_s=0.1, reports=reports, link=link, keeper=None, reply_s=30.0)
+    recorded = TargetReports()
+    conv.target = recorded  # type: ignore[assignment]
+    conv.tap = tap = Tap(None, sample_rate=RATE)
+    t0 = 1000.0
+    speak(tap, 2.0, True, t0 + 2.0)  # the greeting, 0-2 s
+    conv._starts, conv._completed, conv._parts = 1, 1, ["welcome to acme"]
+    conv.on_unprompted(Reply(t0, "speaking"))
+    conv._early[0].closed("s0", "Welcome to Acme.", t0 + 2.0)  # type: ignore[index]
+    assert await conv.record_early() == "welcome to acme"
+    speak(tap, 1.0, False, t0 + 3.0)
+    speak(tap, 1.5, True, t0 + 4.5)  # the answer, 3-4.5 s
+    conv._starts, conv._completed, conv._parts = 2, 2, ["you are verified"]
+    answer = Reply(t0 + 2.5, "thinking")
+    answer.closed("s1", "You are verified.", t0 + 4.5)
+    conv.on_reply(answer)
+    assert conv._waiter is not None
+    await conv._waiter  # heard out: its audio quiet, its stretches transcribed
+    speak(tap, 1.0, False, t0 + 5.5)
+    speak(tap, 0.5, True, t0 + 6.0)  # a follow-up, 5.5-6 s, while the customer is about to answer
+    conv._starts, conv._completed, conv._parts = 3, 3, [*conv._parts, "anything else"]
+    follow = Reply(t0 + 5.5, "speaking")
+    follow.closed("s2", "Anything else?", t0 + 6.0)
+    conv.on_unprompted(follow)
+    await conv._waiter
+    greeting, reply, more = recorded.turns
+    assert (greeting["unprompted"], reply["unprompted"], more["unprompted"]) == (True, False, True)
+    assert (greeting["heard_text"], reply["heard_text"], more["heard_text"]) == (
+        "welcome to acme", "you are verified", "anything else")
+    assert (greeting["audio_start_s"], greeting["audio_end_s"]) == pytest.approx((0.0, 2.0))  # time zero: the greeting
+    assert (reply["audio_start_s"], reply["audio_end_s"]) == pytest.approx((3.0, 4.5))
+    assert (more["audio_start_s"], more["audio_end_s"]) == pytest.approx((5.5, 6.0))

@@ -121,6 +121,21 @@ def test_an_unreported_or_empty_stt_turn_is_fully_misheard() -> None:
     assert voice.stt_wer([turn(0, "customer", 0, 1, heard_text="", heard_via="speaker_text")]) == (None, 0)
 
 
+def test_an_unprompted_turn_answers_nothing_and_is_never_unheard() -> None:
+    """A target's greeting (turn 0) and follow-up: no latency of their own, out of the WER pairing,
+    never counted unheard (a greeting may play out before the caller listens); the turn after one is timed."""
+    greeting = turn(0, "support", None, None, text="Welcome to Acme", heard_via=None, unprompted=True)
+    asked = turn(1, "customer", 1.0, 2.0, text="one two", heard_text="one two", heard_via="stt")
+    reply = turn(2, "support", 2.5, 4.0, text="three four", heard_text="three four", heard_via="stt")
+    follow = turn(3, "support", 4.2, 5.0, text="anything else", heard_text="", heard_via="stt", unprompted=True)
+    after = turn(4, "customer", 5.5, 6.0, text="no thanks", heard_text="no thanks", heard_via="stt")
+    turns = [greeting, asked, reply, follow, after]
+    assert voice.heard_latencies(turns) == [0.5, 0.5]  # 1 -> 2, 3 -> 4; never 2 -> 3
+    assert voice.stt_wer(turns) == (0.0, 6) and voice.stt_unheard(turns) == 0
+    chans = {"customer": [(1.0, 2.0), (5.5, 6.0)], "support": [(2.5, 4.0), (4.2, 5.0)]}
+    assert voice.unanswered_turns(turns, chans) == 0  # the greeting with no span is owed nothing
+
+
 def test_wer_counts_an_unheard_hypothesis_as_every_word_wrong() -> None:
     from shared import wer
 
@@ -211,3 +226,34 @@ async def test_a_channel_of_a_superseded_attempt_is_dropped_before_the_store_is_
     assert await rec.on_channel(late, msg) == [msg]  # type: ignore[arg-type]
     with pytest.raises(Store):  # the current attempt does go on to the object store
         await rec.on_channel(msgspec.structs.replace(late, attempt=2), msg)  # type: ignore[arg-type]
+
+
+async def test_an_older_attempts_wav_goes_when_a_newer_attempt_is_dispatched(tmp_path: Path) -> None:
+    """services/sink/docs.py with core.batch_doc.superseded_recording: attempt 1's recordings/c1.wav is
+    removed once attempt 2 is dispatched (its figures leave batch.json then), so a settled attempt whose
+    own recording never arrives (recording_missing) leaves no older file for a report to link."""
+    from types import SimpleNamespace
+
+    import msgspec
+
+    from services.sink import files
+    from services.sink.core import BatchDoc, ConversationEntry
+    from services.sink.docs import Docs
+    from shared.contracts import ConversationDispatched
+
+    io = files.Io(tmp_path, 1)
+    try:
+        docs = Docs(io)
+        wav = io.dirs.recording("b1", "c1")
+        io.dirs.ensure_dir(wav.parent)
+        for mode in ("text", "voice"):
+            wav.write_bytes(b"RIFF attempt 1")
+            docs._docs["b1"] = BatchDoc(batch_id="b1", mode=mode, conversations={"c1": ConversationEntry(attempts=1)})
+            again = ConversationDispatched(batch_id="b1", conversation_id="c1", attempt=1, room="b1--c1--1", at=1.0)
+            await docs.apply(again, SimpleNamespace())  # type: ignore[arg-type]
+            assert wav.exists()  # the same attempt: its own file
+            await docs.apply(msgspec.structs.replace(again, attempt=2), SimpleNamespace())  # type: ignore[arg-type]
+            assert wav.exists() == (mode == "text"), mode
+    finally:
+        io.close()
+

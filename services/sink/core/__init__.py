@@ -22,6 +22,7 @@ from .batch_doc import (
     mark_incomplete,
     recordings_missing,
     set_voice,
+    superseded_recording,
     transcripts_expected,
 )
 from .transcript import (
@@ -39,7 +40,7 @@ from .transcript import (
 )
 
 __all__ = [
-    "recordings_missing",
+    "recordings_missing", "superseded_recording",
     "MAX_TURN", "TRANSCRIPT_INCOMPLETE", "BatchDoc", "BatchDocEvent", "ConversationEntry", "FileWrite", "Outcome",
     "Status", "Step", "Transcript", "TurnLine", "audit_fact", "audit_target", "batch_of", "decode_doc",
     "decode_line", "encode_doc", "encode_line", "event_problem", "evolve", "flag_conflict", "mark_incomplete",

@@ -203,6 +203,20 @@ def stale_recording(entry: ConversationEntry, attempt: int) -> bool:
     return 0 < attempt < newest
 
 
+def superseded_recording(old: BatchDoc, new: BatchDoc, event: BatchDocEvent) -> str | None:
+    """The conversation whose ``recordings/<id>.wav`` ``event`` made an older attempt's, else None: a
+    newer attempt of a voice conversation was dispatched. Its figures leave the document (:func:`evolve`)
+    and the file goes with them (services/sink/docs.py), so nothing links a recording ``batch.json``
+    does not vouch for: a settled attempt whose own recording never arrives says ``recording_missing``
+    with no older attempt's file beside it."""
+    if new.mode != "voice" or not isinstance(event, ConversationDispatched):
+        return None
+    before, after = old.conversations.get(event.conversation_id), new.conversations.get(event.conversation_id)
+    if before is None or after is None or not 0 < before.attempts < after.attempts:
+        return None
+    return event.conversation_id
+
+
 def voice_fault(entry: ConversationEntry) -> str | None:
     """``recording_missing`` or ``no_audio`` if that is why the conversation failed, else None.
 

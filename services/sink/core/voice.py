@@ -54,6 +54,7 @@ class Turn(msgspec.Struct, frozen=True, kw_only=True):
     heard_text: str | None = None
     heard_via: str | None = None
     language: str | None = None
+    unprompted: bool = False  # said with no turn of the other role waiting (a target's greeting, follow-up)
 
 
 class VoiceMetrics(msgspec.Struct, frozen=True, kw_only=True):
@@ -171,10 +172,13 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def heard_latencies(turns: Sequence[Turn]) -> list[float]:
-    """Per turn after the first: where its speech starts minus where the previous turn's ends (negative: overlap)."""
+    """Per turn after the first: where its speech starts minus where the previous turn's ends (negative:
+    overlap). An unprompted turn (a greeting, a follow-up) answers nothing: it has none."""
     ordered = sorted(turns, key=lambda t: t.turn)
     out = []
     for prev, cur in zip(ordered, ordered[1:], strict=False):
+        if cur.unprompted:
+            continue
         if cur.turn == prev.turn + 1 and cur.audio_start_s is not None and prev.audio_end_s is not None:
             out.append(round(cur.audio_start_s - prev.audio_end_s, 3))
     return out
@@ -186,10 +190,13 @@ def awkward_silences(speech: Sequence[Segment], longer_than: float = AWKWARD_S) 
 
 
 def unanswered_turns(turns: Sequence[Turn], chans: dict[str, list[Segment]], within: float = UNANSWERED_S) -> int:
-    """Turns, but the conversation's last, after whose speech the other role did not start speaking within ``within``."""
+    """Turns, but the conversation's last, after whose speech the other role did not start speaking within
+    ``within``. An unprompted turn (a greeting, a follow-up) is owed no answer: never counted."""
     ordered = sorted(turns, key=lambda t: t.turn)
     n = 0
     for t in ordered[:-1]:
+        if t.unprompted:
+            continue
         other = chans.get("support" if t.role == "customer" else "customer", [])
         if t.audio_end_s is None:
             n += 1
@@ -218,9 +225,12 @@ def stt_turns(turns: Sequence[Turn]) -> list[Turn]:
     """The turns whose listener hears through STT: those it reported as heard via STT, and those it
     never reported (``heard_via`` None) of a speaker whose other turns it heard via STT. Whether a
     listener hears through STT is per role (shared/voiceplan.py), so one STT report of a role's turns
-    says it for all of them; a role with no report at all is left out (no evidence of an STT)."""
-    by_stt = {t.role for t in turns if t.heard_via == "stt"}
-    return [t for t in turns if t.heard_via == "stt" or (t.heard_via is None and t.role in by_stt)]
+    says it for all of them; a role with no report at all is left out (no evidence of an STT).
+    Unprompted turns are left out: the listener may not have been listening yet (a greeting said
+    before the call's audio was up), and nothing is owed to them; they are never counted unheard."""
+    asked = [t for t in turns if not t.unprompted]
+    by_stt = {t.role for t in asked if t.heard_via == "stt"}
+    return [t for t in asked if t.heard_via == "stt" or (t.heard_via is None and t.role in by_stt)]
 
 
 def stt_wer(turns: Sequence[Turn]) -> tuple[float | None, int]:
