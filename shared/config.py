@@ -168,6 +168,11 @@ def load(env: Mapping[str, str] | None = None, *, toml: Path | None = None, dote
     return settings
 
 
+# Where a process listens; any of them beyond loopback and the default LiveKit secret is refused.
+BIND_VARS = ("CROSSTALK_HOST", "CROSSTALK_METRICS_HOST", "CROSSTALK_WEBHOOK_HOST", "CROSSTALK_MODEL_HOST",
+             "CROSSTALK_SPEECH_HOST")
+
+
 def parse(e: Mapping[str, str]) -> Settings:
     """The settings from variables (the environment, or :class:`Layers`); ConfigError names the variable."""
     real_model = bool(e.get("OPENAI_API_KEY") or e.get("OPENAI_BASE_URL"))
@@ -207,6 +212,10 @@ def parse(e: Mapping[str, str]) -> Settings:
         # the customer must name a target that never came before the dispatcher calls it a join_timeout
         raise ConfigError("CROSSTALK_TARGET_JOIN_S", f"must be below CROSSTALK_JOIN_DEADLINE_S ({join_deadline_s:g}), "
                                                      f"got {target_join_s:g}")
+    exposed = [v for v in BIND_VARS if e.get(v, "").strip() not in ("", "127.0.0.1", "localhost", "::1")]
+    if exposed and _str(e, "LIVEKIT_API_SECRET", "secret") == "secret":  # issue 26: no public default off loopback
+        raise ConfigError(exposed[0], "serves beyond loopback: set LIVEKIT_API_SECRET to a secret of your own "
+                                      "(its default, 'secret', is public)")
     return Settings(
         nats_url=_str(e, "NATS_URL", "nats://127.0.0.1:4222"),
         livekit_url=_str(e, "LIVEKIT_URL", "ws://127.0.0.1:7880"),

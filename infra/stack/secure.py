@@ -121,7 +121,26 @@ async def provision(nats_url: str) -> bool:
     return True
 
 
+def table() -> str:
+    """docs/security.md's permission table, made from ``ACCESS`` (``python -m infra.stack.secure --table``)."""
+    def cell(items: tuple[str, ...] | list[str]) -> str:
+        return ", ".join(f"`{i}`" for i in items) or "–"
+
+    rows = ["| identity | publishes | hears (and `_INBOX.<identity>.>`) | looks up | own durables: create, "
+            "delete, pull, ack | reads (ephemeral consumers) | direct gets | recordings bucket |",
+            "|---|---|---|---|---|---|---|---|"]
+    for service, a in natsauth.ACCESS.items():
+        rows.append(f"| {service} | {cell(a.publishes)}{' + replies' if a.responds else ''} | {cell(a.hears)} | "
+                    f"{cell(a.waits_for)} | {cell([f'{s}.{d}' for s, d in a.durables])} | {cell(a.reads)} | "
+                    f"{cell(a.direct)} | {a.recordings or '–'} |")
+    rows.append(f"| {natsauth.OPERATOR} | everything: creates, updates, deletes and purges streams "
+                "(`./ct up`, `./ct check`); held by no service | | | | | | |")
+    return "\n".join(rows) + "\n"
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--table"]:
+        raise SystemExit(print(table(), end=""))
     if len(sys.argv) != 2:
         raise SystemExit(__doc__)
     for var, value in write_profile(Path(sys.argv[1]).resolve()).items():

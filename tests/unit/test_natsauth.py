@@ -96,3 +96,20 @@ def test_each_service_acks_and_deletes_only_its_own_consumers() -> None:
 def test_the_streams_are_the_operators_only_with_per_service_credentials() -> None:
     assert natsauth.streams_by_operator({"CROSSTALK_NATS_CREDENTIALS_DIR": "/x"})
     assert not natsauth.streams_by_operator({"CROSSTALK_NATS_USER": "svc"})
+
+
+def test_docs_security_table_is_the_profiles_own() -> None:
+    from infra.stack.secure import table
+
+    doc = (Path(__file__).parents[2] / "docs" / "security.md").read_text()
+    generated = doc.split("<!-- permission table: generated, do not edit -->\n", 1)[1].split("<!-- end", 1)[0]
+    assert generated == table(), "docs/security.md: paste `python -m infra.stack.secure --table`"
+
+
+@pytest.mark.parametrize("var", config.BIND_VARS)
+def test_the_public_livekit_secret_is_refused_beyond_loopback(var: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        config.load({var: "10.0.0.5"})
+    assert exc.value.var == var and "LIVEKIT_API_SECRET" in exc.value.reason
+    assert config.load({var: "10.0.0.5", "LIVEKIT_API_SECRET": "a-secret-of-our-own"}).livekit_api_secret
+    assert config.load({var: "127.0.0.1"}) == config.load({})
