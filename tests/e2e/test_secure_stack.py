@@ -63,24 +63,32 @@ def scrape(url: str) -> str:
         return f"<{url}: {exc}>"
 
 
-async def test_a_batch_runs_with_tls_and_auth_and_no_secret_is_logged_or_exported(secure: Any) -> None:
-    stack, profile, found = secure
+async def run_batch(stack: Stack, profile: dict[str, str], body: dict[str, Any]) -> BatchFinished | None:
+    """``batch.start`` sent as the CLI (its own identity), then the batch's BatchFinished (None: not in 300 s)."""
+    cli = await nats.connect(stack.nats_url, **natsauth.from_env(profile, service="cli").connect_options())
+    reply = json.loads((await cli.request(subjects.BATCH_START, json.dumps(body).encode(), timeout=30)).data)
+    await cli.drain()
+    assert reply["accepted"], reply
     nc = await admin(stack, profile)
     js = nc.jetstream()
-    body = {"batch_id": "secure-1", "conversations": 2, "concurrency": 2, "max_turns": 4}
-    reply = json.loads((await nc.request(subjects.BATCH_START, json.dumps(body).encode(), timeout=30)).data)
-    assert reply["accepted"], reply
     deadline = time.monotonic() + 300
     finished = None
     while finished is None and time.monotonic() < deadline:
         try:
-            ev = decode_event((await js.get_last_msg("BATCH_EVENTS", subjects.batch_events("secure-1"))).data,
+            ev = decode_event((await js.get_last_msg("BATCH_EVENTS", subjects.batch_events(body["batch_id"]))).data,
                               BatchEvent)
             finished = ev if isinstance(ev, BatchFinished) else None
         except Exception:
             pass
         await asyncio.sleep(0.5)
     await nc.drain()
+    return finished
+
+
+async def test_a_batch_runs_with_tls_and_auth_and_no_secret_is_logged_or_exported(secure: Any) -> None:
+    stack, profile, found = secure
+    finished = await run_batch(stack, profile, {"batch_id": "secure-1", "conversations": 2, "concurrency": 2,
+                                                "max_turns": 4})
     assert finished is not None and (finished.completed, finished.failed) == (2, 0), finished
     turns = list((stack.data_dir / "batches" / "secure-1" / "conversations").glob("*.jsonl"))
     assert len(turns) == 2 and all(len(p.read_bytes().splitlines()) == 4 for p in turns)
