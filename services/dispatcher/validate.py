@@ -73,6 +73,8 @@ def validate(
             return reject("scenario", f"unknown scenario {scenario_id!r}; known: {known}")
         chosen = [found]
     scenario = chosen[0]
+    if (unscripted := scriptless(chosen, settings, customer_only=cmd.target_agent is not None)) is not None:
+        return reject("scenarios" if cmd.scenarios is not None else "scenario", unscripted)
     if cmd.target_agent is not None:
         problem = target_problem(cmd, settings)
         if problem is not None:
@@ -127,6 +129,19 @@ def target_problem(cmd: StartBatch, settings: Settings) -> tuple[str, str] | Non
     if cmd.target_agent == settings.agent_name:
         return "target_agent", (f"{cmd.target_agent!r} is crosstalk's own agent name (CROSSTALK_AGENT_NAME); "
                                 "name the agent your own worker registers")
+    return None
+
+
+def scriptless(chosen: list[Scenario], settings: Settings, *, customer_only: bool) -> str | None:
+    """Why CROSSTALK_MODEL=scripted cannot play a chosen scenario (the first without a script for crosstalk's
+    roles: the customer's against a target agent), or None."""
+    if settings.model_choice != "scripted":
+        return None
+    for sc in chosen:
+        if not (sc.lines_for("customer") if customer_only else sc.script):
+            return (f"scenario {sc.id!r} ({sc.display_label}) has no crosstalk script, and CROSSTALK_MODEL=scripted "
+                    "only plays scripts: give it a `crosstalk: script:`, or run it on the local model "
+                    "(CROSSTALK_MODEL=local or auto)")
     return None
 
 

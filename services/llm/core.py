@@ -1,0 +1,205 @@
+"""The local model's pure core: what to ask llama.cpp for a chat request, and the reply it makes of the answer.
+
+No I/O, no clock, no llama.cpp here: :mod:`.engine` generates, :mod:`.main` streams. The wire
+shapes (request decoding, chunks, the completion object) are the scripted model's
+(:mod:`services.model.core`), so both servers speak the same OpenAI dialect.
+
+How a request becomes a prompt (:func:`plan`): crosstalk's own lines in a system message (the
+``[crosstalk scenario=...]`` marker and the ``[crosstalk script]`` line, which only the scripted
+model reads) are dropped; system and developer messages become one system message; tool results
+and assistant messages without text (a bare tool call) are left out; a conversation with no user
+message yet gets a one-line cue to speak first.
+
+Tool calls, without trusting a small model to write them:
+
+- ``submit_verdict`` (a ``livekit.agents.evals`` judge, ``tool_choice="required"``): the answer is
+  constrained by a grammar to ``{"reasoning": "...", "verdict": "pass|fail|maybe"}`` and becomes the
+  call's arguments (:func:`verdict_reply`).
+- ``end_conversation`` (offered to both agents): the reply is spoken text; when that text takes
+  leave (a goodbye, see ``FAREWELL``) or names the tool, the text is followed by the call
+  (:func:`spoken_reply`). The caller's prompt asks it to say goodbye when its goal is met or the
+  agent gives up (shared/caller_prompt.py), so the goodbye is the model's decision.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import msgspec
+
+from services.model.core import ChatRequest, Reply, ended
+from shared.scenarios import END_TOOL
+
+VERDICT_TOOL = "submit_verdict"
+VERDICTS = ("pass", "fail", "maybe")
+
+# crosstalk's lines for the scripted model: the scenario marker and the embedded script
+_CROSSTALK_LINE = re.compile(r"^\[crosstalk[ \]].*$\n?", re.M)
+# a speaker label the model sometimes writes before its line ("Caller: ...", "**Agent:** ...")
+_LABEL = re.compile(r"^\s*\**\s*(?:caller|customer|user|agent|assistant|support(?: agent)?|you)\s*\**\s*:\s*\**\s*",
+                    re.I)
+FAREWELL = re.compile(r"\b(good-?bye|bye|have a (?:nice|good|great|lovely) (?:day|evening|one)|take care)\b", re.I)
+_TOOL_MENTION = re.compile(r"\[?\s*(?:call(?:ing)?\s+(?:the\s+)?)?`?" + END_TOOL + r"`?(?:\(\))?\s*(?:tool)?\s*\]?\.?",
+                           re.I)
+
+FIRST_TURN_CUE = "(The call has just been connected. Say your first line.)"
+STOP = ["\n", "<|im_end|>", "<end_of_turn>", "Agent:", "Caller:", "You:"]
+_ROLE = re.compile(r"\[crosstalk scenario=\S+ role=(customer|support)")
+
+# llama.cpp GBNF: a short reasoning, then the verdict; the key order keeps the reasoning first
+VERDICT_GRAMMAR = r'''
+root ::= "{\"reasoning\": \"" text "\", \"verdict\": \"" verdict "\"}"
+text ::= [^"\\\n]{1,300}
+verdict ::= "pass" | "fail" | "maybe"
+'''
+VERDICT_FORMAT = ('Answer with JSON only: {"reasoning": "<one sentence citing the conversation>", '
+                  '"verdict": "pass" or "fail" or "maybe"}.')
+
+
+class Plan(msgspec.Struct, frozen=True):
+    """What to generate for one request: a chat (``messages``, the model's template) or a raw ``prompt``."""
+
+    messages: list[dict[str, str]]
+    kind: str  # "verdict" (grammar-constrained submit_verdict arguments) | "speech" (one spoken turn) | "silent"
+    max_tokens: int
+    temperature: float
+    offers_end: bool
+    role: str  # metrics/log label: judge | agent
+    prompt: str | None = None  # speech: the call as a transcript to continue (see transcript_prompt)
+
+
+def _merge(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+    for m in messages:
+        if out and out[-1]["role"] == m["role"]:
+            out[-1] = {"role": m["role"], "content": out[-1]["content"] + "\n" + m["content"]}
+        else:
+            out.append(m)
+    return out
+
+
+def prompt_messages(req: ChatRequest) -> list[dict[str, str]]:
+    """The request as a plain system/user/assistant conversation for the model's chat template."""
+    system: list[str] = []
+    turns: list[dict[str, str]] = []
+    for m in req.messages:
+        text = m.text()
+        if m.role in ("system", "developer"):
+            text = _CROSSTALK_LINE.sub("", text).strip()
+            if text:
+                system.append(text)
+        elif m.role in ("user", "assistant") and text.strip():
+            turns.append({"role": m.role, "content": text.strip()})
+    if not any(t["role"] == "user" for t in turns):
+        turns.insert(0, {"role": "user", "content": FIRST_TURN_CUE})
+    head = [{"role": "system", "content": "\n".join(system)}] if system else []
+    return _merge(head + turns)
+
+
+def plan(req: ChatRequest, *, max_tokens: int, temperature: float) -> Plan:
+    if ended(req.messages):  # the end tool was called and answered: nothing more to say
+        return Plan([], "silent", 0, 0.0, False, "agent")
+    messages = prompt_messages(req)
+    if req.offers(VERDICT_TOOL):
+        if messages and messages[0]["role"] == "system":
+            messages[0] = {"role": "system", "content": messages[0]["content"] + "\n" + VERDICT_FORMAT}
+        return Plan(messages, "verdict", max(max_tokens, 160), 0.0, False, "judge")
+    return Plan(messages, "speech", max_tokens, temperature, req.offers(END_TOOL), "agent",
+                transcript_prompt(messages, speaker_role(req)))
+
+
+def speaker_role(req: ChatRequest) -> str | None:
+    """customer | support from crosstalk's marker, None for a plain client."""
+    for m in req.messages:
+        if m.role in ("system", "developer") and (found := _ROLE.search(m.text())):
+            return found.group(1)
+    return None
+
+
+def transcript_prompt(messages: list[dict[str, str]], role: str | None) -> str:
+    """The call as a transcript for the model to continue with the speaker's next line.
+
+    Why not the chat template: a 135M instruct model asked in its template to *be* the caller answers
+    as the helpful assistant it was tuned to be ("How can I help you?"), measured on the scripted
+    scenarios; continuing a transcript after ``You:`` keeps it on the caller's side of the call.
+    """
+    peer = {"customer": "Agent", "support": "Caller"}.get(role or "", "Them")
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+    lines = [f"{'You' if m['role'] == 'assistant' else peer}: {m['content']}" for m in messages
+             if m["role"] != "system" and m["content"] != FIRST_TURN_CUE]
+    head = f"{system}\n\n" if system else ""
+    return head + "Call transcript:\n" + "".join(f"{line}\n" for line in lines) + "You:"
+
+
+def clean_start(text: str) -> str:
+    """The reply without a leading speaker label or quote marks."""
+    return _LABEL.sub("", text, count=1).lstrip().lstrip('"“')
+
+
+def spoken_reply(raw: str, offers_end: bool) -> Reply:
+    """One spoken turn from the model's text; a goodbye (or the tool named) ends the call when offered."""
+    text = clean_start(raw).strip().rstrip('"”').strip()
+    named = bool(_TOOL_MENTION.search(text)) if END_TOOL in text.lower() else False
+    if named:
+        text = _TOOL_MENTION.sub("", text).strip()
+    ends = offers_end and (named or bool(FAREWELL.search(text)))
+    if not text and not ends:
+        text = "Sorry, could you say that again?"
+    return Reply(text, ends, "agent")
+
+
+def verdict_arguments(raw: str) -> dict[str, str]:
+    """``{"verdict", "reasoning"}`` from the grammar-constrained answer; ``maybe`` if it is not one."""
+    try:
+        got: Any = json.loads(raw)
+        verdict, reasoning = str(got["verdict"]), str(got["reasoning"]).strip()
+    except (ValueError, TypeError, KeyError):
+        return {"verdict": "maybe", "reasoning": f"the local model gave no valid verdict: {raw[:200]!r}"}
+    if verdict not in VERDICTS:
+        verdict = "maybe"
+    return {"verdict": verdict, "reasoning": reasoning or "no reasoning given"}
+
+
+def verdict_reply(raw: str) -> Reply:
+    return Reply("", True, "judge", VERDICT_TOOL, json.dumps(verdict_arguments(raw), ensure_ascii=False))
+
+
+class SpokenStream:
+    """Streams a spoken turn as it is generated, holding back what :func:`spoken_reply` may still cut.
+
+    A leading speaker label is only known after a few characters, and a trailing mention of the end
+    tool only at the end: the first ``_HEAD`` characters wait, and so does the last word and anything
+    from a ``[``, a backquote or ``end_conv`` on.
+    """
+
+    _HEAD = 16
+    _HOLD = re.compile(r"\[|`|end_conv|\(\)", re.I)
+
+    def __init__(self, offers_end: bool) -> None:
+        self.offers_end = offers_end
+        self.raw = ""
+        self.sent = ""
+
+    def feed(self, piece: str) -> str:
+        self.raw += piece
+        if len(self.raw) < self._HEAD:
+            return ""
+        safe = clean_start(self.raw)
+        hold = self._HOLD.search(safe)
+        if hold is not None:
+            safe = safe[: hold.start()]
+        safe = safe[: safe.rfind(" ") + 1] if " " in safe else ""
+        return self._advance(safe)
+
+    def finish(self) -> tuple[str, Reply]:
+        reply = spoken_reply(self.raw, self.offers_end)
+        rest = self._advance(reply.text)
+        return rest, msgspec.structs.replace(reply, text=self.sent.strip())  # what the client was sent
+
+    def _advance(self, safe: str) -> str:
+        if not safe.startswith(self.sent) or len(safe) <= len(self.sent):
+            return ""
+        out, self.sent = safe[len(self.sent):], safe
+        return out
