@@ -254,6 +254,13 @@ async def test_an_older_attempts_wav_goes_when_a_newer_attempt_is_dispatched(tmp
             assert wav.exists()  # the same attempt: its own file
             await docs.apply(msgspec.structs.replace(again, attempt=2), SimpleNamespace())  # type: ignore[arg-type]
             assert wav.exists() == (mode == "text"), mode
+        # the dispatch read late, after attempt 2's own recording was merged: that file stays
+        wav.write_bytes(b"RIFF attempt 2")
+        figures = voice.conversation_metrics(np.zeros((RATE, 2), dtype=np.int16), RATE, [], 1.0, "r", attempt=2)
+        docs._docs["b1"] = BatchDoc(batch_id="b1", mode="voice", conversations={
+            "c1": ConversationEntry(attempts=1, voice=figures)})
+        await docs.apply(msgspec.structs.replace(again, attempt=2), SimpleNamespace())  # type: ignore[arg-type]
+        assert wav.exists()
     finally:
         io.close()
 

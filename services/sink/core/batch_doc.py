@@ -214,6 +214,8 @@ def superseded_recording(old: BatchDoc, new: BatchDoc, event: BatchDocEvent) -> 
     before, after = old.conversations.get(event.conversation_id), new.conversations.get(event.conversation_id)
     if before is None or after is None or not 0 < before.attempts < after.attempts:
         return None
+    if after.voice is not None and after.voice.attempt >= event.attempt:
+        return None  # the sink read the dispatch late: the file on disk is already this attempt's own
     return event.conversation_id
 
 
