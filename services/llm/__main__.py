@@ -26,8 +26,9 @@ def main() -> None:
     log = setup("llm")
     settings = load_or_exit(log)
     config = LlmConfig(package=settings.llm_package, model_name=settings.llm_name, slots=settings.llm_slots,
+                       contexts=settings.llm_contexts,
                        threads=settings.llm_threads, max_waiting=settings.llm_max_waiting,
-                       max_tokens=settings.llm_max_tokens, cache_dir=settings.data_dir / "models")
+                       max_tokens=settings.llm_max_tokens)
     try:  # before anything listens: a missing package is named, and supervisord sees the exit
         load_llama()
         weights_path(config.package, config.cache_dir)  # assembled once here, before the metrics port opens

