@@ -10,7 +10,7 @@ in the room. This worker registers under NAME and does the least an agent can do
 connect (no subscriptions, nothing published), stay, and shut the job down once no
 non-agent participant is left, so it is the baseline for what a dispatch-to-join costs on
 this server and this machine. Its ``AgentServer`` is the crosstalk worker's own
-(``worker.server.agent_server``: thread executor, load shaping, idle runners) so the two are comparable.
+(``worker.lifecycle.server.agent_server``: thread executor, load shaping, idle runners) so the two are comparable.
 
 ``--announce`` sets one participant attribute right after connecting, as an
 ``AgentSession`` does with ``lk.agent.state``. That matters for what lk measures:
@@ -39,7 +39,7 @@ from livekit.agents import AgentServer, AutoSubscribe, JobContext
 
 from shared import bus
 from shared.log import kv, setup
-from worker.server import agent_server, serve
+from worker.lifecycle.server import agent_server, serve
 
 log = logging.getLogger("echo_agent")
 

@@ -281,7 +281,7 @@ class JobMetadata(Struct, frozen=True, kw_only=True):
     # worker builds the scenario from it instead of its own library.
     scenario_doc: dict[str, Any] | None = None
     trial: int | None = None
-    # set: this job is crosstalk's customer against the user's agent of that name (worker/simulator.py)
+    # set: this job is crosstalk's customer against the user's agent of that name (worker/simulator/customer.py)
     target_agent: Token | None = None
     target_metadata: TargetMetadata | None = None  # handed on as the target's dispatch metadata
 

@@ -18,8 +18,9 @@ log = logging.getLogger("worker")
 def main() -> None:
     setup("worker")
     settings = config.load_or_exit(log)
-    from worker.capacity import Announcer
-    from worker.server import build, serve
+    from worker.lifecycle.capacity import Announcer
+    from worker.lifecycle.server import serve
+    from worker.main import build
 
     wm = metrics.WorkerMetrics()
     port = metrics.serve("worker", settings.metrics_host, settings.metrics_port)
@@ -28,7 +29,7 @@ def main() -> None:
                                          executor=settings.worker_executor, metrics_port=port,
                                          max_jobs=settings.worker_max_jobs))
 
-    watchdog = subprocess.Popen([sys.executable, "-m", "worker.watchdog", str(os.getpid()), str(port),
+    watchdog = subprocess.Popen([sys.executable, "-m", "worker.lifecycle.watchdog", str(os.getpid()), str(port),
                                  str(settings.worker_hang_s)])
 
     async def beat() -> None:
@@ -38,7 +39,7 @@ def main() -> None:
 
     async def run(stop: asyncio.Event) -> None:
         beating = asyncio.create_task(beat())
-        # Capacity heartbeats on NATS (worker/capacity.py), from the moment livekit-server has
+        # Capacity heartbeats on NATS (worker/lifecycle/capacity.py), from the moment livekit-server has
         # registered this worker: before that, announced slots could not be given jobs.
         nc = await bus.connect(settings.nats_url, "worker-capacity")
         announcer = Announcer(nc, server, agent_name=settings.agent_name, max_jobs=settings.worker_max_jobs,

@@ -1,12 +1,14 @@
 """One worker job: ask for a role, join, talk, report, leave.
 
-Flow: decode the dispatch metadata -> ``role.request`` (denied: leave at once; worker/lease.py)
+Flow: decode the dispatch metadata -> ``role.request`` (denied: leave at once; worker/lifecycle/lease.py)
 -> connect -> announce role -> wait for the peer agent -> start an ``AgentSession`` linked to
-the peer (worker/session.py) -> announce ready -> the customer speaks first once the support
+the peer (worker/pair/session.py) -> announce ready -> the customer speaks first once the support
 agent is ready -> every assistant message is recorded as a ``TurnRecorded`` event
-(worker/reports.py) and sent to the peer, turn by turn as worker/turns.py decides
-(worker/conversation.py) -> the call ends on ``end_conversation`` or ``max_turns`` -> report
-the end, release the lease, shut the job down.
+(worker/lifecycle/reports.py) and sent to the peer, turn by turn as worker/lifecycle/turns.py decides
+(worker/pair/conversation.py) -> the call ends on ``end_conversation`` or ``max_turns`` -> report
+the end, release the lease, shut the job down. Against the user's own agent (``target_agent``) the
+job is crosstalk's customer calling it instead: the same role request and lease, then
+worker/simulator/customer.py ``talk`` in place of ``talk`` below.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ from shared.log import kv
 from shared.metrics import WorkerMetrics
 from shared.scenario_files import ScenarioFileError
 from shared.scenarios import Scenario
-from worker import lease, recorder, session, simulator
-from worker.bridge import RoomBridge, peer_role
-from worker.conversation import Conversation
-from worker.reports import Reports
-from worker.voice_conversation import VoiceConversation
+from worker.lifecycle import lease
+from worker.lifecycle.reports import Reports
+from worker.pair import session
+from worker.pair.bridge import RoomBridge, peer_role
+from worker.pair.conversation import Conversation
+from worker.pair.voice_conversation import VoiceConversation
+from worker.simulator import customer as simulator
+from worker.voice import recorder
 
 log = logging.getLogger("worker.job")
 
@@ -144,7 +149,7 @@ async def talk(ctx: JobContext, settings: Settings, meta: JobMetadata, scenario:
 
 def conversation(settings: Settings, meta: JobMetadata, scenario: Scenario, reports: Reports,
                  keeper: lease.LeaseKeeper, bridge: RoomBridge) -> Conversation:
-    """Text mode's conversation, or voice mode's with this role's voice plan (worker/voice.py)."""
+    """Text mode's conversation, or voice mode's with this role's voice plan (worker/voice/speech.py)."""
     if meta.mode != "voice":
         return Conversation(reports=reports, bridge=bridge, lease=keeper)
     p = voiceplan.plan(scenario, reports.role, meta.language, settings)

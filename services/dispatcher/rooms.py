@@ -152,7 +152,7 @@ class Rooms:
 
     async def agent_count(self, room: str) -> int:
         """Agent participants now in ``room`` (0 if the room is gone), crosstalk's simulated customer
-        included: a standard participant carrying ``lk.simulator`` (target batches, worker/simulator.py)."""
+        included: a standard participant carrying ``lk.simulator`` (target batches, worker/simulator/customer.py)."""
         try:
             res = await self._call("list_participants", lambda: self._api.room.list_participants(
                 api.ListParticipantsRequest(room=room)))

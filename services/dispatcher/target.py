@@ -1,8 +1,8 @@
 """The user's own agent (``batch.start`` ``target_agent``): what the dispatcher does differently for it.
 
 With a target, an attempt's room gets one dispatch of crosstalk's own agent name: the job that
-plays the customer (worker/simulator.py). That job dispatches the target itself, once it is in
-the room (worker/target_dispatch.py): the target then finds the customer in its join response.
+plays the customer (worker/simulator/customer.py). That job dispatches the target itself, once it is in
+the room (worker/simulator/target_dispatch.py): the target then finds the customer in its join response.
 Dispatched at the same time, the target could join first and get the customer's first words
 over the data channel before the signalling told it the customer exists; livekit-agents'
 RoomIO then drops them ("participant not found, ignoring text input", seen here in 2 of 2

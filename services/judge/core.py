@@ -27,7 +27,7 @@ from shared.metrics import reason_label
 from .checks import AGENT, Criterion, Turn, Verdict
 
 JUDGMENT_VERSION = 2
-# The agent under test's own failures (worker/simulator.py ends them; the dispatcher never retries them).
+# The agent under test's own failures (worker/simulator/customer.py ends them; the dispatcher never retries them).
 AGENT_FAULTS = frozenset({"target_no_show", "target_silent", "target_unresponsive", "target_left"})
 WHAT_IT_MEANS = {
     "target_no_show": "the agent never joined the call, or never got ready to listen",

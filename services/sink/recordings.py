@@ -1,7 +1,7 @@
 """Voice mode: a conversation's stereo recording and its voice metrics, from the two listeners' channels.
 
 Each agent records the peer's track as its subscription received it and puts that channel in
-the JetStream object store (worker/recorder.py), then publishes a ``RecordingChannel`` event.
+the JetStream object store (worker/voice/recorder.py), then publishes a ``RecordingChannel`` event.
 On each such event the sink looks for both channels of that attempt; once both are there it
 merges them (customer left, support right, from the conversation's first audio), writes
 ``recordings/<conversation_id>.wav`` atomically, measures the voice metrics on that file and the

@@ -45,7 +45,7 @@ pytestmark = pytest.mark.e2e
 BATCH = "vfault"
 CONVERSATIONS = 3
 MAX_TURNS = 4
-FRAME_S = 0.01  # speech located to the 10-ms frame, as the worker's tap locates it (worker/recorder.py)
+FRAME_S = 0.01  # speech located to the 10-ms frame, as the worker's tap locates it (worker/voice/recorder.py)
 MAX_DEVIATION_S = 0.02
 NAMED = re.compile(r"^[a-z_]+(: |$)")  # a reason starts with its name (shared/metrics.py REASONS)
 

@@ -1,7 +1,7 @@
 """Admission by the workers' real capacity (issue 12), against real nats-server and livekit-server.
 
 The fake agent workers announce their capacity with the real worker's code
-(worker/capacity.py); what the tests assert about load comes from the workers' own
+(worker/lifecycle/capacity.py); what the tests assert about load comes from the workers' own
 reports (their heartbeats and the job counts their entrypoints log), not from the
 dispatcher's decisions.
 """

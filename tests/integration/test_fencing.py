@@ -29,7 +29,7 @@ from services.sink.main import Sink
 from shared import bus, contracts, subjects
 from shared.contracts import RenewReply, RoleRenew, RoleReply, RoleRequest, TurnRecorded
 from shared.metrics import AllocatorMetrics
-from worker.lease import LeaseKeeper
+from worker.lifecycle.lease import LeaseKeeper
 
 LEASE_S = 1.0
 

@@ -8,8 +8,8 @@ from typing import Any
 from livekit import api, rtc
 from support.servers import Server
 
-from worker.server import init_rtc
-from worker.transcription import ATTR_FINAL, ATTR_SEGMENT, TOPIC, CoalescedTranscription
+from worker.lifecycle.server import init_rtc
+from worker.voice.transcription import ATTR_FINAL, ATTR_SEGMENT, TOPIC, CoalescedTranscription
 
 TURNS = [
     "Hello, thank you for calling. How can I help you with your account today?",

@@ -11,11 +11,11 @@ fails closed: it leaves without a role, as the real worker does), connects, publ
 - ``leave``: disconnects right after joining without any end event (an agent that died).
 - ``stall``: accepts the job and never joins (placed by livekit-server, never joined).
 
-Like the real worker it announces its capacity on NATS (``worker/capacity.py``, the same code):
+Like the real worker it announces its capacity on NATS (``worker/lifecycle/capacity.py``, the same code):
 ``CROSSTALK_WORKER_MAX_JOBS`` sessions (default 16), and its load says full at that many. Each
 job start logs ``jobs running=<n> peak=<m>`` (counted by the entrypoints, not sampled).
 
-Its ``AgentServer`` is the worker's own (``worker.server.agent_server``). Run:
+Its ``AgentServer`` is the worker's own (``worker.lifecycle.server.agent_server``). Run:
 ``python -m support.fake_agent`` with ``PYTHONPATH=<repo>:<repo>/tests`` (``harness.Procs.fake_agent``
 does), NATS_URL and LIVEKIT_* set. It prints ``READY <livekit worker id> <worker id>`` once
 livekit-server has registered it.
@@ -44,9 +44,9 @@ from shared.contracts import (
     RoleReply,
     RoleRequest,
 )
-from worker.capacity import Announcer, JobCounter
-from worker.lease import request_role
-from worker.server import agent_server
+from worker.lifecycle.capacity import Announcer, JobCounter
+from worker.lifecycle.lease import request_role
+from worker.lifecycle.server import agent_server
 
 log = logging.getLogger("fake_agent")
 

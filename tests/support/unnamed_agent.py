@@ -14,7 +14,7 @@ import signal
 
 from livekit.agents import AgentServer, JobContext, JobExecutorType, JobRequest
 
-from worker.server import serve
+from worker.lifecycle.server import serve
 
 
 async def entrypoint(ctx: JobContext) -> None:  # never runs: every request is rejected

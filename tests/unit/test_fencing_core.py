@@ -155,7 +155,7 @@ class Replies:
 
 
 def keeper(nc: Any, clock: FakeClock) -> Any:
-    from worker.lease import LeaseKeeper
+    from worker.lifecycle.lease import LeaseKeeper
 
     lost: list[str] = []
     k = LeaseKeeper(nc, room="r1", job_id="AJ_a", role="customer", lease=5, lease_s=3.0, sent_at=0.0,
@@ -182,7 +182,7 @@ async def test_keeper_extends_from_the_send_time_and_stops_on_a_refusal() -> Non
 async def test_keeper_gives_up_at_the_deadline_when_nobody_answers() -> None:
     import time
 
-    from worker.lease import LeaseKeeper
+    from worker.lifecycle.lease import LeaseKeeper
 
     lost: list[str] = []
     sent = time.monotonic()
@@ -219,8 +219,8 @@ async def test_a_turn_that_fails_ends_the_conversation_at_once_with_the_reason()
     from prometheus_client import CollectorRegistry
 
     from shared.metrics import WorkerMetrics
-    from worker.conversation import Conversation
-    from worker.reports import Reports
+    from worker.lifecycle.reports import Reports
+    from worker.pair.conversation import Conversation
 
     async def publish(*_: Any, **__: Any) -> None:
         raise RuntimeError("stream gone")
@@ -236,8 +236,8 @@ async def test_no_turn_is_published_on_a_lease_that_may_have_ended() -> None:
     from prometheus_client import CollectorRegistry
 
     from shared.metrics import WorkerMetrics
-    from worker.conversation import Conversation
-    from worker.reports import Reports
+    from worker.lifecycle.reports import Reports
+    from worker.pair.conversation import Conversation
 
     published: list[TurnRecorded] = []
 

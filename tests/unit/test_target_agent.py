@@ -23,9 +23,10 @@ from shared.capacity import Capacity
 from shared.config import Settings
 from shared.contracts import BatchAccepted, BatchSpec, ConversationEnded, JobMetadata, StartBatch
 from shared.scenarios import library
-from worker import simulator, target_dispatch
-from worker.target_link import ATTR_AGENT_NAME, TargetLink
-from worker.target_reply import Reply, left_reason, overdue_reason
+from worker.simulator import customer as simulator
+from worker.simulator import target_dispatch
+from worker.simulator.target_link import ATTR_AGENT_NAME, TargetLink
+from worker.simulator.target_reply import Reply, left_reason, overdue_reason
 
 SETTINGS = Settings(max_conversations=1000, max_concurrency=200, join_deadline_s=10.0, conversation_timeout_s=100.0)
 SCENARIOS = library()

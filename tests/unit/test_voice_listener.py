@@ -1,4 +1,4 @@
-"""The voice listener as a person would be (worker/voice_conversation.py, worker/simulator_voice.py):
+"""The voice listener as a person would be (worker/pair/voice_conversation.py, worker/simulator/voice_conversation.py):
 a turn its STT heard as nothing is answered "sorry, I didn't catch that" in its own language, never
 with an empty message or silence; a call whose turns went by without audio is not completed.
 
@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from livekit import rtc
 
-import worker.voice_conversation as vc
+import worker.pair.voice_conversation as vc
 from shared.voiceplan import VoicePlan
-from worker import voice as voice_mode
-from worker.recorder import Tap
-from worker.simulator_voice import SimVoiceConversation
-from worker.turns import End
-from worker.voice_conversation import VoiceConversation
+from worker.lifecycle.turns import End
+from worker.pair.voice_conversation import VoiceConversation
+from worker.simulator.voice_conversation import SimVoiceConversation
+from worker.voice import speech as voice_mode
+from worker.voice.recorder import Tap
 
 RATE = 16000
 
@@ -187,8 +187,8 @@ def speak(tap: Tap, seconds: float, loud: bool, at: float) -> None:
 
 async def test_an_unprompted_turn_takes_its_own_audio_and_transcripts_never_the_next_answers() -> None:
     """A greeting (turn 0) and a follow-up the customer's STT heard while listening: each is recorded
-    with its own span and heard text; the answer after each holds only its own (worker/simulator_voice.py)."""
-    from worker.target_reply import Reply
+    with its own span and heard text; the answer after each holds only its own (worker/simulator/voice_conversation.py)."""
+    from worker.simulator.target_reply import Reply
 
     link = SimpleNamespace(agent_name="acme", room=None)
     reports: Any = SimpleNamespace(role="customer", room="r1", meta=SimpleNamespace(max_turns=8))

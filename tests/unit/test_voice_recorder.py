@@ -1,4 +1,4 @@
-"""The listener's recording tap (worker/recorder.py): samples on the audio's clock, lost stretches padded,
+"""The listener's recording tap (worker/voice/recorder.py): samples on the audio's clock, lost stretches padded,
 speech spans and the first speech found, on real livekit-rtc frames."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from livekit import rtc
 
-from worker.recorder import Tap
+from worker.voice.recorder import Tap
 
 RATE = 16000
 FRAME = RATE // 20  # 50 ms
@@ -63,7 +63,7 @@ def test_speech_is_located_to_the_10_ms_block_inside_a_long_frame() -> None:
 
 # ---- re-sync: audio placed by the frames' own timeline under synthetic arrival patterns -------------
 
-STEP = 0.1  # the worker's frames: 100 ms (worker/voice.py INPUT_FRAME_MS)
+STEP = 0.1  # the worker's frames: 100 ms (worker/voice/speech.py INPUT_FRAME_MS)
 LATENCY = 0.05  # the room's steady delivery delay: frame k's audio ends at its arrival k * STEP + STEP + LATENCY
 TOLERANCE_S = 0.02
 

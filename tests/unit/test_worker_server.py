@@ -9,7 +9,7 @@ import sys
 import pytest
 from livekit.agents.telemetry import loop_monitor
 
-from worker import server
+from worker.lifecycle import server
 
 
 def test_loop_monitor_is_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:

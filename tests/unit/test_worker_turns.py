@@ -1,4 +1,4 @@
-"""Turn-taking decisions (worker/turns.py): who speaks which turn, and when the call ends. No room, no clock.
+"""Turn-taking decisions (worker/lifecycle/turns.py): who speaks which turn, and when the call ends. No room, no clock.
 
 Between crosstalk's two agents turns alternate; against the user's own agent (the target) its turns take
 the next free index: it may greet first and speak several turns in a row.
@@ -6,7 +6,7 @@ the next free index: it may greet first and speak several turns in a row.
 
 from __future__ import annotations
 
-from worker.turns import TIMEOUT, End, Speak, Turns, peer_left, turn_failed
+from worker.lifecycle.turns import TIMEOUT, End, Speak, Turns, peer_left, turn_failed
 
 
 def test_the_customer_speaks_even_turns_the_support_agent_odd_ones() -> None:

@@ -33,7 +33,7 @@ while True:
     live = subprocess.Popen([sys.executable, "-c", script, "1000"])
     try:
         time.sleep(1.5)
-        dog = subprocess.Popen([sys.executable, "-m", "worker.watchdog", str(live.pid), str(port), "5"], cwd=ROOT)
+        dog = subprocess.Popen([sys.executable, "-m", "worker.lifecycle.watchdog", str(live.pid), str(port), "5"], cwd=ROOT)
         time.sleep(8)
         assert live.poll() is None, "a worker with a fresh heartbeat is left alone"
         dog.terminate()
@@ -47,7 +47,7 @@ while True:
     try:
         time.sleep(1.5)
         dumps = tmp_path / "dumps"
-        dog = subprocess.Popen([sys.executable, "-m", "worker.watchdog", str(frozen.pid), str(port2), "5"], cwd=ROOT,
+        dog = subprocess.Popen([sys.executable, "-m", "worker.lifecycle.watchdog", str(frozen.pid), str(port2), "5"], cwd=ROOT,
                                stderr=subprocess.PIPE, env={**os.environ, "CROSSTALK_WATCHDOG_DUMP": str(dumps)})
         frozen.wait(300)  # the watchdog saves its stacks, then SIGKILLs it once the heartbeat is 5 s old
         assert frozen.returncode == -9

@@ -259,7 +259,7 @@ def mark_recording_missing(doc: BatchDoc) -> BatchDoc:
     are completed): a recording the sink has not merged by then is missing, and the conversation says
     so instead of quietly leaving the voice summary. Like a short transcript, it moves the conversation
     to ``failed`` and the batch with it. Each listener uploads its channel before it reports an end
-    (worker/job.py, worker/simulator.py), but the dispatcher settles on the first end, so the other
+    (worker/job.py, worker/simulator/customer.py), but the dispatcher settles on the first end, so the other
     channel may still be on its way: a recording that arrives after all puts the conversation back
     (:func:`set_voice`). Applying it again, or the event again, gives the same document.
     """

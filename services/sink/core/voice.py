@@ -19,7 +19,7 @@ import numpy as np
 
 from shared import wer as wer_mod
 
-SPEECH_RMS = 300.0  # int16 RMS of a speech window (about -40 dBFS); as the worker's tap (worker/recorder.py)
+SPEECH_RMS = 300.0  # int16 RMS of a speech window (about -40 dBFS); as the worker's tap (worker/voice/recorder.py)
 WINDOW_S = 0.02
 BRIDGE_S = 0.3  # pauses shorter than this inside speech do not split it
 AWKWARD_S = 3.0  # a silence longer than this between speech is awkward
@@ -31,7 +31,7 @@ Segment = tuple[float, float]
 # Named outcomes of a voice conversation that has no figures (docs/ARCHITECTURE.md "Voice outcomes"):
 # crosstalk's own faults, never the agent's, so a failed conversation is counted apart as infra.
 RECORDING_MISSING = "recording_missing"  # its settled attempt's recording never reached the sink
-NO_AUDIO = "no_audio"  # a crosstalk listener heard no speech at all (worker/voice_conversation.py)
+NO_AUDIO = "no_audio"  # a crosstalk listener heard no speech at all (worker/pair/voice_conversation.py)
 
 
 class Channel(msgspec.Struct, frozen=True, kw_only=True):

@@ -35,7 +35,7 @@ class _RoleAgent(Agent):
 
     async def on_user_turn_completed(self, turn_ctx: ChatContext, new_message: ChatMessage) -> None:
         """Voice mode: the peer's speech ended (VAD) and was transcribed; the conversation decides
-        whether this is the end of its turn and the agent replies (worker/voice_conversation.py)."""
+        whether this is the end of its turn and the agent replies (worker/pair/voice_conversation.py)."""
         hear = getattr(self._ender, "on_user_turn", None)
         if hear is not None and not await hear(new_message.text_content or ""):
             raise StopResponse()

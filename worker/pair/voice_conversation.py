@@ -1,6 +1,6 @@
 """One agent's live conversation in voice mode: the peer is heard through its audio track.
 
-Same turn-taking as text mode (worker/turns.py), with what the room's audio adds:
+Same turn-taking as text mode (worker/lifecycle/turns.py), with what the room's audio adds:
 
 - The listener's input for a turn is what its STT made of the peer's speech, cut by Silero VAD
   (``Agent.on_user_turn_completed`` -> :meth:`VoiceConversation.on_user_turn`), every segment of it
@@ -16,7 +16,7 @@ Same turn-taking as text mode (worker/turns.py), with what the room's audio adds
 - An end (``end_conversation``, ``max_turns``) waits for the last turn to be heard.
 - A turn the STT heard as nothing (empty text) is reported as heard ``""`` (the sink counts it fully
   misheard) and answered as a person would: "sorry, I didn't catch that" in this role's language
-  (worker/voice.py ``say_again``), never a reply to an empty message nor silence.
+  (worker/voice/speech.py ``say_again``), never a reply to an empty message nor silence.
 - An end that would be ``ok`` is ``no_audio`` (failed, crosstalk's own fault: the dispatcher retries
   it) when this listener heard no speech at all from the peer's track although it heard the peer's
   turns, or when the peer heard none of this agent's turns: turns went by on text alone, which a
@@ -36,13 +36,13 @@ from livekit.agents.voice.events import UserStateChangedEvent
 
 from shared.log import kv
 from shared.voiceplan import VoicePlan
-from worker import voice as voice_mode
-from worker.bridge import RoomBridge
-from worker.conversation import Conversation
-from worker.lease import LeaseKeeper
-from worker.recorder import Tap
-from worker.reports import Reports
-from worker.turns import End, Speak
+from worker.lifecycle.lease import LeaseKeeper
+from worker.lifecycle.reports import Reports
+from worker.lifecycle.turns import End, Speak
+from worker.pair.bridge import RoomBridge
+from worker.pair.conversation import Conversation
+from worker.voice import speech as voice_mode
+from worker.voice.recorder import Tap
 
 log = logging.getLogger("worker.job")
 
@@ -65,8 +65,8 @@ class VoiceConversation(Conversation):
         self.plan = plan
         self.min_silence_s = min_silence_s
         self.end_grace_s = 60.0  # a goodbye is spoken, then heard, before its turn is recorded
-        self.tap: Tap | None = None  # set once the session listens (worker/session.py)
-        self.session: AgentSession | None = None  # set once the session runs (worker/session.py)
+        self.tap: Tap | None = None  # set once the session listens (worker/pair/session.py)
+        self.session: AgentSession | None = None  # set once the session runs (worker/pair/session.py)
         self._peer_heard_me: list[bool] = []  # per turn of mine the peer reported: did its tap hear speech
         self.origin: float | None = None  # the recording's time zero: the conversation's first audio
         self._texts: dict[int, asyncio.Future[str]] = {}  # the speaker's words per turn (lk.chat)

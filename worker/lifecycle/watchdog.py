@@ -2,14 +2,14 @@
 
 Measured here: under load a worker process froze for good (every thread waiting on the GIL),
 while livekit-server kept offering it jobs that timed out. The cause found with this watchdog's
-stack dumps, a CPython 3.11 deadlock in ``sys._current_frames()``, is avoided in worker/server.py;
+stack dumps, a CPython 3.11 deadlock in ``sys._current_frames()``, is avoided in worker/lifecycle/server.py;
 the watchdog stays as the backstop for any other freeze. A frozen process cannot notice itself,
 so this small process (no shared GIL) reads the
 worker's ``crosstalk_worker_heartbeat_timestamp_seconds`` from its /metrics; when that has not
 moved for ``CROSSTALK_WORKER_HANG_S`` (or /metrics does not answer), it kills the worker. The
 supervisor restarts it; the dispatcher retries the conversations it was running (``agent_left``).
 
-    python -m worker.watchdog <worker pid> <metrics port> [hang seconds]
+    python -m worker.lifecycle.watchdog <worker pid> <metrics port> [hang seconds]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def log(msg: str, level: str = "error", **fields: object) -> None:
 def dump(pid: int) -> None:
     """``CROSSTALK_WATCHDOG_DUMP=<dir>``: before the kill, save the frozen worker's native and Python
     stacks (gdb, py-spy; whichever is installed) there. This is how the loop-monitor deadlock in
-    worker/server.py was found."""
+    worker/lifecycle/server.py was found."""
     out = os.environ.get("CROSSTALK_WATCHDOG_DUMP", "").strip()
     if not out:
         return

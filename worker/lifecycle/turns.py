@@ -1,12 +1,12 @@
 """Turn-taking of one agent in one conversation: who speaks next, the turn index, when the call ends.
 
-Pure: no I/O, no clock, no asyncio. The caller (worker/conversation.py) feeds it what happened
+Pure: no I/O, no clock, no asyncio. The caller (worker/pair/conversation.py) feeds it what happened
 in the room and does what it returns: reply, publish turn ``n``, end the call.
 
 Between two crosstalk agents the customer speaks turn 0 and turns alternate, so each agent knows
 the next index locally: its own turns are every other index from its first, and a turn heard from
 the peer moves the next index to the one after it. Against the user's own agent (the target,
-worker/simulator.py) one job records both sides, so a target turn takes the next free index
+worker/simulator/customer.py) one job records both sides, so a target turn takes the next free index
 (:meth:`Turns.peer_turn`): the target may speak first (a greeting) or several turns in a row (a
 follow-up nobody asked for). The call ends after turn ``max_turns - 1``, when an agent asked for
 the end (``end_conversation``) has said its goodbye, or when the peer says it ended.
@@ -59,7 +59,7 @@ class Turns:
         return None
 
     def peer_turn(self, at: float, *, prompted: bool = True) -> tuple[int, End | None]:
-        """A peer turn this agent records itself (the target's, worker/simulator.py): the next free
+        """A peer turn this agent records itself (the target's, worker/simulator/conversation.py): the next free
         index, whoever spoke the turn before, and what :meth:`heard` says of it.
 
         ``prompted=False``: the peer spoke on its own (a greeting, a follow-up, or words it began

@@ -6,7 +6,7 @@ checks the same plan before a batch starts). Both roles run the same pipeline: `
 pointed at the speech API (crosstalk's offline speech service by default; OpenAI, or
 ``OPENAI_BASE_URL``, when configured) and Silero VAD, whose end of speech after
 ``CROSSTALK_VAD_MIN_SILENCE_S`` of silence ends the peer's turn. Each agent publishes a
-microphone track and listens to the peer agent's track only (worker/session.py).
+microphone track and listens to the peer agent's track only (worker/pair/session.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from livekit.agents import stt as lk_stt
 from livekit.agents import vad as lk_vad
 
 # silero registers itself as a plugin on import, which livekit-agents allows on the main thread only:
-# this module is imported there (worker/server.py), never first in a job thread
+# this module is imported there (worker/lifecycle/server.py), never first in a job thread
 from livekit.plugins import openai as lk_openai
 from livekit.plugins import silero
 

@@ -1,5 +1,5 @@
-"""The room as crosstalk's simulated customer sees it (worker/simulator.py): the target agent, its
-state, its replies on ``lk.transcription`` (complete as worker/target_reply.py says), what it says
+"""The room as crosstalk's simulated customer sees it (worker/simulator/customer.py): the target agent, its
+state, its replies on ``lk.transcription`` (complete as worker/simulator/target_reply.py says), what it says
 while nobody asked (unprompted: a greeting, a follow-up), and the customer's turns (text mode: on
 ``lk.chat``; voice mode: its microphone track carries them).
 
@@ -20,7 +20,7 @@ from typing import Any
 from livekit import rtc
 
 from shared.log import kv
-from worker.target_reply import Reply
+from worker.simulator.target_reply import Reply
 
 log = logging.getLogger("worker.simulator")
 
@@ -42,7 +42,7 @@ class TargetLink:
     """The room as the simulated customer sees it: the target agent, its state, its replies, what it
     says unprompted.
 
-    Duck-types :class:`worker.bridge.RoomBridge` for :class:`Conversation` (``peer``,
+    Duck-types :class:`worker.pair.bridge.RoomBridge` for :class:`Conversation` (``peer``,
     ``send_turn``, ``send_control``).
     """
 

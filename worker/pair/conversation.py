@@ -1,8 +1,8 @@
 """One agent's live conversation: room and session events in, turn-taking decisions out, effects run.
 
-:class:`worker.turns.Turns` decides (reply or not, which turn, when the call ends);
+:class:`worker.lifecycle.turns.Turns` decides (reply or not, which turn, when the call ends);
 this class feeds it what the room and the ``AgentSession`` report and does what it decides:
-records the turn (worker/reports.py), sends it to the peer (worker/bridge.py), ends the call.
+records the turn (worker/lifecycle/reports.py), sends it to the peer (worker/pair/bridge.py), ends the call.
 Each turn is recorded before the peer hears it, so a turn the peer answers is never lost.
 """
 
@@ -20,11 +20,11 @@ from livekit.agents.voice import room_io
 from livekit.agents.voice.events import ConversationItemAddedEvent, ErrorEvent
 
 from shared.log import kv
-from worker import turns
-from worker.bridge import ATTR_TURN, RoomBridge
-from worker.lease import LeaseKeeper
-from worker.reports import Reports
-from worker.turns import End, Speak, Turns
+from worker.lifecycle import turns
+from worker.lifecycle.lease import LeaseKeeper
+from worker.lifecycle.reports import Reports
+from worker.lifecycle.turns import End, Speak, Turns
+from worker.pair.bridge import ATTR_TURN, RoomBridge
 
 log = logging.getLogger("worker.job")
 

@@ -1,38 +1,45 @@
-"""The ``AgentSession`` of one job: its model client, its options, its room link to the peer agent.
+"""The ``AgentSession`` of one job, text or voice: its model client, its speech client, its options.
+
+livekit-agents keeps ``AgentSession`` under ``livekit.agents.voice`` for text sessions too; so does this.
+Both crosstalk's pair (worker/pair/session.py starts it in the room, linked to the peer agent) and the
+simulator's customer (worker/simulator/) build their session here.
 
 Text mode: text in, text out: no VAD, no turn detector, no audio, no barge-in between the agents. The
 session reads only the peer agent's ``lk.chat`` (AGENT participants accepted, that identity
-only); what the agent says goes out as a coalesced transcription (worker/transcription.py) and
-to the peer through the bridge (worker/conversation.py), not as the session's text output.
+only); what the agent says goes out as a coalesced transcription (worker/voice/transcription.py) and
+to the peer through the bridge (worker/pair/conversation.py), not as the session's text output.
 
-Voice mode (worker/voice.py): STT and TTS on the speech API, Silero VAD, the peer's microphone
-track in (16 kHz, 50 ms frames, through the recording tap of worker/recorder.py) and this agent's
+Voice mode (worker/voice/speech.py): STT and TTS on the speech API, Silero VAD, the peer's microphone
+track in (16 kHz, 50 ms frames, through the recording tap of worker/voice/recorder.py) and this agent's
 own microphone track out; the peer's ``lk.chat`` still carries each turn's words and index
-(worker/voice_conversation.py).
+(worker/pair/voice_conversation.py).
 """
 
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from typing import Any, Protocol
 
 import httpx2
 import openai
 from livekit import rtc
-from livekit.agents import AgentSession, JobContext
+from livekit.agents import AgentSession
 from livekit.agents.voice import room_io
 from livekit.plugins import openai as lk_openai
 
 from shared.config import Settings
-from shared.contracts import JobMetadata, Role
-from shared.scenarios import Scenario
+from shared.contracts import JobMetadata
 from shared.voiceplan import VoicePlan
-from worker import voice as voice_mode
-from worker.agents import agent_for
-from worker.conversation import Conversation
-from worker.recorder import Tap
-from worker.transcription import CoalescedTranscription
-from worker.voice_conversation import VoiceConversation
+from worker.voice import speech as voice_mode
+
+
+class Listener(Protocol):
+    """What a session's events go to: a conversation (worker/pair/conversation.py and its kin)."""
+
+    def on_item(self, ev: Any) -> None: ...
+
+    def on_error(self, ev: Any) -> None: ...
+
 
 # One TLS context per process: building one loads the CA store (0.1-0.2 s of CPU, measured in the
 # worker's loop-blocked warnings), which livekit-plugins-openai would otherwise do for every job.
@@ -73,22 +80,7 @@ def speech_client(settings: Settings) -> openai.AsyncClient:
     )
 
 
-@dataclass
-class Session:
-    agent: AgentSession
-    transcription: CoalescedTranscription
-    client: openai.AsyncClient
-    speech: openai.AsyncClient | None = None
-
-    async def aclose(self) -> None:
-        await self.agent.aclose()
-        await self.transcription.aclose()
-        await self.client.close()
-        if self.speech is not None:
-            await self.speech.close()
-
-
-def new_session(settings: Settings, meta: JobMetadata, conv: Conversation
+def new_session(settings: Settings, meta: JobMetadata, conv: Listener
                 ) -> tuple[AgentSession, openai.AsyncClient, openai.AsyncClient | None]:
     """The job's ``AgentSession`` (text, or voice with STT/TTS on the speech service), its model
     client and its speech client (voice), the assistant messages fed to ``conv``."""
@@ -102,7 +94,7 @@ def new_session(settings: Settings, meta: JobMetadata, conv: Conversation
             llm=lk_openai.LLM(model=settings.model_name, client=client),
             stt=stt,
             tts=tts,
-            vad=None,  # the VAD is inside the STT's stream adapter (worker/voice.py), once per listener
+            vad=None,  # the VAD is inside the STT's stream adapter (worker/voice/speech.py), once per listener
             user_away_timeout=None,
             # the end of the peer's speech (Silero VAD, CROSSTALK_VAD_MIN_SILENCE_S) ends its turn; no
             # barge-in between the agents, no reply before the turn is over
@@ -132,14 +124,14 @@ def new_session(settings: Settings, meta: JobMetadata, conv: Conversation
     return session, client, speech
 
 
-def text_session(settings: Settings, meta: JobMetadata, conv: Conversation) -> tuple[AgentSession, openai.AsyncClient]:
+def text_session(settings: Settings, meta: JobMetadata, conv: Listener) -> tuple[AgentSession, openai.AsyncClient]:
     """A text-only ``AgentSession`` on the job's model client, its assistant messages fed to ``conv``."""
     session, client, _ = new_session(settings, meta, conv)
     return session, client
 
 
 def audio_input() -> room_io.AudioInputOptions:
-    """Voice mode: the peer's track in at the listener's rate and frame size (worker/voice.py).
+    """Voice mode: the peer's track in at the listener's rate and frame size (worker/voice/speech.py).
 
     No auto gain control: RoomIO turns WebRTC's AGC on by default, one FFI round trip and a pass over
     every frame of every listener, to level a synthetic peer voice that needs none (and that the
@@ -155,36 +147,3 @@ def audio_output() -> room_io.AudioOutputOptions:
     return room_io.AudioOutputOptions(
         sample_rate=voice_mode.OUTPUT_RATE,
         track_publish_options=rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE, red=False))
-
-
-async def start(ctx: JobContext, settings: Settings, meta: JobMetadata, role: Role, scenario: Scenario,
-                conv: Conversation, peer: rtc.RemoteParticipant) -> Session:
-    session, client, speech = new_session(settings, meta, conv)
-    voice = isinstance(conv, VoiceConversation)
-    # what the agent says, on lk.transcription for anyone watching the room, a few chunks per
-    # second instead of one data packet per token (worker/transcription.py)
-    transcription = CoalescedTranscription(ctx.room)
-    session.output.transcription = transcription
-    await session.start(
-        agent_for(role, scenario, meta.language, conv),
-        room=ctx.room,
-        record=False,
-        # not a session host: nobody drives these sessions from a frontend, and hosting streams
-        # every state change and chat item to the room (lk.agent.session), i.e. to the peer agent
-        session_host=False,
-        room_options=room_io.RoomOptions(
-            text_input=room_io.TextInputOptions(text_input_cb=conv.on_peer_text),
-            audio_input=audio_input() if voice else False,
-            audio_output=audio_output() if voice else False,
-            text_output=False,  # the transcription goes out through CoalescedTranscription (set above)
-            participant_kinds=[rtc.ParticipantKind.PARTICIPANT_KIND_AGENT],
-            participant_identity=peer.identity,
-            close_on_disconnect=False,
-        ),
-    )
-    if isinstance(conv, VoiceConversation):
-        # the peer's track as the session hears it is also the recording of the peer's channel
-        conv.tap = Tap(session.input.audio, sample_rate=voice_mode.INPUT_RATE)
-        session.input.audio = conv.tap
-        conv.session = session  # to say "sorry, I didn't catch that" when the STT heard nothing
-    return Session(session, transcription, client, speech)

@@ -1,4 +1,5 @@
-"""The unified worker: one AgentServer, one agent name, every job.
+"""The one AgentServer of this project (the worker's, the tests' fake agent's, the benchmarks' echo
+agent's): one agent name, every job; the crosstalk worker's own wiring is in worker/main.py.
 
 Jobs run on the thread executor by default (many sessions per process; see
 benchmarks/ for the measured process-vs-thread comparison). ``load`` is the
@@ -16,12 +17,6 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from livekit.agents import AgentServer, JobContext, JobExecutorType, JobRequest
-
-from shared import config
-from shared.config import Settings
-from shared.metrics import WorkerMetrics
-from worker import job, voice
-from worker.capacity import JobCounter
 
 log = logging.getLogger("worker")
 
@@ -129,42 +124,3 @@ async def serve(server: AgentServer, stop: asyncio.Event) -> bool:
 
 async def accept(req: JobRequest) -> None:
     await req.accept()
-
-
-def build(settings: Settings, metrics: WorkerMetrics) -> AgentServer:
-    """The crosstalk worker: :func:`agent_server` running :mod:`worker.job`, its load on /metrics."""
-    global _metrics, _jobs
-    _metrics = metrics
-    _jobs = JobCounter(metrics)
-
-    # Silero VAD once per process, before any job (voice mode's sessions share it: worker/voice.py)
-    voice.process_vad(settings)
-
-    def on_load(active: int, value: float) -> None:
-        metrics.active_jobs.set(active)
-        metrics.load.set(value)
-
-    return agent_server(
-        entrypoint, agent_name=settings.agent_name, max_jobs=settings.worker_max_jobs, on_load=on_load,
-        executor=JobExecutorType.THREAD if settings.worker_executor == "thread" else JobExecutorType.PROCESS,
-        ws_url=settings.livekit_url, api_key=settings.livekit_api_key, api_secret=settings.livekit_api_secret,
-    )
-
-
-# Module-level (picklable) so the process executor can run jobs too; each job process loads the
-# settings from the same environment. Only the thread executor's jobs feed this process's /metrics.
-_metrics: WorkerMetrics | None = None
-_jobs = JobCounter()
-
-
-async def entrypoint(ctx: JobContext) -> None:
-    global _metrics
-    if _metrics is None:  # a job process of the process executor
-        from prometheus_client import CollectorRegistry
-
-        _metrics = WorkerMetrics(CollectorRegistry())
-    _jobs.enter()
-    try:
-        await job.run(ctx, config.load(), _metrics)
-    finally:
-        _jobs.exit()

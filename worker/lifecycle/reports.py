@@ -23,8 +23,8 @@ from shared.contracts import (
     TurnRecorded,
 )
 from shared.metrics import WorkerMetrics
-from worker.lease import LeaseKeeper
-from worker.turns import End
+from worker.lifecycle.lease import LeaseKeeper
+from worker.lifecycle.turns import End
 
 log = logging.getLogger("worker.job")
 

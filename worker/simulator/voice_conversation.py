@@ -1,6 +1,6 @@
 """Voice mode against the user's own agent (the target): crosstalk's customer talks through audio tracks.
 
-The customer (worker/simulator.py) runs a voice ``AgentSession`` on the speech API, in its own room
+The customer (worker/simulator/customer.py) runs a voice ``AgentSession`` on the speech API, in its own room
 connection as the standard ``lk.simulator`` participant: it publishes a microphone track and
 listens to the target's (an AGENT participant; Silero VAD's end of speech, then the STT). The
 target's dispatch says ``SIMULATION_MODE_AUDIO``, under which livekit-agents (1.8.9) keeps the
@@ -9,7 +9,7 @@ voice pipeline.
 
 A target turn is recorded once both sides of it are in: the target's own words (its
 ``lk.transcription`` segments, exactly as it published them, complete when it is back to
-``listening``: worker/target_reply.py) as ``text``, and what the customer's STT heard of its audio
+``listening``: worker/simulator/target_reply.py) as ``text``, and what the customer's STT heard of its audio
 (``heard_text``, ``heard_via: "stt"``), taken once that audio has been quiet for the VAD's
 silence. The customer then answers what it heard. Its own turns go out only as audio (no
 ``lk.chat``: the target would hear them twice); each is recorded with what the target's STT made of
@@ -17,19 +17,19 @@ it, as the target published it on ``lk.transcription`` (attribute ``lk.transcrib
 customer's track, final segments), or no ``heard_text`` if the target publishes none.
 
 The recording: the target's channel is the customer's subscription to it (the recording tap of
-worker/recorder.py); the customer's channel comes from a hidden recorder in the same job, a
+worker/voice/recorder.py); the customer's channel comes from a hidden recorder in the same job, a
 second connection (hidden, subscribe-only standard participant, invisible to the target) that
 subscribes to the customer's microphone track as livekit-server carries it. Both go to the sink
 like a crosstalk pair's channels (services/sink/recordings.py); time zero is the conversation's
 first speech (the customer's, or the target's greeting when it speaks first).
 
 What the target says while no customer turn waits for it (a greeting, a follow-up: an unprompted
-turn, worker/simulator.py) is heard like an answer, in the order it was said: once its audio is
+turn, worker/simulator/customer.py) is heard like an answer, in the order it was said: once its audio is
 quiet and transcribed it takes its own transcripts and audio span (:meth:`SimVoiceConversation.unprompted_span`),
 so the next answer's ``heard_text`` and span hold that answer only.
 
 What a person on the line would notice counts as they would: a target turn the customer's STT heard
-as nothing is answered "sorry, I didn't catch that" (worker/voice.py ``say_again``), never with an
+as nothing is answered "sorry, I didn't catch that" (worker/voice/speech.py ``say_again``), never with an
 empty message; a call the target answered only in text, its audio never reaching the customer, is
 the target's failure (``target_silent``, judged a failed test), and one where crosstalk's own
 customer was never heard on its track is crosstalk's (``no_audio``, infra, retried).
@@ -50,14 +50,14 @@ from shared.config import Settings
 from shared.contracts import JobMetadata
 from shared.log import kv
 from shared.voiceplan import VoicePlan
-from worker import recorder
-from worker import session as sessions
-from worker import voice as voice_mode
-from worker.recorder import Tap
-from worker.simulator import SimConversation
-from worker.target_link import ATTR_AGENT_STATE
-from worker.target_reply import BUSY_STATES, Reply
-from worker.turns import End, Speak
+from worker.lifecycle.turns import End, Speak
+from worker.simulator.conversation import SimConversation
+from worker.simulator.target_link import ATTR_AGENT_STATE
+from worker.simulator.target_reply import BUSY_STATES, Reply
+from worker.voice import recorder
+from worker.voice import session as sessions
+from worker.voice import speech as voice_mode
+from worker.voice.recorder import Tap
 
 log = logging.getLogger("worker.simulator")
 
