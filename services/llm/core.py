@@ -44,7 +44,8 @@ _TOOL_MENTION = re.compile(r"\[?\s*(?:call(?:ing)?\s+(?:the\s+)?)?`?" + END_TOOL
                            re.I)
 
 FIRST_TURN_CUE = "(The call has just been connected. Say your first line.)"
-STOP = ["\n", "<|im_end|>", "<end_of_turn>", "Agent:", "Caller:", "You:"]
+TRANSCRIPT = "Transcript:"
+STOP = ["\n", "<|im_end|>", "<end_of_turn>", "Agent:", "Caller:"]
 _ROLE = re.compile(r"\[crosstalk scenario=\S+ role=(customer|support)")
 
 # llama.cpp GBNF: a short reasoning, then the verdict, as two lines of text (the call's JSON is built
@@ -68,6 +69,7 @@ class Plan(msgspec.Struct, frozen=True):
     offers_end: bool
     role: str  # metrics/log label: judge | agent
     prompt: str | None = None  # speech: the call as a transcript to continue (see transcript_prompt)
+    transcript_at: int = 0  # where the transcript starts in ``prompt``: no run of words from there on is repeated
 
 
 def _merge(messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -106,8 +108,9 @@ def plan(req: ChatRequest, *, max_tokens: int, temperature: float) -> Plan:
         if messages and messages[0]["role"] == "system":
             messages[0] = {"role": "system", "content": messages[0]["content"] + "\n" + VERDICT_FORMAT}
         return Plan(messages, "verdict", max(max_tokens, 200), 0.0, False, "judge")
-    return Plan(messages, "speech", max_tokens, temperature, req.offers(END_TOOL), "agent",
-                transcript_prompt(messages, speaker_role(req)))
+    prompt = transcript_prompt(messages, speaker_role(req))
+    return Plan(messages, "speech", max_tokens, temperature, req.offers(END_TOOL), "agent", prompt,
+                prompt.rfind(TRANSCRIPT))
 
 
 def speaker_role(req: ChatRequest) -> str | None:
@@ -121,16 +124,21 @@ def speaker_role(req: ChatRequest) -> str | None:
 def transcript_prompt(messages: list[dict[str, str]], role: str | None) -> str:
     """The call as a transcript for the model to continue with the speaker's next line.
 
-    Why not the chat template: a 135M instruct model asked in its template to *be* the caller answers
+    Why not the chat template: a small instruct model asked in its template to *be* the caller answers
     as the helpful assistant it was tuned to be ("How can I help you?"), measured on the scripted
-    scenarios; continuing a transcript after ``You:`` keeps it on the caller's side of the call.
+    scenarios; continuing a transcript after ``Caller:`` keeps it on its side of the call. The
+    speaker is crosstalk's customer (``Caller``) or support (``Agent``) by the marker; a request
+    without one is an agent's (a user's agent pointed at this model), answering a caller.
     """
-    peer = {"customer": "Agent", "support": "Caller"}.get(role or "", "Them")
+    me, peer = ("Caller", "Agent") if role == "customer" else ("Agent", "Caller")
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-    lines = [f"{'You' if m['role'] == 'assistant' else peer}: {m['content']}" for m in messages
+    lines = [f"{me if m['role'] == 'assistant' else peer}: {m['content']}" for m in messages
              if m["role"] != "system" and m["content"] != FIRST_TURN_CUE]
+    if not lines:  # the line a call opens with (without one the caller greeted itself by name, measured)
+        lines = [f"{peer}: Hello?"]
     head = f"{system}\n\n" if system else ""
-    return head + "Call transcript:\n" + "".join(f"{line}\n" for line in lines) + "You:"
+    return (f"{head}A phone call; you are the {me.lower()}. {TRANSCRIPT}\n"
+            + "".join(f"{line}\n" for line in lines) + f"{me}:")
 
 
 def clean_start(text: str) -> str:

@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import importlib
 import importlib.util
+import random
 import threading
 import time
 from collections.abc import AsyncGenerator
@@ -163,7 +164,7 @@ class Engine:
             self._freed.notify()
 
     async def generate(self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float,
-                       grammar: str | None = None, prompt: str | None = None
+                       grammar: str | None = None, prompt: str | None = None, transcript_at: int = 0
                        ) -> AsyncGenerator[tuple[str, Generation], None]:
         """Yield ``(piece, generation)`` as tokens come; raise :class:`Busy` when the queue is full.
 
@@ -184,8 +185,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         gen = Generation()
         compiled = self._grammar.from_string(grammar, verbose=False) if grammar else None
-        job = loop.run_in_executor(self._pool, self._run, ctx, gen, loop, messages, prompt, max_tokens,
-                                   temperature, compiled)
+        job = loop.run_in_executor(self._pool, self._run, ctx, gen, loop, messages, prompt, transcript_at,
+                                   max_tokens, temperature, compiled)
         try:
             while (piece := await gen.pieces.get()) is not None:
                 yield piece, gen
@@ -201,14 +202,17 @@ class Engine:
             self.metrics.busy.set(self.busy)
 
     def _run(self, ctx: Any, gen: Generation, loop: asyncio.AbstractEventLoop, messages: list[dict[str, str]],
-             prompt: str | None, max_tokens: int, temperature: float, grammar: Any) -> None:
+             prompt: str | None, transcript_at: int, max_tokens: int, temperature: float, grammar: Any) -> None:
         put = gen.pieces.put_nowait
         started = time.monotonic()
+        # a fresh seed per turn: k trials of a scenario are k different calls, as with a hosted model
         options = {"max_tokens": max_tokens, "temperature": temperature, "stream": True, "grammar": grammar,
-                   "stop": None if grammar else STOP}
+                   "stop": None if grammar else STOP, "seed": random.randrange(2**31)}
         try:
-            if prompt is not None:
-                chunks = ctx.create_completion(prompt, **options)
+            if prompt is not None:  # a transcript: a 0.5 B model otherwise echoes the last line back
+                start = len(ctx.tokenize(prompt[:transcript_at].encode(), add_bos=True))
+                chunks = ctx.create_completion(prompt, logits_processor=[NoRepeat(NO_REPEAT_NGRAM, start)],
+                                               **options)
             else:
                 chunks = ctx.create_chat_completion(messages=messages, **options)
             for chunk in chunks:
@@ -230,6 +234,27 @@ class Engine:
             if gen.completion_tokens > 1 and decode_s > 0:
                 self.metrics.tokens_per_s.observe((gen.completion_tokens - 1) / decode_s)
             loop.call_soon_threadsafe(put, None)
+
+
+NO_REPEAT_NGRAM = 4
+
+
+class NoRepeat:
+    """A llama.cpp logits processor: no token that would repeat a run of ``n`` tokens already said from
+    ``start`` on (the transcript and the turn so far). The 0.5 B model, on a transcript, echoed the
+    other side's last line word for word and then itself every turn (measured in the e2e call);
+    neither llama.cpp's repeat penalty (1.3) nor a higher temperature stopped it."""
+
+    def __init__(self, n: int, start: int) -> None:
+        self.n, self.start = n, start
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        ids = input_ids.tolist()
+        head = ids[len(ids) - self.n + 1:] if self.n > 1 else []
+        for i in range(self.start, len(ids) - self.n + 1):
+            if ids[i:i + self.n - 1] == head:
+                scores[ids[i + self.n - 1]] = float("-inf")
+        return scores
 
 
 def _common_prefix(a: str, b: str) -> int:

@@ -102,7 +102,7 @@ class LlmServer:
             return await self._silent(request, req)
         grammar = core.VERDICT_GRAMMAR if plan.kind == "verdict" else None
         pieces = self.engine.generate(plan.messages, max_tokens=plan.max_tokens, temperature=plan.temperature,
-                                      grammar=grammar, prompt=plan.prompt)
+                                      grammar=grammar, prompt=plan.prompt, transcript_at=plan.transcript_at)
         ids = (f"chatcmpl-{uuid.uuid4().hex}", f"call_{uuid.uuid4().hex[:24]}")
         try:
             if req.stream and plan.kind == "speech":
