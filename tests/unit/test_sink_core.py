@@ -10,24 +10,15 @@ from hypothesis import strategies as st
 
 from services.sink import core
 from services.sink.core import BatchDoc, FileWrite, Transcript, batch_doc, offer, voice
-from shared.contracts import (
-    BatchAccepted,
-    BatchFinished,
-    BatchSpec,
-    ConversationDispatched,
-    ConversationEnded,
-    ConversationJoined,
-    ConversationSettled,
-    TurnRecorded,
-)
+from shared import contracts as wire
 
 HINDI = "नमस्ते, मैं आपकी कैसे सहायता कर सकता हूँ?"
 
 
 def turn(n: int, attempt: int = 1, text: str | None = None, conv: str = "c1", role: str | None = None,
-         unprompted: bool = False) -> TurnRecorded:
+         unprompted: bool = False) -> wire.TurnRecorded:
     """Turn ``n``; roles alternate from the customer unless ``role`` says otherwise."""
-    return TurnRecorded(batch_id="b1", conversation_id=conv, attempt=attempt, turn=n,
+    return wire.TurnRecorded(batch_id="b1", conversation_id=conv, attempt=attempt, turn=n,
                         role=role or ("customer" if n % 2 == 0 else "support"),  # type: ignore[arg-type]
                         text=text if text is not None else f"turn {n} of attempt {attempt}",
                         started_at=1000.0 + n, ended_at=1000.5 + n, unprompted=unprompted)
@@ -50,7 +41,7 @@ def test_roles_need_not_alternate_a_target_may_speak_first_and_twice_in_a_row() 
     said = [turn(0, role="support", text=HINDI, unprompted=True), turn(1, role="customer"),
             turn(2, role="support"), turn(3, role="support", unprompted=True), turn(4, role="customer")]
     s: Transcript[str] = Transcript()
-    written: list[TurnRecorded] = []
+    written: list[wire.TurnRecorded] = []
     for t in (said[1], said[0], said[3], said[2], said[4]):  # out of order: held until the gap fills
         step = offer(s, t, f"a{t.turn}")
         s, written = step.state, [*written, *step.lines]
@@ -158,7 +149,7 @@ def test_any_order_duplicates_and_crashes_store_each_turn_once_in_order(
     and then (memory lost, file kept, unacked messages redelivered): the file ends as
     exactly the newest attempt's turns, once each, in order, and every message is acked."""
     rng = random.Random(seed)
-    pending: list[tuple[TurnRecorded, int]] = []  # (event, message id)
+    pending: list[tuple[wire.TurnRecorded, int]] = []  # (event, message id)
     mid = 0
     for a, count in enumerate(attempts, start=1):
         for n in range(count):
@@ -167,9 +158,9 @@ def test_any_order_duplicates_and_crashes_store_each_turn_once_in_order(
                 mid += 1
     all_ids = {m for _, m in pending}
     rng.shuffle(pending)
-    file: list[TurnRecorded] = []
+    file: list[wire.TurnRecorded] = []
     acked: set[int] = set()
-    in_flight: dict[int, TurnRecorded] = {}  # delivered, not acked
+    in_flight: dict[int, wire.TurnRecorded] = {}  # delivered, not acked
     state: Transcript[int] = Transcript()
     steps = 0
     while pending or in_flight:
@@ -201,36 +192,36 @@ def test_any_order_duplicates_and_crashes_store_each_turn_once_in_order(
 
 # --------------------------------------------------------------------------- batch.json
 
-SPEC = BatchSpec(
+SPEC = wire.BatchSpec(
     batch_id="b1", conversations=2, concurrency=2, scenario="hi-account-help", language="hi", max_turns=8, mode="text"
 )
 
 
 def batch_events() -> list[core.BatchDocEvent]:
     return [
-        BatchAccepted(spec=SPEC, at=10.0),
-        ConversationDispatched(batch_id="b1", conversation_id="c1", attempt=1, room="r1", at=11.0),
-        ConversationDispatched(batch_id="b1", conversation_id="c2", attempt=1, room="r2", at=11.0),
-        ConversationJoined(batch_id="b1", conversation_id="c1", attempt=1, join_seconds=0.5, at=12.0),
-        ConversationEnded(
+        wire.BatchAccepted(spec=SPEC, at=10.0),
+        wire.ConversationDispatched(batch_id="b1", conversation_id="c1", attempt=1, room="r1", at=11.0),
+        wire.ConversationDispatched(batch_id="b1", conversation_id="c2", attempt=1, room="r2", at=11.0),
+        wire.ConversationJoined(batch_id="b1", conversation_id="c1", attempt=1, join_seconds=0.5, at=12.0),
+        wire.ConversationEnded(
             batch_id="b1", conversation_id="c1", attempt=1, room="r1", reason="max_turns", ok=True, turns=8, at=20.0
         ),
-        ConversationSettled(
+        wire.ConversationSettled(
             batch_id="b1", conversation_id="c1", attempt=1, outcome="completed", reason="max_turns", retry=False,
             turns=8, at=20.1,
         ),
-        ConversationSettled(
+        wire.ConversationSettled(
             batch_id="b1", conversation_id="c2", attempt=1, outcome="failed", reason="join_timeout", retry=True, at=21.0
         ),
-        ConversationDispatched(batch_id="b1", conversation_id="c2", attempt=2, room="r3", at=22.0),
-        ConversationEnded(
+        wire.ConversationDispatched(batch_id="b1", conversation_id="c2", attempt=2, room="r3", at=22.0),
+        wire.ConversationEnded(
             batch_id="b1", conversation_id="c2", attempt=2, room="r3", reason="error:model", ok=False, turns=2, at=30.0
         ),
-        ConversationSettled(
+        wire.ConversationSettled(
             batch_id="b1", conversation_id="c2", attempt=2, outcome="failed", reason="agent_error:model",
             retry=False, turns=2, at=30.1,
         ),
-        BatchFinished(
+        wire.BatchFinished(
             batch_id="b1", status="failed", requested=2, completed=1, failed=1, started_at=10.0, finished_at=31.0
         ),
     ]
@@ -282,7 +273,7 @@ def test_redelivered_events_never_change_a_recovered_doc(cut: int, data: st.Data
 
 
 def test_final_settlement_of_an_older_attempt_does_not_overwrite_a_newer_one() -> None:
-    newer = ConversationSettled(
+    newer = wire.ConversationSettled(
         batch_id="b1", conversation_id="c1", attempt=2, outcome="completed", reason="max_turns", retry=False,
         turns=4, at=2.0,
     )
@@ -292,7 +283,7 @@ def test_final_settlement_of_an_older_attempt_does_not_overwrite_a_newer_one() -
 
 
 def test_event_problem_rejects_ids_that_would_reach_a_path() -> None:
-    ok = ConversationEnded(
+    ok = wire.ConversationEnded(
         batch_id="b1", conversation_id="c1", attempt=1, room="r", reason="x", ok=True, turns=1, at=1.0
     )
     assert core.event_problem(ok) is None
@@ -300,7 +291,7 @@ def test_event_problem_rejects_ids_that_would_reach_a_path() -> None:
         "batch_id", "must match [a-z0-9][a-z0-9-]{0,63}"
     )
     assert core.event_problem(msgspec.structs.replace(ok, conversation_id="a/b"))[0] == "conversation_id"  # type: ignore[index]
-    bad_spec = BatchAccepted(spec=msgspec.structs.replace(SPEC, batch_id="a*"), at=1.0)
+    bad_spec = wire.BatchAccepted(spec=msgspec.structs.replace(SPEC, batch_id="a*"), at=1.0)
     assert core.event_problem(bad_spec)[0] == "batch_id"  # type: ignore[index]
 
 
@@ -330,17 +321,17 @@ def metrics(attempt: int, seconds: float = 10.0) -> voice.VoiceMetrics:
 
 def voice_batch(*convs: str) -> BatchDoc:
     spec = msgspec.structs.replace(SPEC, conversations=len(convs), mode="voice")
-    return fold([BatchAccepted(spec=spec, at=1.0)])
+    return fold([wire.BatchAccepted(spec=spec, at=1.0)])
 
 
 def settled(attempt: int, outcome: str = "completed", reason: str = "max_turns", retry: bool = False,
-            conv: str = "c1") -> ConversationSettled:
-    return ConversationSettled(batch_id="b1", conversation_id=conv, attempt=attempt, outcome=outcome,  # type: ignore[arg-type]
+            conv: str = "c1") -> wire.ConversationSettled:
+    return wire.ConversationSettled(batch_id="b1", conversation_id=conv, attempt=attempt, outcome=outcome,  # type: ignore[arg-type]
                                reason=reason, retry=retry, turns=4 if outcome == "completed" else 0, at=2.0)
 
 
-def finished(completed: int, failed: int) -> BatchFinished:
-    return BatchFinished(batch_id="b1", status="completed" if not failed else "failed", requested=completed + failed,
+def finished(completed: int, failed: int) -> wire.BatchFinished:
+    return wire.BatchFinished(batch_id="b1", status="completed" if not failed else "failed", requested=completed + failed,
                          completed=completed, failed=failed, started_at=1.0, finished_at=9.0)
 
 
@@ -348,7 +339,7 @@ def test_a_failed_attempts_late_recording_never_replaces_the_settled_ones() -> N
     """Attempt 1 failed and was retried; attempt 2 completed and was recorded; attempt 1's channels
     arrive last: its figures (and so its WAV, services/sink/recordings.py) are refused."""
     doc = fold([settled(1, "failed", "agent_left", retry=True),
-                ConversationDispatched(batch_id="b1", conversation_id="c1", attempt=2, room="b1--c1--2", at=3.0),
+                wire.ConversationDispatched(batch_id="b1", conversation_id="c1", attempt=2, room="b1--c1--2", at=3.0),
                 settled(2)], voice_batch("c1"))
     doc = core.set_voice(doc, "c1", metrics(2))
     assert core.set_voice(doc, "c1", metrics(1, seconds=99.0)) is doc
@@ -360,7 +351,7 @@ def test_an_older_attempts_figures_leave_when_a_newer_attempt_starts() -> None:
     doc = core.set_voice(voice_batch("c1"), "c1", metrics(1))
     assert doc.conversations["c1"].voice is not None
     doc = fold([settled(1, "failed", "agent_left", retry=True),
-                ConversationDispatched(batch_id="b1", conversation_id="c1", attempt=2, room="b1--c1--2", at=3.0)],
+                wire.ConversationDispatched(batch_id="b1", conversation_id="c1", attempt=2, room="b1--c1--2", at=3.0)],
                doc)
     assert doc.conversations["c1"].voice is None and doc.voice is not None and doc.voice.conversations == 0
 
@@ -368,7 +359,7 @@ def test_an_older_attempts_figures_leave_when_a_newer_attempt_starts() -> None:
 def test_a_completed_voice_conversation_without_its_recording_is_recording_missing() -> None:
     doc = fold([settled(1, conv="c1"), settled(1, conv="c2")], voice_batch("c1", "c2"))
     doc = core.set_voice(doc, "c1", metrics(1))
-    assert batch_doc.recordings_missing(doc) == ["c2"]  # what a BatchFinished could wait for
+    assert batch_doc.recordings_missing(doc) == ["c2"]  # what a wire.BatchFinished could wait for
     done = core.evolve(doc, finished(2, 0))
     c2 = done.conversations["c2"]
     assert c2.outcome == "failed" and c2.reason is not None and c2.reason.startswith("recording_missing: ")
