@@ -117,6 +117,7 @@ class Settings:
     llm_threads: int = 1  # llama.cpp threads per generation
     llm_max_waiting: int = 64  # requests queued for a slot before 503
     llm_max_tokens: int = 60  # per spoken turn
+    llm_seed: int = -1  # -1: a fresh sampling seed per turn; a fixed one makes runs repeatable (tests)
     # True when OPENAI_API_KEY / OPENAI_BASE_URL point the agents at a real model: any language then,
     # instead of the scripted model's one script per scenario
     real_model: bool = False
@@ -314,6 +315,7 @@ def parse(e: Mapping[str, str]) -> Settings:
         llm_threads=_num(e, "CROSSTALK_LLM_THREADS", 1, lo=1, hi=256, integer=True),
         llm_max_waiting=_num(e, "CROSSTALK_LLM_MAX_WAITING", 64, lo=0, hi=100_000, integer=True),
         llm_max_tokens=_num(e, "CROSSTALK_LLM_MAX_TOKENS", 60, lo=1, hi=4096, integer=True),
+        llm_seed=_num(e, "CROSSTALK_LLM_SEED", -1, lo=-1, hi=2**31 - 1, integer=True),
         vad_min_silence_s=_num(e, "CROSSTALK_VAD_MIN_SILENCE_S", 0.35, lo=0.05, hi=10),
         model_served_log=_path(e, "CROSSTALK_MODEL_SERVED_LOG"),
     )

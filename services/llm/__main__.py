@@ -26,7 +26,7 @@ def main() -> None:
     log = setup("llm")
     settings = load_or_exit(log)
     config = LlmConfig(package=settings.llm_package, model_name=settings.llm_name, slots=settings.llm_slots,
-                       contexts=settings.llm_contexts,
+                       contexts=settings.llm_contexts, seed=settings.llm_seed,
                        threads=settings.llm_threads, max_waiting=settings.llm_max_waiting,
                        max_tokens=settings.llm_max_tokens)
     try:  # before anything listens: a missing package is named, and supervisord sees the exit

@@ -46,6 +46,18 @@ _TOOL_MENTION = re.compile(r"\[?\s*(?:call(?:ing)?\s+(?:the\s+)?)?`?" + END_TOOL
 FIRST_TURN_CUE = "(The call has just been connected. Say your first line.)"
 TRANSCRIPT = "Transcript:"
 STOP = ["\n", "<|im_end|>", "<end_of_turn>", "Agent:", "Caller:"]
+# A caller's turn that speaks the agent's part (measured: about half of the 0.5 B caller's first turns
+# in the e2e call opened "Hi Maria Lopez, how can I assist you today?")
+AGENT_LIKE = (r"\b(?:how (?:can|may|could) i (?:help|assist)|assist you|thanks? (?:you )?for calling|"
+              r"is there anything else i can|i can help you)\b")
+_CALLER_NAME = re.compile(r"\bYou are ([A-Z][\w'-]+)")  # "You are Maria Lopez, ..." in LiveKit's instructions
+
+
+def caller_guard(system: str) -> re.Pattern[str]:
+    """What a caller's opening must not say: the agent's phrases, or a greeting to the caller's own name."""
+    found = _CALLER_NAME.search(system)
+    own = rf"|^\W*(?:hi|hello|hey|good \w+)\W+{re.escape(found.group(1))}\b" if found else ""
+    return re.compile(AGENT_LIKE + own, re.I)
 _ROLE = re.compile(r"\[crosstalk scenario=\S+ role=(customer|support)")
 
 # llama.cpp GBNF: a short reasoning, then the verdict, as two lines of text (the call's JSON is built
@@ -70,6 +82,7 @@ class Plan(msgspec.Struct, frozen=True):
     role: str  # metrics/log label: judge | agent
     prompt: str | None = None  # speech: the call as a transcript to continue (see transcript_prompt)
     transcript_at: int = 0  # where the transcript starts in ``prompt``: no run of words from there on is repeated
+    guard: str = ""  # crosstalk's customer: a turn whose opening matches this is generated again (caller_guard)
 
 
 def _merge(messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -108,9 +121,11 @@ def plan(req: ChatRequest, *, max_tokens: int, temperature: float) -> Plan:
         if messages and messages[0]["role"] == "system":
             messages[0] = {"role": "system", "content": messages[0]["content"] + "\n" + VERDICT_FORMAT}
         return Plan(messages, "verdict", max(max_tokens, 200), 0.0, False, "judge")
-    prompt = transcript_prompt(messages, speaker_role(req))
+    role = speaker_role(req)
+    prompt = transcript_prompt(messages, role)
+    guard = caller_guard(messages[0]["content"] if messages[0]["role"] == "system" else "").pattern
     return Plan(messages, "speech", max_tokens, temperature, req.offers(END_TOOL), "agent", prompt,
-                prompt.rfind(TRANSCRIPT))
+                prompt.rfind(TRANSCRIPT), guard if role == "customer" else "")
 
 
 def speaker_role(req: ChatRequest) -> str | None:
@@ -179,16 +194,27 @@ class SpokenStream:
     """
 
     _HEAD = 10
+    _GUARDED = 60  # a caller's opening checked against AGENT_LIKE before any of it is sent
     _HOLD = re.compile(r"\[|`|end_conv|\(\)", re.I)
 
-    def __init__(self, offers_end: bool) -> None:
+    def __init__(self, offers_end: bool, guard: str = "") -> None:
         self.offers_end = offers_end
         self.raw = ""
         self.sent = ""
+        self.guard = re.compile(guard, re.I) if guard else None  # still to check the opening against
+        self.rejected = False
+
+    def settle(self) -> None:
+        """Check the opening (once): ``rejected`` when it speaks the agent's part."""
+        if self.guard is not None:
+            self.rejected = bool(self.guard.search(clean_start(self.raw)))
+            self.guard = None
 
     def feed(self, piece: str) -> str:
         self.raw += piece
-        if len(self.raw) < self._HEAD:
+        if self.guard and len(self.raw) >= self._GUARDED:
+            self.settle()
+        if len(self.raw) < self._HEAD or self.guard is not None or self.rejected:
             return ""
         safe = clean_start(self.raw)
         hold = self._HOLD.search(safe)

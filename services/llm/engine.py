@@ -123,14 +123,15 @@ class Generation:
 
 class Engine:
     def __init__(self, model_path: Path, metrics: LlmMetrics, *, slots: int = 1, threads: int = 1,
-                 contexts: int = 1, n_ctx: int = 2048, max_waiting: int = 64, seed: int = 7) -> None:
+                 contexts: int = 1, n_ctx: int = 2048, max_waiting: int = 64, seed: int = -1) -> None:
         llama_cpp = load_llama()
         self.model_path = model_path
         self.metrics = metrics
         self.max_waiting = max_waiting
+        self.seed = seed
         self._grammar = llama_cpp.LlamaGrammar
         self._contexts = [llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=threads,
-                                          n_threads_batch=threads, seed=seed, verbose=False)
+                                          n_threads_batch=threads, verbose=False)
                           for _ in range(max(slots, contexts))]
         # free contexts, each with the text it last evaluated: llama.cpp keeps that prompt's KV cache and
         # reuses its longest common prefix, so a conversation's next turn goes where its last one went
@@ -164,8 +165,8 @@ class Engine:
             self._freed.notify()
 
     async def generate(self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float,
-                       grammar: str | None = None, prompt: str | None = None, transcript_at: int = 0
-                       ) -> AsyncGenerator[tuple[str, Generation], None]:
+                       grammar: str | None = None, prompt: str | None = None, transcript_at: int = 0,
+                       attempt: int = 0) -> AsyncGenerator[tuple[str, Generation], None]:
         """Yield ``(piece, generation)`` as tokens come; raise :class:`Busy` when the queue is full.
 
         ``prompt``: complete this text as it is instead of ``messages`` in the model's chat template."""
@@ -185,8 +186,9 @@ class Engine:
         loop = asyncio.get_running_loop()
         gen = Generation()
         compiled = self._grammar.from_string(grammar, verbose=False) if grammar else None
+        seed = self.seed + attempt if self.seed >= 0 else random.randrange(2**31)  # a retry samples anew
         job = loop.run_in_executor(self._pool, self._run, ctx, gen, loop, messages, prompt, transcript_at,
-                                   max_tokens, temperature, compiled)
+                                   max_tokens, temperature, compiled, seed)
         try:
             while (piece := await gen.pieces.get()) is not None:
                 yield piece, gen
@@ -202,12 +204,13 @@ class Engine:
             self.metrics.busy.set(self.busy)
 
     def _run(self, ctx: Any, gen: Generation, loop: asyncio.AbstractEventLoop, messages: list[dict[str, str]],
-             prompt: str | None, transcript_at: int, max_tokens: int, temperature: float, grammar: Any) -> None:
+             prompt: str | None, transcript_at: int, max_tokens: int, temperature: float, grammar: Any,
+             seed: int) -> None:
         put = gen.pieces.put_nowait
         started = time.monotonic()
-        # a fresh seed per turn: k trials of a scenario are k different calls, as with a hosted model
+        # seed: fresh per turn unless fixed (CROSSTALK_LLM_SEED): k trials of a scenario are k different calls
         options = {"max_tokens": max_tokens, "temperature": temperature, "stream": True, "grammar": grammar,
-                   "stop": None if grammar else STOP, "seed": random.randrange(2**31)}
+                   "stop": None if grammar else STOP, "seed": seed}
         try:
             if prompt is not None:  # a transcript: a 0.5 B model otherwise echoes the last line back
                 start = len(ctx.tokenize(prompt[:transcript_at].encode(), add_bos=True))

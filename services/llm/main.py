@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +56,7 @@ class LlmConfig:
     max_waiting: int = 64  # requests queued for a slot before 503
     max_tokens: int = 60  # per spoken turn (a verdict gets at least 160)
     temperature: float = 0.5
+    seed: int = -1  # -1: a fresh seed per turn (k trials are k calls); else fixed, for repeatable runs
     n_ctx: int = 2048
 
 
@@ -101,12 +102,17 @@ class LlmServer:
         if plan.kind == "silent":
             return await self._silent(request, req)
         grammar = core.VERDICT_GRAMMAR if plan.kind == "verdict" else None
-        pieces = self.engine.generate(plan.messages, max_tokens=plan.max_tokens, temperature=plan.temperature,
-                                      grammar=grammar, prompt=plan.prompt, transcript_at=plan.transcript_at)
+
+        def make(attempt: int = 0) -> AsyncGenerator[tuple[str, Generation], None]:
+            return self.engine.generate(plan.messages, max_tokens=plan.max_tokens, temperature=plan.temperature,
+                                        grammar=grammar, prompt=plan.prompt, transcript_at=plan.transcript_at,
+                                        attempt=attempt)
+
+        pieces = make()
         ids = (f"chatcmpl-{uuid.uuid4().hex}", f"call_{uuid.uuid4().hex[:24]}")
         try:
             if req.stream and plan.kind == "speech":
-                return await self._stream(request, req, plan, pieces, received, ids)
+                return await self._stream(request, req, plan, pieces, make, received, ids)
             return await self._complete(request, req, plan, pieces, received, ids)
         except Busy as exc:
             self.metrics.requests.labels("busy").inc()
@@ -165,19 +171,34 @@ class LlmServer:
         return resp
 
     async def _stream(self, request: web.Request, req: wire.ChatRequest, plan: core.Plan,
-                      pieces: AsyncGenerator[tuple[str, Generation], None], received: float,
+                      pieces: AsyncGenerator[tuple[str, Generation], None],
+                      make: Callable[[int], AsyncGenerator[tuple[str, Generation], None]], received: float,
                       ids: tuple[str, str]) -> web.StreamResponse:
         resp: web.StreamResponse | None = None
         maker = wire.ChunkMaker(ids[0], int(time.time()), req.model, include_usage=req.include_usage)
-        spoken = core.SpokenStream(plan.offers_end)
         gen = None
-        async for piece, got in pieces:
-            gen = got
-            if resp is None:  # headers once a slot was found: a full queue still answers 503
-                resp = await self._open_stream(request)
-                await self._send(resp, maker.role())
-            if out := spoken.feed(piece):
-                await self._send(resp, maker.content(out))
+        for attempt in range(1 + CALLER_RETRIES):  # a caller's turn that opens as the agent is generated again
+            spoken = core.SpokenStream(plan.offers_end, guard=plan.guard if attempt < CALLER_RETRIES else "")
+            if attempt:
+                await pieces.aclose()
+                pieces = make(attempt)
+            try:
+                async for piece, got in pieces:
+                    gen = got
+                    if resp is None:  # headers once a slot was found: a full queue still answers 503
+                        resp = await self._open_stream(request)
+                        await self._send(resp, maker.role())
+                    if out := spoken.feed(piece):
+                        await self._send(resp, maker.content(out))
+                    if spoken.rejected:
+                        break
+            finally:
+                if attempt:
+                    await pieces.aclose()
+            spoken.settle()
+            if not spoken.rejected:
+                break
+            log.info("caller turn spoke the agent's part: generated again", extra=kv(attempt=attempt + 1))
         if resp is None:
             resp = await self._open_stream(request)
             await self._send(resp, maker.role())
@@ -210,10 +231,13 @@ class LlmServer:
         await resp.write_eof()
 
 
+CALLER_RETRIES = 2
+
+
 def open_engine(config: LlmConfig, metrics: LlmMetrics) -> Engine:
     """Load the weights once (raises engine.MissingPackage naming what to install)."""
     return Engine(weights_path(config.package, config.cache_dir), metrics, slots=config.slots, threads=config.threads,
-                  contexts=config.contexts,
+                  contexts=config.contexts, seed=config.seed,
                   n_ctx=config.n_ctx, max_waiting=config.max_waiting)
 
 

@@ -103,3 +103,15 @@ def test_scripted_batches_of_scriptless_scenarios_are_rejected_by_name() -> None
     got = validate(inline, load({"CROSSTALK_MODEL": "scripted"}), {}, received_at=time.time(), seed="s")
     assert isinstance(got, Rejection) and got.field == "scenarios" and "book-a-cleaning" in got.reason
     assert not isinstance(validate(inline, load({}), {}, received_at=time.time(), seed="s"), Rejection)
+
+
+def test_a_caller_opening_as_the_agent_is_held_and_rejected() -> None:
+    guard = core.caller_guard("You are Maria Lopez, a patient.").pattern
+    stream = core.SpokenStream(offers_end=True, guard=guard)
+    sent = "".join(stream.feed(p) for p in ["Hi Maria Lopez, ", "how are ", "you today?"])
+    stream.settle()
+    assert sent == "" and stream.rejected
+    ok = core.SpokenStream(offers_end=True, guard=guard)
+    sent = "".join(ok.feed(p) for p in ["I want to move ", "my cleaning to ", "Thursday at 3pm, ", "please. ", "Thanks"])
+    ok.settle()
+    assert not ok.rejected and sent.startswith("I want to move")
