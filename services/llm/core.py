@@ -8,7 +8,10 @@ How a request becomes a prompt (:func:`plan`): crosstalk's own lines in a system
 ``[crosstalk scenario=...]`` marker and the ``[crosstalk script]`` line, which only the scripted
 model reads) are dropped; system and developer messages become one system message; tool results
 and assistant messages without text (a bare tool call) are left out; a conversation with no user
-message yet gets a one-line cue to speak first.
+message yet gets a one-line cue to speak first. A spoken turn is then asked for as the next line of
+the call's transcript (:func:`transcript_prompt`), not in the model's chat template; a verdict in the
+template, under a grammar. A caller's turn whose opening speaks the agent's part is generated again
+(:func:`caller_guard`, :class:`SpokenStream`).
 
 Tool calls, without trusting a small model to write them:
 
