@@ -46,6 +46,7 @@ GROUPS = {
     "worker": metrics.WorkerMetrics,
     "webhook": metrics.WebhookMetrics,
     "speech": metrics.SpeechMetrics,
+    "llm": metrics.LlmMetrics,
     "judge": metrics.JudgeMetrics,
 }
 # livekit-server v1.13.5's own gauges (seen on its prometheus_port; the real-Prometheus test re-checks them).
