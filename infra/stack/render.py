@@ -110,6 +110,11 @@ def render_prometheus(cfg: Config) -> str:
         return t
 
     doc["rule_files"] = [str(src / f) for f in doc.get("rule_files") or []]
+    from infra.stack.plan import llm_wanted  # plan builds on this module
+
+    # the local model runs only when installed or asked: no scrape job for a program that is not there
+    # (a target always down would fail `up` checks and hide the others' health)
+    doc["scrape_configs"] = [j for j in doc.get("scrape_configs") or [] if j.get("job_name") != "llm" or llm_wanted(cfg)]
     for job in doc.get("scrape_configs") or []:
         for sc in job.get("static_configs") or []:
             sc["targets"] = [target(t) for t in sc.get("targets") or []]

@@ -61,7 +61,7 @@ def verdict(res: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return json.loads(res.stdout)
 
 
-def test_an_answering_agent_passes_and_a_silent_one_fails(stack: Stack, tmp_path: Path) -> None:
+def test_an_answering_agent_passes_and_a_silent_stopping_or_leaving_one_fails(stack: Stack, tmp_path: Path) -> None:
     ok = run_ci(stack, tmp_path, "acme-ci-ok")
     got = verdict(ok)
     assert ok.returncode == 0, (got["violations"], ok.stderr[-3000:])
@@ -73,17 +73,21 @@ def test_an_answering_agent_passes_and_a_silent_one_fails(stack: Stack, tmp_path
     agent_log = Path(got["report"]["json"]).with_name("agent.log")
     assert b"registered worker" in agent_log.read_bytes()  # the user's agent ran, its log kept beside the results
 
-    silent = run_ci(stack, tmp_path, "acme-ci-silent", ACME_NEVER_SPEAK="1")
-    got = verdict(silent)
-    assert silent.returncode == 1, silent.stderr[-3000:]
-    assert got["totals"]["pass_rate"] == 0.0 and got["totals"]["failed"] == 2 and got["totals"]["infra_failures"] == 0
-    assert got["scenarios"][0]["failing_criteria"] == {"target_silent": 2}
-    junit = (tmp_path / "acme-ci-silent" / "junit.xml").read_text(encoding="utf-8")
-    assert junit.count("<failure") == 2 and "target_silent" in junit and "<skipped" not in junit
-    # and gated against the answering run as a baseline: a regression too
-    gate = subprocess.run([str(ROOT / ".venv" / "bin" / "crosstalk"), "compare", ok_report(ok), got["report"]["json"]],
-                          env=stack_env(stack), capture_output=True, text=True, timeout=60)
-    assert gate.returncode == 1 and "pass_rate 1.000 -> 0.000" in gate.stderr, gate.stderr
+    for agent, knob, label in (("acme-ci-silent", {"ACME_NEVER_SPEAK": "1"}, "target_silent"),
+                               ("acme-ci-stops", {"ACME_STOP_AFTER": "1"}, "target_unresponsive"),
+                               ("acme-ci-leaves", {"ACME_LEAVE_AFTER": "1"}, "target_left")):
+        bad = run_ci(stack, tmp_path, agent, **knob)
+        got = verdict(bad)
+        assert bad.returncode == 1, (agent, bad.stderr[-3000:])
+        totals = got["totals"]
+        assert (totals["pass_rate"], totals["failed"], totals["infra_failures"]) == (0.0, 2, 0), (agent, totals)
+        assert got["scenarios"][0]["failing_criteria"] == {label: 2}, (agent, got["scenarios"])
+        junit = (tmp_path / agent / "junit.xml").read_text(encoding="utf-8")
+        assert junit.count("<failure") == 2 and label in junit and "<skipped" not in junit
+        # and gated against the answering run as a baseline: a regression too
+        gate = subprocess.run([str(ROOT / ".venv" / "bin" / "crosstalk"), "compare", ok_report(ok),
+                               got["report"]["json"]], env=stack_env(stack), capture_output=True, text=True, timeout=60)
+        assert gate.returncode == 1 and "pass_rate 1.000 -> 0.000" in gate.stderr, (agent, gate.stderr)
 
 
 def ok_report(res: subprocess.CompletedProcess[str]) -> str:
