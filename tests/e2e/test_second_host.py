@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import secrets
 import subprocess
 import time
 import urllib.request
@@ -49,9 +50,11 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Sta
         for args in (("addr", "add", f"{second}/24", "dev", f"{veth}-n"), ("link", "set", f"{veth}-n", "up"),
                      ("link", "set", "lo", "up")):
             ip("netns", "exec", ns, "ip", *args)
-        host1 = Stack.create(tmp / "h1", CROSSTALK_HOST=first, CROSSTALK_WORKERS="1")
+        # beyond loopback the stack refuses LiveKit's public default secret: both hosts share one of their own
+        secret = secrets.token_urlsafe(32)
+        host1 = Stack.create(tmp / "h1", CROSSTALK_HOST=first, CROSSTALK_WORKERS="1", LIVEKIT_API_SECRET=secret)
         cfg = host1.config()
-        host2 = Stack.create(tmp / "h2", CROSSTALK_HOST=second, CROSSTALK_WORKERS="1",
+        host2 = Stack.create(tmp / "h2", CROSSTALK_HOST=second, CROSSTALK_WORKERS="1", LIVEKIT_API_SECRET=secret,
                              CROSSTALK_SERVICES="worker,allocator", NATS_URL=cfg.nats_url,
                              LIVEKIT_URL=cfg.livekit_url, CROSSTALK_MODEL_URL=f"http://{first}:{cfg.model_port}/v1")
         try:
