@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 from typing import Any, Self
 
@@ -34,7 +35,7 @@ def stop_poller(task: asyncio.Task[None] | None, what: str) -> None:
     task.cancel()
 
 
-class RoomPoller:
+class RoomPoller(abc.ABC):
     """``with Poller(lk, batch_id):`` hands every room of the batch and its participants to
     :meth:`saw`, every ``interval_s``, until the block ends."""
 
@@ -44,8 +45,9 @@ class RoomPoller:
         self.lk, self.prefix = lk, prefix
         self._task: asyncio.Task[None] | None = None
 
+    @abc.abstractmethod
     def saw(self, room: Any, participants: list[Any]) -> None:
-        raise NotImplementedError
+        """What a test records of one room and its participants at one poll."""
 
     async def _poll(self) -> None:
         while True:
